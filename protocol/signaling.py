@@ -1,0 +1,561 @@
+"""Signaling messages: JSON text frames over a WebSocket (PROTOCOL.md §1).
+
+Every message of the §1.3 table is a frozen, slotted dataclass that validates
+its fields when it is built, so an invalid value cannot exist: building one
+with bad fields raises :class:`~protocol.errors.LocalProtocolError` (our code
+broke the protocol). The wire format is handled by two functions:
+
+``encode_signaling(msg) -> str``
+    Compact JSON (``","`` / ``":"`` separators), keys in the spec's table order
+    (``v``, ``type``, then the fields), non-ASCII kept as UTF-8. The §1.7 test
+    vectors are byte-exact encodings.
+
+``decode_signaling(data) -> SignalingMessage``
+    For untrusted input. Returns a validated message or raises
+    :class:`~protocol.errors.SignalingError` whose ``code`` is the §1.6 wire
+    code to send back (``bad_message``, ``unsupported_version``,
+    ``unknown_type``); it raises nothing else. Binary frames (``bytes``) are
+    always ``bad_message``: signaling is text only (§1.1).
+
+Decoding is deliberately strict: unknown keys, duplicate keys, missing keys,
+``NaN``/``Infinity``, booleans where integers are expected, invalid ids, lone
+surrogates (which could not be re-encoded as UTF-8) and over-long strings are
+all rejected, because a message that passes here is forwarded to another peer.
+
+Which role may send which message, and when, is not checked here: that is the
+server's routing state machine (``signaling/router.py``, §1.4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final, Literal, NoReturn, TypeAlias, TypeGuard
+
+from protocol.errors import LocalProtocolError, SignalingError
+
+__all__ = [
+    "ID_PATTERN",
+    "MAX_FRAME_SIZE",
+    "MAX_MLINE_INDEX",
+    "MAX_REASON_LEN",
+    "MAX_SDP_LEN",
+    "MESSAGE_TYPES",
+    "PROTOCOL_VERSION",
+    "ROLES",
+    "SESSION_ID_PATTERN",
+    "Answer",
+    "Auth",
+    "Candidate",
+    "CloseCode",
+    "Error",
+    "ErrorCode",
+    "IceCandidate",
+    "Offer",
+    "PeerLeft",
+    "Register",
+    "Registered",
+    "Role",
+    "SessionEnd",
+    "SessionRequest",
+    "SignalingMessage",
+    "Welcome",
+    "decode_signaling",
+    "encode_signaling",
+    "is_valid_id",
+    "is_valid_session_id",
+    "new_session_id",
+]
+
+PROTOCOL_VERSION: Final = 1
+#: Largest accepted WebSocket frame, in bytes of UTF-8 (§1.1, §1.5).
+MAX_FRAME_SIZE: Final = 65536
+#: Longest ``sdp`` of an ``offer``/``answer``, in characters (§1.3).
+MAX_SDP_LEN: Final = 32768
+#: Longest ``reason`` of a ``session_end``, in characters (§1.3).
+MAX_REASON_LEN: Final = 200
+#: Largest ``sdpMLineIndex``: it is an ``unsigned short`` in the WebRTC API.
+MAX_MLINE_INDEX: Final = 65535
+
+#: Device, client and service ids (PROTOCOL.md, "Identifiers").
+ID_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+#: Session ids, chosen at random by the client.
+SESSION_ID_PATTERN: Final = r"[A-Za-z0-9_-]{8,64}"
+
+# fullmatch, not match + "$": "$" would also accept a trailing newline.
+_ID_RE: Final = re.compile(ID_PATTERN)
+_SESSION_ID_RE: Final = re.compile(SESSION_ID_PATTERN)
+# Error codes are ours, but a client must still decode codes a newer server
+# adds, so only their syntax is checked.
+_ERROR_CODE_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
+# A lone surrogate (only reachable through a JSON "\ud800" escape) cannot be
+# encoded as UTF-8, so a message carrying one could never be forwarded.
+_SURROGATE_RE: Final = re.compile("[\ud800-\udfff]")
+
+Role: TypeAlias = Literal["device", "client"]
+ROLES: Final[tuple[Role, ...]] = ("device", "client")
+
+
+class ErrorCode(enum.StrEnum):
+    """The ``code`` values of ``error`` messages (§1.6)."""
+
+    BAD_MESSAGE = "bad_message"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNKNOWN_TYPE = "unknown_type"
+    FORBIDDEN = "forbidden"
+    DEVICE_OFFLINE = "device_offline"
+    UNKNOWN_SESSION = "unknown_session"
+    SESSION_EXISTS = "session_exists"
+    BAD_STATE = "bad_state"
+    TOO_MANY_SESSIONS = "too_many_sessions"
+    RATE_LIMITED = "rate_limited"
+    NOT_AUTHENTICATED = "not_authenticated"
+    REPLACED = "replaced"
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes of the signaling protocol (§1.6, RFC 6455 §7.4)."""
+
+    GOING_AWAY = 1001
+    MESSAGE_TOO_BIG = 1009
+    AUTH_FAILED = 4401
+    REPLACED = 4409
+    RATE_LIMITED = 4429
+
+
+def is_valid_id(value: object) -> TypeGuard[str]:
+    """Whether ``value`` is a device, client or service id."""
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
+
+
+def is_valid_session_id(value: object) -> TypeGuard[str]:
+    """Whether ``value`` is a session id."""
+    return isinstance(value, str) and _SESSION_ID_RE.fullmatch(value) is not None
+
+
+def new_session_id() -> str:
+    """A fresh random session id: 128 bits, 22 URL-safe characters."""
+    return secrets.token_urlsafe(16)
+
+
+# --- field validation (shared by construction and decoding) -------------------
+
+
+def _invalid(where: str, problem: str) -> NoReturn:
+    raise LocalProtocolError(f"{where}: {problem}")
+
+
+def _check_id(where: str, value: object) -> None:
+    if not is_valid_id(value):
+        _invalid(where, f"not a valid id (expected {ID_PATTERN})")
+
+
+def _check_session(where: str, value: object) -> None:
+    if not is_valid_session_id(value):
+        _invalid(where, f"not a valid session id (expected {SESSION_ID_PATTERN})")
+
+
+def _check_text(where: str, value: object, *, max_len: int | None = None) -> None:
+    if not isinstance(value, str):
+        _invalid(where, "must be a string")
+    if max_len is not None and len(value) > max_len:
+        _invalid(where, f"longer than {max_len} characters")
+    if _SURROGATE_RE.search(value):
+        _invalid(where, "contains a lone UTF-16 surrogate")
+
+
+def _check_optional_index(where: str, value: object) -> None:
+    # bool is a subclass of int, and JSON true must not pass as 1.
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        _invalid(where, "must be an integer or null")
+    if not 0 <= value <= MAX_MLINE_INDEX:
+        _invalid(where, f"out of range 0..{MAX_MLINE_INDEX}")
+
+
+# --- messages -----------------------------------------------------------------
+#
+# Field order is wire order: the encoder walks dataclasses.fields(), so the
+# declaration order below must follow the §1.3 table.
+
+
+@dataclass(frozen=True, slots=True)
+class IceCandidate:
+    """One trickled ICE candidate (RFC 8838), as ``RTCIceCandidateInit``.
+
+    Wire keys are ``candidate``, ``sdpMid``, ``sdpMLineIndex``.
+    """
+
+    candidate: str
+    sdp_mid: str | None
+    sdp_mline_index: int | None
+
+    WIRE_KEYS: ClassVar[tuple[str, str, str]] = ("candidate", "sdpMid", "sdpMLineIndex")
+
+    def __post_init__(self) -> None:
+        _check_text("candidate.candidate", self.candidate)
+        if self.sdp_mid is not None:
+            _check_text("candidate.sdpMid", self.sdp_mid)
+        _check_optional_index("candidate.sdpMLineIndex", self.sdp_mline_index)
+
+    def to_wire(self) -> dict[str, object]:
+        return dict(
+            zip(self.WIRE_KEYS, (self.candidate, self.sdp_mid, self.sdp_mline_index), strict=True)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """``auth`` (any →S): the JWT, when the URL carried none (§1.2)."""
+
+    token: str
+
+    TYPE: ClassVar[str] = "auth"
+
+    def __post_init__(self) -> None:
+        _check_text("auth.token", self.token)
+        if not self.token:
+            _invalid("auth.token", "must not be empty")
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """``welcome`` (S→ any): authentication succeeded."""
+
+    peer: str
+    role: Role
+
+    TYPE: ClassVar[str] = "welcome"
+
+    def __post_init__(self) -> None:
+        _check_id("welcome.peer", self.peer)
+        if self.role not in ROLES:
+            _invalid("welcome.role", 'must be "device" or "client"')
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    """``register`` (device →S): make this connection the device's link."""
+
+    device: str
+
+    TYPE: ClassVar[str] = "register"
+
+    def __post_init__(self) -> None:
+        _check_id("register.device", self.device)
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """``registered`` (S→ device): the device is online."""
+
+    device: str
+
+    TYPE: ClassVar[str] = "registered"
+
+    def __post_init__(self) -> None:
+        _check_id("registered.device", self.device)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRequest:
+    """``session_request`` (client →S, S→ device).
+
+    ``client`` is ``None`` (omitted on the wire) when a client sends it; the
+    server sets it to the client's token ``sub`` when it forwards it.
+    """
+
+    session: str
+    device: str
+    client: str | None = None
+
+    TYPE: ClassVar[str] = "session_request"
+
+    def __post_init__(self) -> None:
+        _check_session("session_request.session", self.session)
+        _check_id("session_request.device", self.device)
+        if self.client is not None:
+            _check_id("session_request.client", self.client)
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """``offer`` (device →S, S→ client): the SDP offer."""
+
+    session: str
+    sdp: str
+
+    TYPE: ClassVar[str] = "offer"
+
+    def __post_init__(self) -> None:
+        _check_session("offer.session", self.session)
+        _check_text("offer.sdp", self.sdp, max_len=MAX_SDP_LEN)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """``answer`` (client →S, S→ device): the SDP answer."""
+
+    session: str
+    sdp: str
+
+    TYPE: ClassVar[str] = "answer"
+
+    def __post_init__(self) -> None:
+        _check_session("answer.session", self.session)
+        _check_text("answer.sdp", self.sdp, max_len=MAX_SDP_LEN)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """``candidate`` (both ways): a trickled candidate, ``None`` = end-of-candidates."""
+
+    session: str
+    candidate: IceCandidate | None
+
+    TYPE: ClassVar[str] = "candidate"
+
+    def __post_init__(self) -> None:
+        _check_session("candidate.session", self.session)
+        if self.candidate is not None and not isinstance(self.candidate, IceCandidate):
+            _invalid("candidate.candidate", "must be an IceCandidate or None")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnd:
+    """``session_end`` (both ways): either party ends the session."""
+
+    session: str
+    reason: str
+
+    TYPE: ClassVar[str] = "session_end"
+
+    def __post_init__(self) -> None:
+        _check_session("session_end.session", self.session)
+        _check_text("session_end.reason", self.reason, max_len=MAX_REASON_LEN)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLeft:
+    """``peer_left`` (S→ any): the other party's signaling link closed."""
+
+    session: str
+
+    TYPE: ClassVar[str] = "peer_left"
+
+    def __post_init__(self) -> None:
+        _check_session("peer_left.session", self.session)
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """``error`` (S→ any). ``session`` is always on the wire, ``null`` if unset."""
+
+    code: str
+    message: str
+    session: str | None = None
+
+    TYPE: ClassVar[str] = "error"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.code, str) or not _ERROR_CODE_RE.fullmatch(self.code):
+            _invalid("error.code", "not a valid error code")
+        _check_text("error.message", self.message)
+        if self.session is not None:
+            _check_session("error.session", self.session)
+
+
+SignalingMessage: TypeAlias = (
+    Auth
+    | Welcome
+    | Register
+    | Registered
+    | SessionRequest
+    | Offer
+    | Answer
+    | Candidate
+    | SessionEnd
+    | PeerLeft
+    | Error
+)
+
+_MESSAGE_CLASSES: Final[tuple[type[SignalingMessage], ...]] = (
+    Auth,
+    Welcome,
+    Register,
+    Registered,
+    SessionRequest,
+    Offer,
+    Answer,
+    Candidate,
+    SessionEnd,
+    PeerLeft,
+    Error,
+)
+
+#: Wire ``type`` → message class.
+MESSAGE_TYPES: Final[Mapping[str, type[SignalingMessage]]] = {
+    cls.TYPE: cls for cls in _MESSAGE_CLASSES
+}
+
+# Optional fields that are left out of the wire form when None (instead of
+# being sent as null). Only the server sets session_request.client (§1.3).
+_OMITTED_WHEN_NONE: Final[Mapping[type[SignalingMessage], frozenset[str]]] = {
+    SessionRequest: frozenset({"client"}),
+}
+
+_FIELD_NAMES: Final[Mapping[type[SignalingMessage], tuple[str, ...]]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _MESSAGE_CLASSES
+}
+
+
+# --- encoding -----------------------------------------------------------------
+
+
+def encode_signaling(msg: SignalingMessage) -> str:
+    """Encode ``msg`` as one compact JSON text frame (§1.1, §1.7).
+
+    Raises :class:`LocalProtocolError` if ``msg`` is not a signaling message.
+    """
+    cls = type(msg)
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        raise LocalProtocolError(f"not a signaling message: {cls.__name__}")
+    omitted = _OMITTED_WHEN_NONE.get(cls, frozenset())
+    obj: dict[str, object] = {"v": PROTOCOL_VERSION, "type": cls.TYPE}
+    for name in names:
+        value = getattr(msg, name)
+        if value is None and name in omitted:
+            continue
+        obj[name] = value.to_wire() if isinstance(value, IceCandidate) else value
+    # ensure_ascii=False: "\uXXXX" escapes would make a forwarded message up
+    # to 3x longer than the frame it came in, past the peer's frame limit.
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+# --- decoding -----------------------------------------------------------------
+
+
+def _bad(message: str) -> SignalingError:
+    return SignalingError(ErrorCode.BAD_MESSAGE, message)
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise _bad(f"{name} is not valid JSON")
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # The json module keeps the last duplicate; a peer could then show one
+    # value to a lenient reader and another to us.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _bad("duplicate key in JSON object")
+    return obj
+
+
+def _shorten(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _parse_json(data: str | bytes) -> object:
+    if not isinstance(data, str):
+        raise _bad("binary frames are not accepted: send JSON in a text frame")
+    # len(str) <= its UTF-8 length, so the cheap test first.
+    if len(data) > MAX_FRAME_SIZE or len(data.encode("utf-8", "surrogatepass")) > MAX_FRAME_SIZE:
+        raise _bad(f"message larger than {MAX_FRAME_SIZE} bytes")
+    try:
+        return json.loads(
+            data, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+        )
+    except SignalingError:
+        raise
+    except RecursionError:
+        raise _bad("JSON nested too deeply") from None
+    except ValueError:
+        # JSONDecodeError, and int() refusing a number with too many digits.
+        raise _bad("not valid JSON") from None
+
+
+def _decode_ice_candidate(value: object) -> IceCandidate | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _bad("candidate.candidate: must be an object or null")
+    keys = set(value)
+    expected = set(IceCandidate.WIRE_KEYS)
+    # Browsers' RTCIceCandidate.toJSON() adds usernameFragment; accept and drop it
+    # (the ufrag is in the SDP already) so a page can forward candidates as they come.
+    allowed = expected | {"usernameFragment"}
+    if not expected <= keys <= allowed:
+        raise _bad(_key_problem("candidate.candidate", keys, allowed, expected))
+    ufrag = value.get("usernameFragment")
+    if ufrag is not None and (not isinstance(ufrag, str) or len(ufrag) > 256):
+        raise _bad("candidate.usernameFragment: must be a string of at most 256 chars or null")
+    candidate, sdp_mid, index = (value[k] for k in IceCandidate.WIRE_KEYS)
+    try:
+        return IceCandidate(candidate, sdp_mid, index)
+    except LocalProtocolError as exc:
+        raise _bad(str(exc)) from None
+
+
+def _key_problem(where: str, keys: set[str], allowed: set[str], required: set[str]) -> str:
+    unknown = sorted(keys - allowed)
+    if unknown:
+        return f"{where}: unknown key {_shorten(unknown[0])}"
+    missing = sorted(required - keys)
+    return f"{where}: missing key {missing[0]!r}"
+
+
+def decode_signaling(data: str | bytes) -> SignalingMessage:
+    """Decode one WebSocket frame into a validated signaling message.
+
+    ``data`` is what the WebSocket library delivered: ``str`` for a text frame,
+    ``bytes`` for a binary one (always rejected). Raises only
+    :class:`SignalingError`, with ``code`` ``unsupported_version`` (``v`` is an
+    integer other than 1), ``unknown_type`` (``type`` is a string naming no
+    message) or ``bad_message`` (anything else).
+    """
+    obj = _parse_json(data)
+    if not isinstance(obj, dict):
+        raise _bad("a message must be a JSON object")
+    # Version first: a newer version may have types and fields we don't know.
+    if "v" not in obj:
+        raise _bad("missing key 'v'")
+    version = obj["v"]
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise _bad("'v' must be an integer")
+    if version != PROTOCOL_VERSION:
+        raise SignalingError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {_shorten(version)} is not supported (this server speaks 1)",
+        )
+    type_ = obj.get("type")
+    if not isinstance(type_, str):
+        raise _bad("'type' must be a string")
+    cls = MESSAGE_TYPES.get(type_)
+    if cls is None:
+        raise SignalingError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {_shorten(type_)}")
+
+    names = _FIELD_NAMES[cls]
+    keys = set(obj) - {"v", "type"}
+    allowed = set(names)
+    required = allowed - _OMITTED_WHEN_NONE.get(cls, frozenset())
+    if not (required <= keys <= allowed):
+        raise _bad(_key_problem(type_, keys, allowed, required))
+    fields: dict[str, Any] = {name: obj[name] for name in names if name in keys}
+    if cls is Candidate:
+        fields["candidate"] = _decode_ice_candidate(fields["candidate"])
+    elif cls is SessionRequest and "client" in fields and fields["client"] is None:
+        # Omitted, not null, is how "no client" is written (one way to say it).
+        raise _bad("session_request.client: must be an id when present")
+    try:
+        return cls(**fields)
+    except LocalProtocolError as exc:
+        raise _bad(str(exc)) from None

@@ -1,0 +1,39 @@
+"""The exception tree of :mod:`signaling`.
+
+::
+
+    SignalingServerError      root: anything this package raises on purpose
+    ├── AuthError             a peer's token or authentication attempt was rejected
+    │                         (remote); ``reason`` is one line and never holds the token
+    ├── ConfigError           the server cannot run as configured (environment): no or
+    │                         weak secret, address unusable; the message says how to fix it
+    └── UsageError            our own code called the API wrongly (local), e.g.
+                              ``Router.receive()`` for a connection it never saw
+
+Invalid *messages* are not exceptions here: the router answers them with
+``error`` messages (:class:`protocol.errors.SignalingError` carries the code).
+``issue_token`` raises :class:`ValueError` for bad arguments, like the standard
+library does for bad values.
+"""
+
+from __future__ import annotations
+
+
+class SignalingServerError(Exception):
+    """Root of every error raised on purpose by :mod:`signaling`."""
+
+
+class AuthError(SignalingServerError):
+    """A token was rejected (§1.2). ``reason`` is a short phrase such as ``"expired"``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ConfigError(SignalingServerError):
+    """The server's configuration or environment is unusable; the message says why."""
+
+
+class UsageError(SignalingServerError):
+    """The API was called in a way its contract does not allow (a bug on our side)."""

@@ -1,0 +1,444 @@
+"""Sans-I/O routing core of the signaling server (PROTOCOL.md §1.3-§1.6).
+
+No sockets and no clock: the adapter (``signaling/server.py``) identifies each
+authenticated WebSocket by an opaque, hashable connection id, feeds frames in
+with the current monotonic time, and carries out the actions that come back::
+
+    router = Router()
+    actions = router.connect(conn, identity, now)   # -> [Send(conn, Welcome)]
+    actions = router.receive(conn, frame, now)      # for every frame received
+    actions = router.disconnect(conn)               # once the socket is gone
+
+Every method returns a list of :class:`Send` (encode the message and send it
+to that connection) and :class:`Close` (close that connection with that code).
+Actions for one connection are ordered; carry them out in order. After a
+:class:`Close` for a connection the router ignores its frames and already
+treats it as gone (its sessions ended, its device unregistered); still call
+:meth:`Router.disconnect` when the socket is closed.
+
+What the router enforces:
+
+* the per-connection token bucket (§1.5): over the rate a frame is dropped
+  with ``error rate_limited``; ``max_drops_in_row`` drops in a row close 4429;
+* decoding (§1.1): an invalid frame gets an ``error`` and is never forwarded;
+* who may send what (``forbidden``), then the session state machine of §1.4,
+  written as the explicit table ``TRANSITIONS`` (anything not in it is
+  ``bad_state``);
+* presence: "newest registration wins" (the older link gets ``error replaced``
+  and close 4409), ``device_offline``, ``peer_left`` when a party's link goes;
+* the session limits of §1.5 (``too_many_sessions``).
+
+Forwarded messages are the decoded, validated values (re-encoded by the
+adapter), never the frames that came in.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import Counter
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Final, TypeAlias
+
+from protocol.errors import SignalingError
+from protocol.signaling import (
+    ROLES,
+    Answer,
+    Auth,
+    Candidate,
+    CloseCode,
+    Error,
+    ErrorCode,
+    Offer,
+    PeerLeft,
+    Register,
+    Registered,
+    Role,
+    SessionEnd,
+    SessionRequest,
+    SignalingMessage,
+    Welcome,
+    decode_signaling,
+)
+from signaling.auth import Identity
+from signaling.errors import UsageError
+
+__all__ = [
+    "TRANSITIONS",
+    "Action",
+    "Close",
+    "ConnId",
+    "Limits",
+    "Router",
+    "Send",
+    "SessionState",
+]
+
+ConnId: TypeAlias = Hashable
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send ``message`` to connection ``conn``."""
+
+    conn: ConnId
+    message: SignalingMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close connection ``conn`` with WebSocket close ``code`` and ``reason``."""
+
+    conn: ConnId
+    code: int
+    reason: str
+
+
+Action: TypeAlias = Send | Close
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The §1.5 limits; the defaults are the spec's values."""
+
+    rate: float = 20.0
+    burst: int = 100
+    max_drops_in_row: int = 200
+    max_negotiating_per_device: int = 16
+    max_sessions_per_client: int = 64
+    max_sessions_per_device: int = 1024
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.rate) and self.rate > 0):
+            raise ValueError("rate must be a positive number of messages per second")
+        for name in (
+            "burst",
+            "max_drops_in_row",
+            "max_negotiating_per_device",
+            "max_sessions_per_client",
+            "max_sessions_per_device",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+class SessionState(enum.Enum):
+    """Server-side state of one session (§1.4)."""
+
+    PENDING = "pending"  # request forwarded to the device, no offer yet
+    OFFERED = "offered"  # offer forwarded to the client, no answer yet
+    ACTIVE = "active"  # answer forwarded; only candidates and session_end remain
+
+
+_NEGOTIATING: Final = frozenset({SessionState.PENDING, SessionState.OFFERED})
+
+# §1.4 as data: (state, message type, sender role) -> next state, or None when
+# the message ends the session. A key that is absent is ``bad_state``.
+# session_request is not here: it creates a session rather than moving one.
+TRANSITIONS: Final[Mapping[tuple[SessionState, str, Role], SessionState | None]] = {
+    (SessionState.PENDING, Offer.TYPE, "device"): SessionState.OFFERED,
+    (SessionState.OFFERED, Answer.TYPE, "client"): SessionState.ACTIVE,
+    **{(state, Candidate.TYPE, role): state for state in SessionState for role in ROLES},
+    **{(state, SessionEnd.TYPE, role): None for state in SessionState for role in ROLES},
+}
+
+# Which role may send each client-to-server type at all (else ``forbidden``).
+# Types missing here (welcome, registered, peer_left, error) are server-only.
+_SENDERS: Final[Mapping[str, frozenset[Role]]] = {
+    Auth.TYPE: frozenset(ROLES),
+    Register.TYPE: frozenset({"device"}),
+    SessionRequest.TYPE: frozenset({"client"}),
+    Offer.TYPE: frozenset({"device"}),
+    Answer.TYPE: frozenset({"client"}),
+    Candidate.TYPE: frozenset(ROLES),
+    SessionEnd.TYPE: frozenset(ROLES),
+}
+
+
+@dataclass(slots=True)
+class _TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up; time is injected."""
+
+    rate: float
+    burst: float
+    tokens: float
+    stamp: float
+
+    def take(self, now: float) -> bool:
+        if now > self.stamp:  # a clock that goes backwards refills nothing
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+@dataclass(slots=True, eq=False)
+class _Conn:
+    conn: ConnId
+    identity: Identity
+    bucket: _TokenBucket
+    drops_in_row: int = 0
+    closing: bool = False
+    # Session ids this connection is a party of; a dict keeps insertion order
+    # so peer_left goes out in a stable order.
+    sessions: dict[str, None] = field(default_factory=dict)
+
+
+@dataclass(slots=True, eq=False)
+class _Session:
+    id: str
+    client: _Conn
+    device: _Conn
+    state: SessionState = SessionState.PENDING
+
+    def other(self, party: _Conn) -> _Conn:
+        return self.device if party is self.client else self.client
+
+
+class Router:
+    """Presence and session routing for authenticated signaling connections.
+
+    Call :meth:`connect` once per authenticated connection, :meth:`receive` for
+    each frame it sends, :meth:`disconnect` when it is gone; carry out the
+    returned actions in order. :meth:`stats` reports counters.
+    """
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits if limits is not None else Limits()
+        self._conns: dict[ConnId, _Conn] = {}
+        self._devices: dict[str, _Conn] = {}  # device id -> its registered link
+        self._sessions: dict[str, _Session] = {}
+        self._counters: Counter[str] = Counter()
+
+    # --- public API ----------------------------------------------------------
+
+    def connect(self, conn: ConnId, identity: Identity, now: float) -> list[Action]:
+        """Start tracking ``conn``, authenticated as ``identity``; returns its ``welcome``.
+
+        Raises :class:`UsageError` if ``conn`` is already connected.
+        """
+        if conn in self._conns:
+            raise UsageError(f"connection {conn!r} is already connected")
+        bucket = _TokenBucket(self.limits.rate, self.limits.burst, self.limits.burst, now)
+        self._conns[conn] = _Conn(conn, identity, bucket)
+        self._counters["connections_total"] += 1
+        return [Send(conn, Welcome(identity.sub, identity.role))]
+
+    def receive(self, conn: ConnId, data: str | bytes, now: float) -> list[Action]:
+        """Handle one frame (``str`` text, ``bytes`` binary) from ``conn`` at time ``now``.
+
+        Raises :class:`UsageError` if ``conn`` is not connected.
+        """
+        c = self._conns.get(conn)
+        if c is None:
+            raise UsageError(f"connection {conn!r} is not connected")
+        if c.closing:
+            return []
+        self._counters["messages_received"] += 1
+
+        # Rate first, before any parsing: garbage costs the sender tokens too.
+        if not c.bucket.take(now):
+            c.drops_in_row += 1
+            self._counters["messages_dropped"] += 1
+            if c.drops_in_row >= self.limits.max_drops_in_row:
+                return self._close(c, CloseCode.RATE_LIMITED, "rate limit exceeded")
+            return [self._error(c, ErrorCode.RATE_LIMITED, "too many messages, slow down")]
+        c.drops_in_row = 0
+
+        try:
+            msg = decode_signaling(data)
+        except SignalingError as exc:
+            return [self._error(c, exc.code, exc.message)]
+
+        senders = _SENDERS.get(msg.TYPE)
+        if senders is None:
+            return [self._error(c, ErrorCode.FORBIDDEN, f"{msg.TYPE} is sent by the server only")]
+        if c.identity.role not in senders:
+            return [
+                self._error(
+                    c,
+                    ErrorCode.FORBIDDEN,
+                    f"a {c.identity.role} may not send {msg.TYPE}",
+                    getattr(msg, "session", None),
+                )
+            ]
+
+        match msg:
+            case Auth():
+                return [self._error(c, ErrorCode.BAD_STATE, "already authenticated")]
+            case Register():
+                return self._register(c, msg)
+            case SessionRequest():
+                return self._request_session(c, msg)
+            case Offer() | Answer() | Candidate() | SessionEnd():
+                return self._route(c, msg)
+            case _:  # pragma: no cover - _SENDERS lists exactly the cases above
+                raise AssertionError(msg.TYPE)
+
+    def disconnect(self, conn: ConnId) -> list[Action]:
+        """Forget ``conn``: its sessions end with ``peer_left`` to the other party.
+
+        Idempotent: an unknown ``conn`` returns no actions.
+        """
+        c = self._conns.pop(conn, None)
+        if c is None:
+            return []
+        return [] if c.closing else self._teardown(c)
+
+    def stats(self) -> dict[str, int]:
+        """Gauges (``connections``, ``devices_online``, ``sessions``) and counters.
+
+        Counters: ``connections_total``, ``messages_received``,
+        ``messages_routed`` (forwarded to the other party),
+        ``messages_dropped`` (rate limit), ``errors.<code>`` (``error``
+        messages sent, by code), ``closes.<code>`` (closes the router asked for).
+        """
+        stats = {
+            "connections": len(self._conns),
+            "devices_online": len(self._devices),
+            "sessions": len(self._sessions),
+            "connections_total": 0,
+            "messages_received": 0,
+            "messages_routed": 0,
+            "messages_dropped": 0,
+        }
+        stats.update(self._counters)
+        return stats
+
+    def is_online(self, device: str) -> bool:
+        """Whether ``device`` has a registered link."""
+        return device in self._devices
+
+    # --- handlers ------------------------------------------------------------
+
+    def _register(self, c: _Conn, msg: Register) -> list[Action]:
+        if msg.device != c.identity.sub:
+            return [
+                self._error(
+                    c,
+                    ErrorCode.FORBIDDEN,
+                    f"this token may only register device {c.identity.sub}",
+                )
+            ]
+        actions: list[Action] = []
+        previous = self._devices.get(msg.device)
+        if previous is not None and previous is not c:
+            # Newest wins (§1.6): a device back from a network drop must not be
+            # locked out by its own stale link.
+            actions.append(
+                self._error(
+                    previous, ErrorCode.REPLACED, f"device {msg.device} registered elsewhere"
+                )
+            )
+            actions += self._close(previous, CloseCode.REPLACED, "replaced by a newer connection")
+        self._devices[msg.device] = c
+        actions.append(Send(c.conn, Registered(msg.device)))
+        return actions
+
+    def _request_session(self, c: _Conn, msg: SessionRequest) -> list[Action]:
+        sid = msg.session
+        if msg.client is not None:
+            return [self._error(c, ErrorCode.BAD_MESSAGE, "client is set by the server", sid)]
+        # Grant before presence: a client learns nothing about devices it may
+        # not reach, not even whether they are online.
+        if not c.identity.may_reach(msg.device):
+            return [
+                self._error(
+                    c, ErrorCode.FORBIDDEN, f"token does not grant device {msg.device}", sid
+                )
+            ]
+        if sid in self._sessions:
+            return [self._error(c, ErrorCode.SESSION_EXISTS, f"session {sid} exists", sid)]
+        device = self._devices.get(msg.device)
+        if device is None:
+            return [
+                self._error(c, ErrorCode.DEVICE_OFFLINE, f"device {msg.device} is offline", sid)
+            ]
+        too_many = self._session_limit_problem(c, device)
+        if too_many is not None:
+            return [self._error(c, ErrorCode.TOO_MANY_SESSIONS, too_many, sid)]
+
+        self._sessions[sid] = _Session(sid, client=c, device=device)
+        c.sessions[sid] = None
+        device.sessions[sid] = None
+        forwarded = SessionRequest(sid, msg.device, client=c.identity.sub)
+        return [self._forward(device, forwarded)]
+
+    def _session_limit_problem(self, client: _Conn, device: _Conn) -> str | None:
+        limits = self.limits
+        if len(client.sessions) >= limits.max_sessions_per_client:
+            return f"at most {limits.max_sessions_per_client} sessions per client connection"
+        if len(device.sessions) >= limits.max_sessions_per_device:
+            return f"at most {limits.max_sessions_per_device} sessions per device"
+        negotiating = sum(1 for sid in device.sessions if self._sessions[sid].state in _NEGOTIATING)
+        if negotiating >= limits.max_negotiating_per_device:
+            return (
+                f"at most {limits.max_negotiating_per_device} sessions "
+                "may be negotiating with a device"
+            )
+        return None
+
+    def _route(self, c: _Conn, msg: Offer | Answer | Candidate | SessionEnd) -> list[Action]:
+        sid = msg.session
+        session = self._sessions.get(sid)
+        if session is None or sid not in c.sessions:
+            # Same answer whether the session exists or not: no probing (§1.4).
+            return [
+                self._error(
+                    c, ErrorCode.UNKNOWN_SESSION, f"no session {sid} on this connection", sid
+                )
+            ]
+        key = (session.state, msg.TYPE, c.identity.role)
+        if key not in TRANSITIONS:
+            return [
+                self._error(
+                    c,
+                    ErrorCode.BAD_STATE,
+                    f"{msg.TYPE} is not allowed in state {session.state.value}",
+                    sid,
+                )
+            ]
+        next_state = TRANSITIONS[key]
+        other = session.other(c)
+        if next_state is None:
+            self._end_session(session)
+        else:
+            session.state = next_state
+        return [self._forward(other, msg)]
+
+    # --- helpers -------------------------------------------------------------
+
+    def _forward(self, to: _Conn, msg: SignalingMessage) -> Send:
+        self._counters["messages_routed"] += 1
+        return Send(to.conn, msg)
+
+    def _error(self, c: _Conn, code: str, message: str, session: str | None = None) -> Send:
+        self._counters[f"errors.{code}"] += 1
+        return Send(c.conn, Error(code, message, session))
+
+    def _close(self, c: _Conn, code: int, reason: str) -> list[Action]:
+        # Treat the connection as gone right away: its sessions and its device
+        # registration must not wait for the socket's closing handshake.
+        self._counters[f"closes.{code}"] += 1
+        actions = self._teardown(c)
+        c.closing = True
+        return [Close(c.conn, code, reason), *actions]
+
+    def _teardown(self, c: _Conn) -> list[Action]:
+        if c.identity.role == "device" and self._devices.get(c.identity.sub) is c:
+            del self._devices[c.identity.sub]
+        actions: list[Action] = []
+        for sid in list(c.sessions):
+            session = self._sessions[sid]
+            other = session.other(c)
+            self._end_session(session)
+            actions.append(Send(other.conn, PeerLeft(sid)))
+        return actions
+
+    def _end_session(self, session: _Session) -> None:
+        del self._sessions[session.id]
+        session.client.sessions.pop(session.id, None)
+        session.device.sessions.pop(session.id, None)

@@ -1,0 +1,414 @@
+"""The signaling server: a thin websockets adapter around :class:`~signaling.router.Router`.
+
+Speaks PROTOCOL.md §1 over WebSocket (RFC 6455) at ``ws://HOST:PORT/signal``.
+This module does only I/O: HTTP path check, authentication (§1.2, via
+:mod:`signaling.auth`), and carrying out the router's actions. All routing
+rules live in the router.
+
+Public API:
+
+``SignalingServer(secret, host="127.0.0.1", port=8000, limits=None, *, auth_timeout=10.0,
+max_outbox=1 << 20)``
+    ``await start()`` binds (``port=0`` picks a free port; ``.port`` and
+    ``.url`` are then the real ones), ``await close()`` closes every connection
+    with 1001 and waits for the handlers. Also an async context manager.
+    ``stats()`` returns the router's counters. Raises
+    :class:`~signaling.errors.ConfigError` for a weak secret or an address it
+    cannot listen on.
+``run_server(secret, host="127.0.0.1", port=8000, on_ready=None)``
+    Serve until cancelled, SIGTERM or SIGINT, then close cleanly.
+    ``on_ready(url)`` is called once listening.
+
+Robustness: frames over 65 536 bytes close the connection with 1009 (done by
+websockets, ``max_size``); any other bad input gets an ``error`` reply. Each
+connection has its own outbox drained by its own task, so a peer that does not
+read stalls only itself: once ``max_outbox`` characters (1 MiB) are queued
+for it, it is closed with 1008.
+Tokens are never logged: neither ours nor websockets' debug lines (redacted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import itertools
+import logging
+import re
+import signal
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, Self
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from protocol.errors import SignalingError
+from protocol.signaling import (
+    MAX_FRAME_SIZE,
+    Auth,
+    CloseCode,
+    Error,
+    ErrorCode,
+    Registered,
+    decode_signaling,
+    encode_signaling,
+)
+from signaling.auth import Identity, check_secret, verify_token
+from signaling.errors import AuthError, ConfigError, UsageError
+from signaling.router import Action, Limits, Router, Send
+
+__all__ = ["AUTH_TIMEOUT", "SIGNAL_PATH", "SignalingServer", "run_server"]
+
+SIGNAL_PATH: Final = "/signal"
+AUTH_TIMEOUT: Final = 10.0
+#: Text queued for one connection beyond which it is considered not reading.
+MAX_OUTBOX_CHARS: Final = 1 << 20
+#: RFC 6455 §5.5: a close frame's reason fits in 123 bytes.
+_MAX_CLOSE_REASON: Final = 123
+
+log = logging.getLogger("tunnelctl.signal")
+
+
+class _RedactTokens(logging.Filter):
+    """Hide ``token=...`` in websockets' own log lines (it logs the request path)."""
+
+    _TOKEN_RE: Final = re.compile(r"(token=)[^&\s]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message:
+            record.msg = self._TOKEN_RE.sub(r"\1<redacted>", message)
+            record.args = None
+        return True
+
+
+# websockets logs through this child; its INFO lines ("connection open") would
+# duplicate ours, so it is quiet unless someone lowers its level to debug.
+_wire_log = logging.getLogger("tunnelctl.signal.websockets")
+_wire_log.setLevel(logging.WARNING)
+_wire_log.addFilter(_RedactTokens())
+
+
+def _clip_reason(reason: str) -> str:
+    raw = reason.encode("utf-8")
+    if len(raw) <= _MAX_CLOSE_REASON:
+        return reason
+    return raw[: _MAX_CLOSE_REASON - 3].decode("utf-8", "ignore") + "..."
+
+
+def _peer_name(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)
+
+
+def _close_code(ws: ServerConnection) -> int:
+    """The code of whichever side closed first (``close_code`` only has the peer's)."""
+    protocol = ws.protocol
+    received, sent = protocol.close_rcvd, protocol.close_sent
+    if received is not None and (sent is None or protocol.close_rcvd_then_sent):
+        return received.code
+    if sent is not None:
+        return sent.code
+    return 1006  # RFC 6455 §7.1.5: closed without a close frame
+
+
+class _AuthFailed(Exception):
+    """Authentication did not succeed; ``reason`` becomes the 4401 close reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class _CloseRequest:
+    code: int
+    reason: str
+
+
+class _Outbox:
+    """Messages for one connection, written by one task in order.
+
+    Routing never awaits a socket: a slow reader must not stall the handler of
+    the peer that sent it something.
+    """
+
+    def __init__(self, ws: ServerConnection, conn_id: int, limit: int) -> None:
+        self._ws = ws
+        self._conn_id = conn_id
+        self._limit = limit
+        self._queue: asyncio.Queue[str | _CloseRequest] = asyncio.Queue()
+        self._queued_chars = 0
+        self._closing = False
+        self._task = asyncio.create_task(self._run(), name=f"signal-outbox-{conn_id}")
+        self._overflow_close: asyncio.Task[None] | None = None
+
+    def send(self, text: str) -> None:
+        if self._closing:
+            return
+        if self._queued_chars + len(text) > self._limit:
+            self._closing = True
+            log.warning("conn %d: not reading its messages, closing it", self._conn_id)
+            # The writer is stuck in send(); close() bounds the wait by
+            # close_timeout and then aborts the TCP connection.
+            self._overflow_close = asyncio.create_task(
+                self._ws.close(1008, "too many unread messages")
+            )
+            return
+        self._queued_chars += len(text)
+        self._queue.put_nowait(text)
+
+    def close(self, code: int, reason: str) -> None:
+        if not self._closing:
+            self._closing = True
+            self._queue.put_nowait(_CloseRequest(code, _clip_reason(reason)))
+
+    async def stop(self) -> None:
+        """Stop writing; the connection is closed, whatever is queued is moot."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                item = await self._queue.get()
+                if isinstance(item, _CloseRequest):
+                    await self._ws.close(item.code, item.reason)
+                    return
+                self._queued_chars -= len(item)
+                await self._ws.send(item)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("conn %d: outbox writer failed", self._conn_id)
+            self._ws.transport.abort()
+
+
+class SignalingServer:
+    """The §1 signaling server on one listening address. See the module docstring."""
+
+    def __init__(
+        self,
+        secret: str,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        limits: Limits | None = None,
+        *,
+        auth_timeout: float = AUTH_TIMEOUT,
+        max_outbox: int = MAX_OUTBOX_CHARS,
+    ) -> None:
+        check_secret(secret)
+        if auth_timeout <= 0:
+            raise ConfigError("auth_timeout must be positive")
+        if max_outbox < MAX_FRAME_SIZE:
+            raise ConfigError(f"max_outbox must be at least {MAX_FRAME_SIZE}")
+        self._max_outbox = max_outbox
+        self._secret = secret
+        self._host = host
+        self._port = port
+        self._auth_timeout = auth_timeout
+        self._router = Router(limits)
+        self._server: Server | None = None
+        self._outboxes: dict[Hashable, _Outbox] = {}
+        self._auth_failures = 0
+        self._conn_ids = itertools.count(1)
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        """The listening port: the real one once :meth:`start` has returned."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """``ws://HOST:PORT/signal``, what clients and devices connect to."""
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"ws://{host}:{self._port}{SIGNAL_PATH}"
+
+    def stats(self) -> dict[str, int]:
+        """``auth_failures`` and the router's gauges and counters (see :meth:`Router.stats`)."""
+        return {"auth_failures": self._auth_failures, **self._router.stats()}
+
+    async def start(self) -> None:
+        """Listen. Raises :class:`ConfigError` if the address cannot be used."""
+        if self._server is not None:
+            raise UsageError("server already started")
+        try:
+            self._server = await serve(
+                self._handle,
+                self._host,
+                self._port,
+                process_request=self._check_path,
+                max_size=MAX_FRAME_SIZE,
+                logger=_wire_log,
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {self._host}:{self._port}: {exc.strerror or exc}"
+            ) from None
+        self._port = self._server.sockets[0].getsockname()[1]
+        log.info("listening on %s", self.url)
+
+    async def close(self) -> None:
+        """Stop listening, close all connections with 1001, wait for handlers."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.close(code=CloseCode.GOING_AWAY, reason="server shutting down")
+        await server.wait_closed()
+        log.info("closed")
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- connection handling ---------------------------------------------------
+
+    def _check_path(self, ws: ServerConnection, request: Request) -> Response | None:
+        if urlsplit(request.path).path != SIGNAL_PATH:
+            return ws.respond(http.HTTPStatus.NOT_FOUND, f"Not Found: use {SIGNAL_PATH}\n")
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        conn_id = next(self._conn_ids)
+        peer = _peer_name(ws)
+        try:
+            identity = await self._authenticate(ws)
+        except _AuthFailed as exc:
+            self._auth_failures += 1
+            log.warning("conn %d from %s: authentication failed: %s", conn_id, peer, exc.reason)
+            await ws.close(CloseCode.AUTH_FAILED, _clip_reason(exc.reason))
+            return
+        except ConnectionClosed:
+            log.info("conn %d from %s: closed before authenticating", conn_id, peer)
+            return
+
+        loop = asyncio.get_running_loop()
+        outbox = _Outbox(ws, conn_id, self._max_outbox)
+        self._outboxes[conn_id] = outbox
+        log.info("conn %d from %s: connected as %s %s", conn_id, peer, identity.role, identity.sub)
+        try:
+            self._apply(self._router.connect(conn_id, identity, loop.time()))
+            async for data in ws:
+                try:
+                    actions = self._router.receive(conn_id, data, loop.time())
+                except Exception:
+                    # A bug in routing must cost one message, not the server.
+                    log.exception("conn %d: error routing a message", conn_id)
+                    continue
+                self._apply(actions)
+        except ConnectionClosed:
+            pass  # e.g. 1009 for an oversized frame, or the peer vanished
+        finally:
+            del self._outboxes[conn_id]
+            self._apply(self._router.disconnect(conn_id))
+            await outbox.stop()
+            log.info(
+                "conn %d: disconnected %s %s (close %s)",
+                conn_id,
+                identity.role,
+                identity.sub,
+                _close_code(ws),
+            )
+
+    async def _authenticate(self, ws: ServerConnection) -> Identity:
+        """The identity of ``ws`` from ``?token=`` or a first ``auth`` message (§1.2)."""
+        assert ws.request is not None  # the handler only runs after the handshake
+        tokens = parse_qs(urlsplit(ws.request.path).query, keep_blank_values=True).get("token")
+        if tokens is not None:
+            if len(tokens) != 1:
+                raise _AuthFailed("invalid token: more than one token parameter")
+            token = tokens[0]
+        else:
+            token = await self._receive_auth(ws)
+        try:
+            return verify_token(self._secret, token)
+        except AuthError as exc:
+            raise _AuthFailed(f"invalid token: {exc.reason}") from None
+
+    async def _receive_auth(self, ws: ServerConnection) -> str:
+        try:
+            async with asyncio.timeout(self._auth_timeout):
+                data = await ws.recv()
+        except TimeoutError:
+            raise _AuthFailed("authentication timed out") from None
+        try:
+            msg = decode_signaling(data)
+        except SignalingError as exc:
+            await ws.send(encode_signaling(Error(exc.code, exc.message)))
+            raise _AuthFailed(f"not authenticated: {exc.code}") from None
+        if not isinstance(msg, Auth):
+            notice = Error(
+                ErrorCode.NOT_AUTHENTICATED,
+                "authenticate first: connect with ?token=JWT or send an auth message",
+            )
+            await ws.send(encode_signaling(notice))
+            raise _AuthFailed("not authenticated: first message must be auth")
+        return msg.token
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            outbox = self._outboxes.get(action.conn)
+            if outbox is None:
+                continue  # that connection is already gone
+            if isinstance(action, Send):
+                if isinstance(action.message, Registered):
+                    log.info("conn %s: device %s registered", action.conn, action.message.device)
+                outbox.send(encode_signaling(action.message))
+            else:
+                log.info("conn %s: closing with %d (%s)", action.conn, action.code, action.reason)
+                outbox.close(action.code, action.reason)
+
+
+async def run_server(
+    secret: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    on_ready: Callable[[str], None] | None = None,
+    *,
+    limits: Limits | None = None,
+) -> None:
+    """Serve until this task is cancelled or the process gets SIGTERM/SIGINT.
+
+    ``on_ready(url)`` is called once the server listens (``port=0`` picks a
+    free port; ``url`` has the real one). On the way out every connection is
+    closed with 1001. Raises :class:`ConfigError` as :class:`SignalingServer` does.
+    """
+    server = SignalingServer(secret, host, port, limits)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    handled: list[signal.Signals] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            continue  # not the main thread, or not a Unix loop: cancellation still works
+        handled.append(signum)
+    try:
+        if on_ready is not None:
+            on_ready(server.url)
+        await stop.wait()
+        log.info("signal received, shutting down")
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+        await server.close()
