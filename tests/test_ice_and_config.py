@@ -1,0 +1,84 @@
+import ipaddress
+
+import aioice.ice
+import pytest
+
+from workers.device import parse_expose
+from workers.ice import (
+    IceServer,
+    interface_addresses,
+    parse_networks,
+    restrict_host_addresses,
+    rtc_configuration,
+)
+
+
+def test_no_ice_servers_means_an_empty_list_not_aiortcs_default() -> None:
+    assert rtc_configuration([]).iceServers == []
+
+
+def test_ice_server_urls_are_validated() -> None:
+    assert IceServer("stun:127.0.0.1:3478").to_aiortc().urls == ["stun:127.0.0.1:3478"]
+    turn = IceServer("turn:127.0.0.1:3478?transport=udp", "u", "p").to_aiortc()
+    assert (turn.username, turn.credential) == ("u", "p")
+    with pytest.raises(ValueError, match="bad ICE server URL"):
+        IceServer("http://127.0.0.1")
+    with pytest.raises(ValueError, match="needs a username"):
+        IceServer("turn:127.0.0.1:3478")
+
+
+def test_host_allowlist_keeps_only_matching_addresses_loopback_included() -> None:
+    try:
+        restrict_host_addresses(parse_networks(["127.0.0.0/8"]))
+        chosen = aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True)
+        assert chosen and all(ipaddress.ip_address(a).is_loopback for a in chosen)
+        assert "127.0.0.1" in chosen  # aioice alone never offers it
+        unused = next(
+            a
+            for a in ("203.0.113.77", "198.51.100.77", "192.0.2.177")
+            if a not in interface_addresses()
+        )
+        restrict_host_addresses(
+            parse_networks([unused])
+        )  # a documentation address, on no interface
+        assert aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True) == []
+    finally:
+        restrict_host_addresses(())
+    assert "127.0.0.1" not in aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=False)
+    assert "127.0.0.1" in interface_addresses()
+
+
+def test_bad_networks_are_reported() -> None:
+    with pytest.raises(ValueError, match="bad ICE host address 'not-an-ip'"):
+        parse_networks(["not-an-ip"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "name", "host", "port"),
+    [
+        ("web=http://127.0.0.1:8080", "web", "127.0.0.1", 8080),
+        ("web=http://localhost", "web", "localhost", 80),
+        ("ssh=tcp://127.0.0.1:22", "ssh", "127.0.0.1", 22),
+        ("db=127.0.0.1:5432", "db", "127.0.0.1", 5432),
+        ("v6=tcp://[::1]:9000", "v6", "::1", 9000),
+    ],
+)
+def test_expose_specs(spec: str, name: str, host: str, port: int) -> None:
+    got_name, address = parse_expose(spec)
+    assert (got_name, address.host, address.port) == (name, host, port)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("web", "expected NAME=URL"),
+        ("we b=http://127.0.0.1:80", "bad service name"),
+        ("web=ftp://127.0.0.1:21", "scheme must be"),
+        ("web=tcp://127.0.0.1", "needs a host and a port"),
+        ("web=http://127.0.0.1:99999", "bad port"),
+        ("web=http://127.0.0.1:80/admin", "no path"),
+    ],
+)
+def test_bad_expose_specs_say_what_is_wrong(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_expose(spec)

@@ -1,0 +1,392 @@
+"""Moves bytes between TCP connections and tunnel streams on one DataChannel.
+
+The sans-I/O :class:`protocol.mux.Multiplexer` decides what goes on the wire;
+this module is its asyncio adapter (PROTOCOL.md §2). One :class:`TunnelBridge`
+serves one session's DataChannel:
+
+* **device side** (``services`` given): a peer's OPEN names a service; the bridge
+  connects to that service's configured address, and to nothing else: an
+  unknown name is reset with ``UNKNOWN_SERVICE`` (never an open proxy).
+* **client side**: :meth:`TunnelBridge.attach` turns an accepted local TCP
+  connection into a stream to a named service.
+
+Backpressure, end to end, so no buffer grows without bound:
+
+* TCP → tunnel: the reader stops reading its socket while more than
+  ``STREAM_SEND_HIGH`` bytes of that stream wait in the multiplexer (which only
+  frames them as the peer grants credit), and the bridge stops handing messages
+  to aiortc while the channel's ``bufferedAmount`` is above ``CHANNEL_HIGH``.
+* tunnel → TCP: received data is acknowledged (credit returned to the peer)
+  only after the local socket's write buffer has drained, so a slow reader holds
+  at most one window (``INITIAL_WINDOW``) per stream on this side.
+
+Per session, memory is bounded by about
+``streams * (INITIAL_WINDOW + STREAM_SEND_HIGH) + CHANNEL_HIGH``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+from aiortc import RTCDataChannel
+
+from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.frames import ResetCode
+from protocol.mux import (
+    DataReceived,
+    Multiplexer,
+    Role,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+)
+
+log = logging.getLogger("tunnelctl.bridge")
+
+CHANNEL_HIGH = 1024 * 1024
+CHANNEL_LOW = 256 * 1024
+STREAM_SEND_HIGH = 256 * 1024
+READ_SIZE = 64 * 1024
+CONNECT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceAddress:
+    """Where a named service listens (TCP host and port)."""
+
+    host: str
+    port: int
+
+
+OpenConnection = Callable[
+    [ServiceAddress], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+]
+
+
+async def open_tcp(address: ServiceAddress) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.wait_for(
+        asyncio.open_connection(address.host, address.port, limit=READ_SIZE), CONNECT_TIMEOUT
+    )
+
+
+@dataclass(slots=True)
+class BridgeStats:
+    bytes_in: int = 0  # tunnel → local TCP
+    bytes_out: int = 0  # local TCP → tunnel
+    streams_opened: int = 0
+    streams_refused: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class _Stream:
+    stream_id: int
+    service: str
+    writer: asyncio.StreamWriter | None = None
+    held: list[bytes] = field(default_factory=list)  # received before the TCP connect finished
+    unacked: int = 0
+    acking: bool = False
+    remote_fin: bool = False
+    local_fin: bool = False
+    received_any: bool = False
+    dead: bool = False
+    writable: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class TunnelBridge:
+    """One session's DataChannel, carrying many TCP streams."""
+
+    def __init__(
+        self,
+        channel: RTCDataChannel,
+        role: Role,
+        *,
+        services: Mapping[str, ServiceAddress] | None = None,
+        open_connection: OpenConnection = open_tcp,
+        on_refused: Callable[[str, int, str], None] | None = None,
+        max_streams: int = 1024,
+        label: str = "",
+    ) -> None:
+        self.channel = channel
+        self.mux = Multiplexer(role, max_streams=max_streams)
+        self.stats = BridgeStats()
+        self._services = dict(services or {})
+        self._accepts_streams = services is not None
+        self._open_connection = open_connection
+        self._on_refused = on_refused
+        self._label = label
+        self._streams: dict[int, _Stream] = {}
+        self._closed = asyncio.get_running_loop().create_future()
+        channel.bufferedAmountLowThreshold = CHANNEL_LOW
+        channel.on("message", self._on_message)
+        channel.on("bufferedamountlow", self._flush)
+        channel.on("close", lambda: self._shutdown("DataChannel closed"))
+        if channel.readyState == "closed":
+            self._shutdown("DataChannel closed")
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed.done()
+
+    async def wait_closed(self) -> str:
+        """Wait until the channel is gone; return why."""
+        return await asyncio.shield(self._closed)
+
+    def attach(
+        self, service: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> int:
+        """Carry an accepted local connection to ``service`` on a new stream (client side)."""
+        if self.is_closed:
+            writer.transport.abort()
+            raise LocalProtocolError("the tunnel is closed")
+        stream_id = self.mux.open_stream(service)
+        stream = _Stream(stream_id, service, writer=writer)
+        self._streams[stream_id] = stream
+        self.stats.streams_opened += 1
+        self._spawn(stream, self._pump_out(stream, reader))
+        self._flush()
+        return stream_id
+
+    def close(self, reason: str = "closed") -> None:
+        """Abort every stream and close the channel."""
+        self._shutdown(reason)
+        with contextlib.suppress(Exception):
+            self.channel.close()
+
+    # -- tunnel → TCP -------------------------------------------------------
+
+    def _on_message(self, message: bytes | str) -> None:
+        if self.is_closed:
+            return
+        if isinstance(message, str):
+            self._session_error("text message on the tunnel channel")
+            return
+        try:
+            self.mux.receive_message(message)
+        except RemoteProtocolError as exc:
+            self._session_error(str(exc))
+            return
+        for event in self.mux.events():
+            if isinstance(event, DataReceived):
+                self._on_data(event.stream_id, event.data)
+            elif isinstance(event, StreamOpened):
+                self._on_open(event.stream_id, event.service)
+            elif isinstance(event, StreamEnded):
+                self._on_remote_fin(event.stream_id)
+            elif isinstance(event, StreamReset):
+                self._on_reset(event)
+        self._flush()
+
+    def _on_open(self, stream_id: int, service: str) -> None:
+        address = self._services.get(service)
+        if address is None:
+            self.stats.streams_refused += 1
+            if self._accepts_streams:
+                log.warning(
+                    "%srefused stream %d: service %r is not exposed",
+                    self._label,
+                    stream_id,
+                    service,
+                )
+                self.mux.reset_stream(
+                    stream_id, ResetCode.UNKNOWN_SERVICE, f"service {service!r} is not exposed"
+                )
+            else:
+                self.mux.reset_stream(stream_id, ResetCode.REFUSED, "this side accepts no streams")
+            return
+        stream = _Stream(stream_id, service)
+        self._streams[stream_id] = stream
+        self.stats.streams_opened += 1
+        self._spawn(stream, self._connect(stream, address))
+
+    async def _connect(self, stream: _Stream, address: ServiceAddress) -> None:
+        try:
+            reader, writer = await self._open_connection(address)
+        except (OSError, TimeoutError) as exc:
+            reason = f"cannot connect to service {stream.service!r}: {_describe(exc)}"
+            log.info("%sstream %d: %s", self._label, stream.stream_id, reason)
+            self._reset(stream, ResetCode.CONNECT_FAILED, reason)
+            return
+        if stream.dead:
+            writer.transport.abort()
+            return
+        stream.writer = writer
+        for chunk in stream.held:
+            writer.write(chunk)
+        stream.held.clear()
+        if stream.unacked:
+            self._schedule_ack(stream)
+        if stream.remote_fin:
+            self._write_eof(stream)
+        self._spawn(stream, self._pump_out(stream, reader))
+
+    def _on_data(self, stream_id: int, data: bytes) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.dead:
+            return
+        stream.received_any = True
+        self.stats.bytes_in += len(data)
+        stream.unacked += len(data)
+        if stream.writer is None:
+            stream.held.append(data)  # bounded: the peer's credit covers it
+            return
+        stream.writer.write(data)
+        self._schedule_ack(stream)
+
+    def _schedule_ack(self, stream: _Stream) -> None:
+        if not stream.acking:
+            stream.acking = True
+            self._spawn(stream, self._ack_after_drain(stream))
+
+    async def _ack_after_drain(self, stream: _Stream) -> None:
+        writer = stream.writer
+        assert writer is not None
+        try:
+            await writer.drain()
+        except (ConnectionError, OSError):
+            self._reset(stream, ResetCode.CONNECTION_RESET, "local connection lost")
+            return
+        finally:
+            stream.acking = False
+        n, stream.unacked = stream.unacked, 0
+        if n and not stream.dead:
+            self.mux.acknowledge(stream.stream_id, n)
+            self._flush()
+        if stream.unacked and not stream.dead:
+            self._schedule_ack(stream)
+
+    def _on_remote_fin(self, stream_id: int) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        stream.remote_fin = True
+        if stream.writer is not None:
+            self._write_eof(stream)
+
+    def _write_eof(self, stream: _Stream) -> None:
+        writer = stream.writer
+        assert writer is not None
+        try:
+            if writer.can_write_eof():
+                writer.write_eof()
+        except (ConnectionError, OSError):
+            pass
+        self._maybe_finished(stream)
+
+    def _on_reset(self, event: StreamReset) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is None:
+            return
+        if (
+            event.remote
+            and not stream.received_any
+            and event.code
+            in (ResetCode.UNKNOWN_SERVICE, ResetCode.CONNECT_FAILED, ResetCode.REFUSED)
+        ):
+            if self._on_refused is not None:
+                self._on_refused(stream.service, event.code, event.reason)
+        elif not event.remote:
+            log.warning("%sstream %d reset: %s", self._label, event.stream_id, event.reason)
+        self._kill(stream)
+
+    # -- TCP → tunnel -------------------------------------------------------
+
+    async def _pump_out(self, stream: _Stream, reader: asyncio.StreamReader) -> None:
+        try:
+            while not stream.dead:
+                data = await reader.read(READ_SIZE)
+                if stream.dead:
+                    return
+                if not data:
+                    stream.local_fin = True
+                    self.mux.send_fin(stream.stream_id)
+                    self._flush()
+                    self._maybe_finished(stream)
+                    return
+                self.stats.bytes_out += len(data)
+                self.mux.send_data(stream.stream_id, data)
+                self._flush()
+                while (
+                    not stream.dead and self.mux.pending_bytes(stream.stream_id) > STREAM_SEND_HIGH
+                ):
+                    stream.writable.clear()
+                    await stream.writable.wait()
+        except (ConnectionError, OSError):
+            self._reset(stream, ResetCode.CONNECTION_RESET, "local connection reset")
+        except LocalProtocolError:
+            self._kill(stream)  # the stream was reset under us
+
+    def _flush(self) -> None:
+        channel = self.channel
+        if self.is_closed or channel.readyState != "open":
+            return
+        while self.mux.wants_to_send():
+            room = CHANNEL_HIGH - channel.bufferedAmount
+            if room <= 0:
+                break
+            for message in self.mux.data_to_send(max_bytes=room):
+                channel.send(message)
+        for stream in self._streams.values():
+            if (
+                not stream.writable.is_set()
+                and self.mux.pending_bytes(stream.stream_id) <= STREAM_SEND_HIGH
+            ):
+                stream.writable.set()
+
+    # -- endings ------------------------------------------------------------
+
+    def _maybe_finished(self, stream: _Stream) -> None:
+        if stream.local_fin and stream.remote_fin and not stream.dead:
+            stream.dead = True
+            self._streams.pop(stream.stream_id, None)
+            if stream.writer is not None:
+                stream.writer.close()
+
+    def _reset(self, stream: _Stream, code: int, reason: str) -> None:
+        if not stream.dead:
+            with contextlib.suppress(LocalProtocolError):
+                self.mux.reset_stream(stream.stream_id, code, reason)
+            self._flush()
+        self._kill(stream)
+
+    def _kill(self, stream: _Stream) -> None:
+        """Forget a stream and drop its TCP connection abruptly (the peer sees a reset)."""
+        stream.dead = True
+        stream.writable.set()
+        self._streams.pop(stream.stream_id, None)
+        if stream.writer is not None:
+            stream.writer.transport.abort()
+        current = asyncio.current_task()
+        for task in stream.tasks:
+            if task is not current:
+                task.cancel()
+
+    def _spawn(self, stream: _Stream, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        stream.tasks.add(task)
+        task.add_done_callback(stream.tasks.discard)
+
+    def _session_error(self, reason: str) -> None:
+        log.warning("%stunnel protocol error, closing the session: %s", self._label, reason)
+        self.close(f"protocol error: {reason}")
+
+    def _shutdown(self, reason: str) -> None:
+        if self._closed.done():
+            return
+        self._closed.set_result(reason)
+        for stream in list(self._streams.values()):
+            self._kill(stream)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__

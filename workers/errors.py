@@ -1,0 +1,39 @@
+"""The exception tree of :mod:`workers`.
+
+::
+
+    TunnelError                 root of everything this package raises on purpose
+    ├── TunnelUsageError        the caller misused the API (wrong order, bad argument)
+    ├── SignalingRejected       the signaling server refused us for good (bad or
+    │                           expired token, forbidden device): retrying won't help
+    ├── SessionFailed           one peer session could not be set up or broke
+    │   └── DeviceOffline       the device is not registered with the signaling server
+    └── ServiceRefused          the device refused a stream (service not exposed,
+                                connection to the service failed)
+"""
+
+from __future__ import annotations
+
+
+class TunnelError(Exception):
+    """Root of every error raised on purpose by :mod:`workers`."""
+
+
+class TunnelUsageError(TunnelError):
+    """The API was called in the wrong state or with a bad argument."""
+
+
+class SignalingRejected(TunnelError):
+    """The signaling server refused this peer; the reason is one line."""
+
+
+class SessionFailed(TunnelError):
+    """A peer session could not be established or ended abnormally."""
+
+
+class DeviceOffline(SessionFailed):
+    """The requested device is not connected to the signaling server."""
+
+
+class ServiceRefused(TunnelError):
+    """The device reset a stream before it carried any data (e.g. unknown service)."""

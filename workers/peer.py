@@ -1,0 +1,228 @@
+"""One WebRTC peer session: an aiortc ``RTCPeerConnection`` and its DataChannel.
+
+:class:`PeerSession` is the thin adapter between aiortc and the signaling
+messages of PROTOCOL.md §1: it turns an offer/answer/candidate received from
+signaling into aiortc calls, and aiortc's results into messages to send.
+
+The device is the offering peer and creates the DataChannel (PROTOCOL.md §2.1);
+the client answers and receives it. aiortc gathers every local candidate before
+``setLocalDescription`` returns, so the local candidates travel inside the SDP
+and ``end-of-candidates`` follows the offer/answer at once; remote candidates
+trickled by the other side (browsers do) are applied as they arrive.
+
+Contract: build with a ``send`` coroutine function for outgoing signaling;
+offerer: ``await start_offer()``, then feed ``handle_answer`` / ``handle_candidate``;
+answerer: ``await handle_offer(sdp)``, then ``handle_candidate``. Either way
+``await wait_open(timeout)`` yields the open channel. ``close()`` is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc.sdp import candidate_from_sdp
+
+from protocol.signaling import Answer, Candidate, IceCandidate, Offer, SignalingMessage
+from workers.errors import SessionFailed, TunnelUsageError
+from workers.ice import IceServer, rtc_configuration
+
+log = logging.getLogger("tunnelctl.peer")
+
+CHANNEL_PROTOCOL = "tunnelctl/1"
+DEFAULT_LABEL = "tunnel"
+
+#: The states of the W3C ``RTCPeerConnectionState``, reported as they happen.
+PEER_STATES = ("new", "connecting", "connected", "disconnected", "failed", "closed")
+
+SendSignal = Callable[[SignalingMessage], Awaitable[None]]
+
+
+class PeerSession:
+    """One peer connection, offering (device) or answering (client)."""
+
+    def __init__(
+        self,
+        session_id: str,
+        send: SendSignal,
+        *,
+        ice_servers: Sequence[IceServer] = (),
+        on_state: Callable[[str], None] | None = None,
+        channel_protocol: str = CHANNEL_PROTOCOL,
+    ) -> None:
+        self.session_id = session_id
+        self.channel_protocol = channel_protocol
+        self._send = send
+        self._on_state = on_state
+        self.pc = RTCPeerConnection(rtc_configuration(ice_servers))
+        self.state = "new"
+        self._channel: asyncio.Future[RTCDataChannel] = asyncio.get_running_loop().create_future()
+        self._remote_set = False
+        self._early_candidates: list[IceCandidate | None] = []
+        self._closed = False
+        self.pc.on("connectionstatechange", self._connection_state_changed)
+        self.pc.on("datachannel", self._remote_channel)
+
+    # -- offering side ---------------------------------------------------
+
+    def create_channel(self, label: str = DEFAULT_LABEL) -> RTCDataChannel:
+        """Create the session's DataChannel (offerer only, before ``start_offer``)."""
+        channel = self.pc.createDataChannel(label, ordered=True, protocol=self.channel_protocol)
+        channel.on("open", lambda: self._resolve_channel(channel))
+        return channel
+
+    async def start_offer(self) -> str:
+        """Make the offer, send it and end-of-candidates; return the SDP."""
+        if self.pc.sctp is None:
+            self.create_channel()
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        sdp = self.pc.localDescription.sdp
+        await self._send(Offer(session=self.session_id, sdp=sdp))
+        await self._send(Candidate(session=self.session_id, candidate=None))
+        return sdp
+
+    async def handle_answer(self, sdp: str) -> None:
+        if self.pc.signalingState != "have-local-offer":
+            raise SessionFailed("answer received without an outstanding offer")
+        await self._set_remote(RTCSessionDescription(sdp=sdp, type="answer"))
+
+    # -- answering side --------------------------------------------------
+
+    async def handle_offer(self, sdp: str) -> str:
+        """Apply the remote offer, send the answer and end-of-candidates; return the SDP."""
+        if self.pc.signalingState != "stable" or self._remote_set:
+            raise SessionFailed("offer received twice")
+        if "\nm=application " not in sdp.replace("\r\n", "\n"):
+            # aiortc accepts an offer without media, and the session would then hang.
+            raise SessionFailed("invalid offer: it has no DataChannel (m=application) section")
+        await self._set_remote(RTCSessionDescription(sdp=sdp, type="offer"))
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        answer = self.pc.localDescription.sdp
+        await self._send(Answer(session=self.session_id, sdp=answer))
+        await self._send(Candidate(session=self.session_id, candidate=None))
+        return answer
+
+    # -- both --------------------------------------------------------------
+
+    async def handle_candidate(self, candidate: IceCandidate | None) -> None:
+        """Apply a trickled remote candidate (``None`` = end-of-candidates)."""
+        if not self._remote_set:
+            # Candidates may overtake the description on the signaling path.
+            if len(self._early_candidates) < 64:
+                self._early_candidates.append(candidate)
+            return
+        await self._add_candidate(candidate)
+
+    async def wait_open(self, timeout: float) -> RTCDataChannel:
+        """Wait for the DataChannel to open; raise :class:`SessionFailed` otherwise."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._channel), timeout)
+        except TimeoutError:
+            raise SessionFailed(
+                f"no DataChannel after {timeout:g} s (ICE state {self.pc.iceConnectionState})"
+            ) from None
+
+    @property
+    def channel(self) -> RTCDataChannel | None:
+        if self._channel.done() and not self._channel.cancelled() and not self._channel.exception():
+            return self._channel.result()
+        return None
+
+    def candidate_pair_type(self) -> str | None:
+        """``host``, ``srflx``, ``prflx`` or ``relay`` of the nominated local candidate."""
+        sctp = self.pc.sctp
+        if sctp is None:
+            return None
+        ice = sctp.transport.transport
+        pair = ice._connection._nominated.get(1)  # aioice keeps no public accessor
+        return None if pair is None else str(pair.local_candidate.type)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self._channel.done():
+            self._channel.set_exception(SessionFailed("session closed"))
+            self._channel.exception()  # mark retrieved: nobody may be waiting
+        await self.pc.close()
+
+    # -- internals ---------------------------------------------------------
+
+    async def _set_remote(self, description: RTCSessionDescription) -> None:
+        try:
+            await self.pc.setRemoteDescription(description)
+        except (ValueError, AssertionError, IndexError, KeyError) as exc:
+            # aiortc's SDP parser signals bad input with whatever it tripped on.
+            raise SessionFailed(f"invalid {description.type} from the peer: {exc}") from None
+        self._remote_set = True
+        early, self._early_candidates = self._early_candidates, []
+        for candidate in early:
+            await self._add_candidate(candidate)
+
+    async def _add_candidate(self, candidate: IceCandidate | None) -> None:
+        if candidate is None:
+            await self.pc.addIceCandidate(None)
+            return
+        line = candidate.candidate.removeprefix("candidate:")
+        if not line.strip():
+            return  # an empty candidate string is the browser's end-of-candidates
+        try:
+            parsed = candidate_from_sdp(line)
+        except (ValueError, AssertionError, IndexError) as exc:
+            log.warning("session %s: ignoring malformed ICE candidate: %s", self.session_id, exc)
+            return
+        if parsed.ip.endswith(".local"):
+            log.debug("session %s: mDNS candidate %s", self.session_id, parsed.ip)
+        parsed.sdpMid = candidate.sdp_mid
+        parsed.sdpMLineIndex = candidate.sdp_mline_index
+        try:
+            await self.pc.addIceCandidate(parsed)
+        except (ValueError, AssertionError) as exc:
+            log.warning("session %s: ICE candidate rejected: %s", self.session_id, exc)
+
+    def _remote_channel(self, channel: RTCDataChannel) -> None:
+        if channel.protocol != self.channel_protocol:
+            log.warning(
+                "session %s: peer opened a channel with protocol %r, expected %r",
+                self.session_id,
+                channel.protocol,
+                self.channel_protocol,
+            )
+            channel.close()
+            if not self._channel.done():
+                self._channel.set_exception(
+                    SessionFailed(
+                        f"peer speaks {channel.protocol!r}, not {self.channel_protocol!r}"
+                    )
+                )
+                self._channel.exception()
+            return
+        # A remote channel is announced once DCEP has opened it.
+        self._resolve_channel(channel)
+
+    def _resolve_channel(self, channel: RTCDataChannel) -> None:
+        if not self._channel.done():
+            self._channel.set_result(channel)
+
+    def _connection_state_changed(self) -> None:
+        state = str(self.pc.connectionState)
+        if state == self.state:
+            return
+        self.state = state
+        log.debug("session %s: peer connection %s", self.session_id, state)
+        if state in ("failed", "closed") and not self._channel.done():
+            self._channel.set_exception(SessionFailed(f"peer connection {state}"))
+            with contextlib.suppress(BaseException):
+                self._channel.exception()
+        if self._on_state is not None:
+            self._on_state(state)
+
+
+def require_channel(session: PeerSession) -> RTCDataChannel:
+    channel = session.channel
+    if channel is None:
+        raise TunnelUsageError("the DataChannel is not open")
+    return channel

@@ -1,0 +1,251 @@
+"""A peer's WebSocket link to the signaling server (PROTOCOL.md §1).
+
+:class:`SignalingLink` keeps one authenticated link up: it connects, sends the
+``auth`` message (the token never goes into a URL, where proxies log it), waits
+for ``welcome``, registers when it speaks for a device, and hands every decoded
+message to ``on_message``. When the link drops it reconnects with capped
+exponential backoff and full jitter (:class:`protocol.backoff.Backoff`); a close
+with code 4401 (bad token) or 4409 (replaced) is final and surfaces as
+:class:`SignalingRejected`, because retrying cannot fix it.
+
+Contract: ``start()`` then ``await wait_up()``; ``send()`` while up (raises
+:class:`SessionFailed` while down); ``close()`` once. ``run_until_closed()``
+returns when the link gives up (rejected) or is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from protocol.backoff import Backoff
+from protocol.errors import SignalingError
+from protocol.signaling import (
+    Auth,
+    Error,
+    Register,
+    Registered,
+    SignalingMessage,
+    Welcome,
+    decode_signaling,
+    encode_signaling,
+)
+from workers.errors import SessionFailed, SignalingRejected
+
+log = logging.getLogger("tunnelctl.link")
+
+_M = TypeVar("_M", Welcome, Registered)
+
+#: Close codes after which reconnecting is pointless (PROTOCOL.md §1.6).
+FINAL_CLOSE_CODES = {4401: "authentication failed", 4409: "replaced by a newer connection"}
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class LinkState(enum.Enum):
+    CONNECTING = "connecting"
+    UP = "up"
+    DOWN = "down"
+    CLOSED = "closed"
+
+
+class SignalingLink:
+    """One peer's authenticated, self-healing link to the signaling server."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        on_message: Callable[[SignalingMessage], None],
+        *,
+        device: str | None = None,
+        backoff: Backoff | None = None,
+        on_state: Callable[[LinkState], None] | None = None,
+        reconnect: bool = True,
+        fail_fast: bool = False,
+    ) -> None:
+        self.url = url
+        self._token = token
+        self._on_message = on_message
+        self._device = device
+        self._backoff = backoff or Backoff()
+        self._on_state = on_state
+        self._reconnect = reconnect
+        # A command a person just typed should say "cannot reach" at once rather
+        # than retry silently; a long-running device keeps trying instead.
+        self._fail_fast = fail_fast
+        self._ever_up = False
+        self.state = LinkState.DOWN
+        self.peer_id: str | None = None
+        self._ws: ClientConnection | None = None
+        self._up = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("SignalingLink.start() called twice")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="signaling-link")
+
+    async def wait_up(self, timeout: float | None = None) -> None:
+        """Wait until authenticated (and registered); raise if the link gave up first."""
+        if self._task is None:
+            raise RuntimeError("start() the link first")
+        up = asyncio.ensure_future(self._up.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {up, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            up.cancel()
+        if self._up.is_set():
+            return
+        if self._task in done:
+            self._raise_failure()
+            raise SessionFailed("signaling link closed")
+        raise SessionFailed(f"could not reach the signaling server at {self.url} in {timeout:g} s")
+
+    async def run_until_closed(self) -> None:
+        """Wait for the link to end; raise :class:`SignalingRejected` if it was refused."""
+        if self._task is None:
+            raise RuntimeError("start() the link first")
+        await asyncio.shield(self._task)
+        self._raise_failure()
+
+    async def send(self, message: SignalingMessage) -> None:
+        ws = self._ws
+        if ws is None or not self._up.is_set():
+            raise SessionFailed("signaling link is down")
+        try:
+            await ws.send(encode_signaling(message))
+        except ConnectionClosed:
+            raise SessionFailed("signaling link is down") from None
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._ws is not None:
+            await self._ws.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._set_state(LinkState.CLOSED)
+
+    # -- internals ---------------------------------------------------------
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def _set_state(self, state: LinkState) -> None:
+        if state is not self.state:
+            self.state = state
+            log.debug("signaling link %s", state.value)
+            if self._on_state is not None:
+                self._on_state(state)
+
+    async def _run(self) -> None:
+        while not self._closing:
+            self._set_state(LinkState.CONNECTING)
+            try:
+                await self._session()
+            except SignalingRejected as exc:
+                self._failure = exc
+                break
+            except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError) as exc:
+                if self._fail_fast and not self._ever_up:
+                    self._failure = SessionFailed(
+                        f"cannot reach the signaling server at {self.url}: {_describe(exc)}"
+                    )
+                    break
+                log.info("signaling link to %s lost: %s", self.url, _describe(exc))
+            except InvalidURI as exc:
+                self._failure = SignalingRejected(f"bad signaling URL {self.url!r}: {exc}")
+                break
+            finally:
+                self._ws = None
+                self._up.clear()
+            if self._closing or not self._reconnect:
+                if not self._closing and self._failure is None:
+                    self._failure = SessionFailed(f"signaling link to {self.url} closed")
+                break
+            self._set_state(LinkState.DOWN)
+            delay = self._backoff.next_delay()
+            log.info("reconnecting to the signaling server in %.1f s", delay)
+            await asyncio.sleep(delay)
+        self._set_state(LinkState.CLOSED)
+
+    async def _session(self) -> None:
+        async with connect(self.url, open_timeout=HANDSHAKE_TIMEOUT, max_size=65536) as ws:
+            self._ws = ws
+            await ws.send(encode_signaling(Auth(token=self._token)))
+            try:
+                await asyncio.wait_for(self._handshake(ws), HANDSHAKE_TIMEOUT)
+            except ConnectionClosed as exc:
+                self._check_final(exc)
+                raise
+            self._backoff.reset()
+            self._ever_up = True
+            self._up.set()
+            self._set_state(LinkState.UP)
+            try:
+                async for raw in ws:
+                    self._dispatch(raw)
+            except ConnectionClosed as exc:
+                self._check_final(exc)
+                raise
+            self._check_final_code(ws.close_code, ws.close_reason)
+            raise ConnectionError(f"closed by the server ({ws.close_code} {ws.close_reason})")
+
+    async def _handshake(self, ws: ClientConnection) -> None:
+        welcome = await self._expect(ws, Welcome)
+        self.peer_id = welcome.peer
+        if self._device is not None:
+            await ws.send(encode_signaling(Register(device=self._device)))
+            await self._expect(ws, Registered)
+
+    async def _expect(self, ws: ClientConnection, kind: type[_M]) -> _M:
+        while True:
+            message = _decode(await ws.recv())
+            if isinstance(message, kind):
+                return message
+            if isinstance(message, Error):
+                raise SignalingRejected(f"signaling server refused: {message.message}")
+            if message is not None:
+                self._on_message(message)
+
+    def _dispatch(self, raw: str | bytes) -> None:
+        message = _decode(raw)
+        if message is not None:
+            self._on_message(message)
+
+    def _check_final(self, exc: ConnectionClosed) -> None:
+        if exc.rcvd is not None:
+            self._check_final_code(exc.rcvd.code, exc.rcvd.reason)
+
+    def _check_final_code(self, code: int | None, reason: str | None) -> None:
+        if code in FINAL_CLOSE_CODES:
+            raise SignalingRejected(
+                f"signaling server closed the link: {reason or FINAL_CLOSE_CODES[code]}"
+            )
+
+
+def _decode(raw: str | bytes) -> SignalingMessage | None:
+    try:
+        return decode_signaling(raw)
+    except SignalingError as exc:
+        # The server is trusted but not infallible; one bad message is not a reason to drop it.
+        log.warning("ignoring malformed message from the signaling server: %s", exc)
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
