@@ -1,0 +1,3 @@
+from tunnelctl.cli import main
+
+main()
