@@ -16,18 +16,13 @@ from protocol.frames import INITIAL_WINDOW, ResetCode
 from protocol.mux import Role
 from protocol.signaling import Answer, Candidate, Offer, SignalingMessage
 from workers.bridge import READ_SIZE, STREAM_SEND_HIGH, ServiceAddress, TunnelBridge
-from workers.ice import parse_networks, restrict_host_addresses
 from workers.peer import PeerSession
 
 TIMEOUT = 20.0
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-@pytest.fixture(autouse=True)
-def loopback_ice() -> object:
-    restrict_host_addresses(parse_networks(["127.0.0.1"]))
-    yield
-    restrict_host_addresses(())
+pytestmark = pytest.mark.usefixtures("loopback_ice")
 
 
 @dataclass

@@ -9,17 +9,12 @@ import pytest
 
 from protocol.signaling import Answer, Candidate, IceCandidate, Offer, SignalingMessage
 from workers.errors import SessionFailed
-from workers.ice import parse_networks, restrict_host_addresses
 from workers.peer import CHANNEL_PROTOCOL, PeerSession
 
 TIMEOUT = 20.0
 
 
-@pytest.fixture(autouse=True)
-def loopback_ice() -> object:
-    restrict_host_addresses(parse_networks(["127.0.0.1"]))
-    yield
-    restrict_host_addresses(())
+pytestmark = pytest.mark.usefixtures("loopback_ice")
 
 
 class Outbox:

@@ -24,7 +24,6 @@ from protocol.signaling import (
 from signaling.auth import issue_token
 from signaling.server import SignalingServer
 from workers.errors import SignalingRejected, TunnelUsageError
-from workers.ice import parse_networks, restrict_host_addresses
 from workers.peer import PeerSession
 from workers.signaling_link import LinkState, SignalingLink
 from workers.webrtc_client import TunnelAgent
@@ -32,11 +31,7 @@ from workers.webrtc_client import TunnelAgent
 TIMEOUT = 20.0
 
 
-@pytest.fixture(autouse=True)
-def loopback_ice() -> object:
-    restrict_host_addresses(parse_networks(["127.0.0.1"]))
-    yield
-    restrict_host_addresses(())
+pytestmark = pytest.mark.usefixtures("loopback_ice")
 
 
 @pytest.fixture
