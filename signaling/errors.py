@@ -7,8 +7,12 @@
     │                         (remote); ``reason`` is one line and never holds the token
     ├── ConfigError           the server cannot run as configured (environment): no or
     │                         weak secret, address unusable; the message says how to fix it
-    └── UsageError            our own code called the API wrongly (local), e.g.
-                              ``Router.receive()`` for a connection it never saw
+    ├── UsageError            our own code called the API wrongly (local), e.g.
+    │                         ``Router.receive()`` for a connection it never saw
+    └── LinkError             the client end (:mod:`signaling.link`) failed
+        ├── LinkRejected      the server refused this peer for good (bad or expired
+        │                     token, replaced, bad URL): retrying cannot help
+        └── LinkDown          the link is not up, or could not be brought up
 
 Invalid *messages* are not exceptions here: the router answers them with
 ``error`` messages (:class:`protocol.errors.SignalingError` carries the code).
@@ -37,3 +41,15 @@ class ConfigError(SignalingServerError):
 
 class UsageError(SignalingServerError):
     """The API was called in a way its contract does not allow (a bug on our side)."""
+
+
+class LinkError(SignalingServerError):
+    """The client end of a signaling link failed (:mod:`signaling.link`)."""
+
+
+class LinkRejected(LinkError):
+    """The signaling server refused this peer; the reason is one line."""
+
+
+class LinkDown(LinkError):
+    """The link is down (sending is impossible) or could not be established."""

@@ -22,10 +22,10 @@ from protocol.signaling import (
     new_session_id,
 )
 from signaling.auth import issue_token
+from signaling.link import LinkState, SignalingLink
 from signaling.server import SignalingServer
 from workers.errors import SignalingRejected, TunnelUsageError
 from workers.peer import PeerSession
-from workers.signaling_link import LinkState, SignalingLink
 from workers.webrtc_client import TunnelAgent
 
 TIMEOUT = 20.0

@@ -37,11 +37,12 @@ from protocol.signaling import (
     SignalingMessage,
     new_session_id,
 )
+from signaling.errors import LinkDown, LinkRejected
+from signaling.link import SignalingLink
 from workers.bridge import TunnelBridge
 from workers.errors import DeviceOffline, SessionFailed, SignalingRejected, TunnelError
 from workers.ice import IceServer
 from workers.peer import PeerSession
-from workers.signaling_link import SignalingLink
 from workers.tasks import TaskSet
 
 log = logging.getLogger("tunnelctl.client")
@@ -80,7 +81,12 @@ class ClientTunnel:
     async def open(self, timeout: float = OPEN_TIMEOUT) -> None:
         """Establish the first session; raise on any failure (nothing is retried)."""
         self.link.start()
-        await self.link.wait_up(timeout)
+        try:
+            await self.link.wait_up(timeout)
+        except LinkRejected as exc:
+            raise SignalingRejected(str(exc)) from None
+        except LinkDown as exc:
+            raise SessionFailed(str(exc)) from None
         await self._establish(timeout)
 
     def keep_alive(self) -> None:
@@ -122,7 +128,10 @@ class ClientTunnel:
         self.peer = peer
         self._pending = asyncio.get_running_loop().create_future()
         try:
-            await self.link.send(SessionRequest(session=session_id, device=self.device))
+            try:
+                await self.link.send(SessionRequest(session=session_id, device=self.device))
+            except LinkDown as exc:
+                raise SessionFailed(str(exc)) from None
             opened: asyncio.Future[RTCDataChannel] = asyncio.ensure_future(peer.wait_open(timeout))
             refused = self._pending
             waiting: set[asyncio.Future[Any]] = {opened, refused}
@@ -163,7 +172,9 @@ class ClientTunnel:
                 self._backoff.reset()
             except SignalingRejected as exc:
                 self.fail(exc)
-            except (SessionFailed, OSError) as exc:
+            except LinkRejected as exc:
+                self.fail(SignalingRejected(str(exc)))
+            except (SessionFailed, LinkDown, OSError) as exc:
                 delay = self._backoff.next_delay()
                 log.warning(
                     "cannot re-establish the tunnel to %s: %s; retrying in %.1f s",
@@ -181,7 +192,7 @@ class ClientTunnel:
             bridge.close(reason)
         if peer is not None:
             if notify:
-                with contextlib.suppress(SessionFailed):
+                with contextlib.suppress(LinkDown):
                     await self.link.send(SessionEnd(session=peer.session_id, reason=reason[:200]))
             await peer.close()
 

@@ -34,11 +34,12 @@ from protocol.signaling import (
     SessionRequest,
     SignalingMessage,
 )
+from signaling.errors import LinkDown, LinkRejected
+from signaling.link import LinkState, SignalingLink
 from workers.bridge import ServiceAddress, TunnelBridge
-from workers.errors import SessionFailed
+from workers.errors import SessionFailed, SignalingRejected
 from workers.ice import IceServer
 from workers.peer import PeerSession
-from workers.signaling_link import LinkState, SignalingLink
 from workers.tasks import TaskSet
 
 log = logging.getLogger("tunnelctl.device")
@@ -111,7 +112,12 @@ class DeviceHost:
     async def start(self, timeout: float = 30.0) -> None:
         self._tasks.spawn(self._dispatch(), name=f"device {self.device} dispatch")
         self.link.start()
-        await self.link.wait_up(timeout)
+        try:
+            await self.link.wait_up(timeout)
+        except LinkRejected as exc:
+            raise SignalingRejected(str(exc)) from None
+        except LinkDown as exc:
+            raise SessionFailed(str(exc)) from None
         log.info(
             "device %s registered, exposing %s",
             self.device,
@@ -119,7 +125,10 @@ class DeviceHost:
         )
 
     async def run(self) -> None:
-        await self.link.run_until_closed()
+        try:
+            await self.link.run_until_closed()
+        except LinkRejected as exc:
+            raise SignalingRejected(str(exc)) from None
 
     async def stop(self) -> None:
         for session in list(self.sessions.values()):
@@ -215,5 +224,5 @@ class DeviceHost:
             await self._send_quietly(SessionEnd(session=session.session_id, reason=reason[:200]))
 
     async def _send_quietly(self, message: SignalingMessage) -> None:
-        with contextlib.suppress(SessionFailed):
+        with contextlib.suppress(LinkDown):
             await self.link.send(message)

@@ -4,12 +4,15 @@
 
     TunnelError                 root of everything this package raises on purpose
     ├── TunnelUsageError        the caller misused the API (wrong order, bad argument)
-    ├── SignalingRejected       the signaling server refused us for good (bad or
-    │                           expired token, forbidden device): retrying won't help
+    ├── SignalingRejected       the signaling server refused a request for good
+    │                           (forbidden device): retrying won't help
     ├── SessionFailed           one peer session could not be set up or broke
     │   └── DeviceOffline       the device is not registered with the signaling server
     └── ServiceRefused          the device refused a stream (service not exposed,
                                 connection to the service failed)
+
+The signaling link's own failures are :class:`signaling.errors.LinkRejected`
+(refused for good) and :class:`signaling.errors.LinkDown`.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
 
 from protocol.signaling import Answer, Candidate, IceCandidate, Offer, SignalingMessage
+from signaling.errors import LinkError
 from workers.errors import SessionFailed, TunnelUsageError
 from workers.ice import IceServer, rtc_configuration
 
@@ -55,7 +56,7 @@ class PeerSession:
     ) -> None:
         self.session_id = session_id
         self.channel_protocol = channel_protocol
-        self._send = send
+        self._send_signal = send
         self._on_state = on_state
         self.pc = RTCPeerConnection(rtc_configuration(ice_servers))
         self.state = "new"
@@ -150,6 +151,12 @@ class PeerSession:
         await self.pc.close()
 
     # -- internals ---------------------------------------------------------
+
+    async def _send(self, message: SignalingMessage) -> None:
+        try:
+            await self._send_signal(message)
+        except LinkError as exc:
+            raise SessionFailed(f"cannot reach the peer through signaling: {exc}") from None
 
     async def _set_remote(self, description: RTCSessionDescription) -> None:
         try:

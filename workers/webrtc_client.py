@@ -46,10 +46,11 @@ from protocol.signaling import (
     SessionRequest,
     SignalingMessage,
 )
+from signaling.errors import LinkDown, LinkRejected
+from signaling.link import SignalingLink
 from workers.errors import SessionFailed, SignalingRejected, TunnelUsageError
 from workers.ice import IceServer
 from workers.peer import PeerSession
-from workers.signaling_link import SignalingLink
 from workers.tasks import TaskSet
 
 log = logging.getLogger("tunnelctl.agent")
@@ -86,10 +87,11 @@ class TunnelAgent:
         self._link.start()
         try:
             await self._link.wait_up(timeout)
-        except (SignalingRejected, SessionFailed):
+        except (LinkRejected, LinkDown) as exc:
             self._set_state("failed")
             await self._link.close()
-            raise
+            kind = SignalingRejected if isinstance(exc, LinkRejected) else SessionFailed
+            raise kind(str(exc)) from None
         self._set_state("connecting")
 
     async def create_data_channel(self, label: str) -> RTCDataChannel:
@@ -143,7 +145,7 @@ class TunnelAgent:
         """End the session (telling the client) and leave the signaling server."""
         if self._peer is not None:
             if self.session_id and self._link is not None:
-                with contextlib.suppress(SessionFailed):
+                with contextlib.suppress(LinkDown):
                     await self._link.send(
                         SessionEnd(session=self.session_id, reason="device disconnected")
                     )
@@ -207,7 +209,7 @@ class TunnelAgent:
 
     async def _refuse(self, session: str) -> None:
         if self._link is not None:
-            with contextlib.suppress(SessionFailed):
+            with contextlib.suppress(LinkDown):
                 await self._link.send(SessionEnd(session=session, reason="device busy"))
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:

@@ -6,10 +6,10 @@ for ``welcome``, registers when it speaks for a device, and hands every decoded
 message to ``on_message``. When the link drops it reconnects with capped
 exponential backoff and full jitter (:class:`protocol.backoff.Backoff`); a close
 with code 4401 (bad token) or 4409 (replaced) is final and surfaces as
-:class:`SignalingRejected`, because retrying cannot fix it.
+:class:`LinkRejected`, because retrying cannot fix it.
 
 Contract: ``start()`` then ``await wait_up()``; ``send()`` while up (raises
-:class:`SessionFailed` while down); ``close()`` once. ``run_until_closed()``
+:class:`LinkDown` while down); ``close()`` once. ``run_until_closed()``
 returns when the link gives up (rejected) or is closed.
 """
 
@@ -37,7 +37,7 @@ from protocol.signaling import (
     decode_signaling,
     encode_signaling,
 )
-from workers.errors import SessionFailed, SignalingRejected
+from signaling.errors import LinkDown, LinkRejected
 
 log = logging.getLogger("tunnelctl.link")
 
@@ -109,11 +109,11 @@ class SignalingLink:
             return
         if self._task in done:
             self._raise_failure()
-            raise SessionFailed("signaling link closed")
-        raise SessionFailed(f"could not reach the signaling server at {self.url} in {timeout:g} s")
+            raise LinkDown("signaling link closed")
+        raise LinkDown(f"could not reach the signaling server at {self.url} in {timeout:g} s")
 
     async def run_until_closed(self) -> None:
-        """Wait for the link to end; raise :class:`SignalingRejected` if it was refused."""
+        """Wait for the link to end; raise :class:`LinkRejected` if it was refused."""
         if self._task is None:
             raise RuntimeError("start() the link first")
         await asyncio.shield(self._task)
@@ -122,11 +122,11 @@ class SignalingLink:
     async def send(self, message: SignalingMessage) -> None:
         ws = self._ws
         if ws is None or not self._up.is_set():
-            raise SessionFailed("signaling link is down")
+            raise LinkDown("signaling link is down")
         try:
             await ws.send(encode_signaling(message))
         except ConnectionClosed:
-            raise SessionFailed("signaling link is down") from None
+            raise LinkDown("signaling link is down") from None
 
     async def close(self) -> None:
         self._closing = True
@@ -156,25 +156,25 @@ class SignalingLink:
             self._set_state(LinkState.CONNECTING)
             try:
                 await self._session()
-            except SignalingRejected as exc:
+            except LinkRejected as exc:
                 self._failure = exc
                 break
             except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError) as exc:
                 if self._fail_fast and not self._ever_up:
-                    self._failure = SessionFailed(
+                    self._failure = LinkDown(
                         f"cannot reach the signaling server at {self.url}: {_describe(exc)}"
                     )
                     break
                 log.info("signaling link to %s lost: %s", self.url, _describe(exc))
             except InvalidURI as exc:
-                self._failure = SignalingRejected(f"bad signaling URL {self.url!r}: {exc}")
+                self._failure = LinkRejected(f"bad signaling URL {self.url!r}: {exc}")
                 break
             finally:
                 self._ws = None
                 self._up.clear()
             if self._closing or not self._reconnect:
                 if not self._closing and self._failure is None:
-                    self._failure = SessionFailed(f"signaling link to {self.url} closed")
+                    self._failure = LinkDown(f"signaling link to {self.url} closed")
                 break
             self._set_state(LinkState.DOWN)
             delay = self._backoff.next_delay()
@@ -217,7 +217,7 @@ class SignalingLink:
             if isinstance(message, kind):
                 return message
             if isinstance(message, Error):
-                raise SignalingRejected(f"signaling server refused: {message.message}")
+                raise LinkRejected(f"signaling server refused: {message.message}")
             if message is not None:
                 self._on_message(message)
 
@@ -232,7 +232,7 @@ class SignalingLink:
 
     def _check_final_code(self, code: int | None, reason: str | None) -> None:
         if code in FINAL_CLOSE_CODES:
-            raise SignalingRejected(
+            raise LinkRejected(
                 f"signaling server closed the link: {reason or FINAL_CLOSE_CODES[code]}"
             )
 
