@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -26,11 +25,10 @@ import aioice.ice
 import ifaddr
 from aiortc import RTCConfiguration, RTCIceServer
 
+from protocol.ice import check_ice_server
+
 log = logging.getLogger("tunnelctl.ice")
 
-_ICE_URL_RE = re.compile(
-    r"^(stun|stuns|turn|turns):(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?(\?transport=(udp|tcp))?$"
-)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -44,13 +42,7 @@ class IceServer:
     credential: str | None = None
 
     def __post_init__(self) -> None:
-        if not _ICE_URL_RE.match(self.url):
-            raise ValueError(
-                f"bad ICE server URL {self.url!r}: expected stun:HOST[:PORT] or "
-                "turn:HOST[:PORT][?transport=udp|tcp]"
-            )
-        if self.url.startswith("turn") and (not self.username or not self.credential):
-            raise ValueError(f"TURN server {self.url} needs a username and a password")
+        check_ice_server(self.url, self.username, self.credential)
 
     def to_aiortc(self) -> RTCIceServer:
         return RTCIceServer(urls=[self.url], username=self.username, credential=self.credential)
