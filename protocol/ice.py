@@ -11,16 +11,25 @@ import re
 from typing import Final
 
 ICE_URL_RE: Final = re.compile(
-    r"(stun|stuns|turn|turns):(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?(\?transport=(udp|tcp))?"
+    r"(stun|stuns|turn|turns):(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)"
+    r"(:(?P<port>\d{1,5}))?(\?transport=(udp|tcp))?"
 )
+
+
+def check_ice_url(url: str) -> None:
+    """Raise ValueError with a one-line reason unless ``url`` is a usable ICE URL."""
+    if "@" in url:  # not echoed: "turn:user:password@host" is a common mistake
+        raise ValueError("bad ICE server URL: give the username and credential separately")
+    match = ICE_URL_RE.fullmatch(url)
+    if match is None or not 1 <= int(match["port"] or 3478) <= 65535:
+        raise ValueError(
+            f"bad ICE server URL {url!r}: expected stun:HOST[:PORT] or "
+            "turn:HOST[:PORT][?transport=udp|tcp] (or stuns:, turns:)"
+        )
 
 
 def check_ice_server(url: str, username: str | None, credential: str | None) -> None:
     """Raise ValueError with a one-line reason unless this is a usable ICE server."""
-    if not ICE_URL_RE.fullmatch(url):
-        raise ValueError(
-            f"bad ICE server URL {url!r}: expected stun:HOST[:PORT] or "
-            "turn:HOST[:PORT][?transport=udp|tcp]"
-        )
+    check_ice_url(url)
     if url.startswith("turn") and (not username or not credential):
         raise ValueError(f"TURN server {url} needs a username and a password")

@@ -1,0 +1,646 @@
+"""The supervisor's configuration: a TOML file for many devices, or flags for one.
+
+:func:`load_config` (``tunnelctl start --config FILE``) and
+:func:`config_from_flags` (``tunnelctl start --signal URL --device ID --expose
+NAME=URL ...``) produce the same frozen :class:`SupervisorConfig`. The file format
+(TOML 1.0, read with :mod:`tomllib`) is documented key by key in
+``examples/tunnel.toml``.
+
+Contract: everything is checked before the supervisor starts anything. Every
+problem raises :class:`~supervisor.errors.ConfigError`, whose ``path`` names the
+key (``devices[1].services.web``; array indexes count from 0) or the flag
+(``--expose``); the first problem found is the one reported. The dataclasses
+check themselves on construction too, so a configuration built in code obeys the
+same rules: :class:`Service` and :class:`IceServerConfig` raise ``ValueError``
+(they are single values; whoever builds them knows where they came from),
+:class:`DeviceConfig` and :class:`SupervisorConfig` raise ``ConfigError`` naming
+the field. Tokens and TURN credentials never appear in a ``repr`` or a message.
+
+Service URLs (``--expose NAME=URL``; ``NAME = "URL"`` in the file) name one TCP
+endpoint: ``http://HOST[:PORT]`` (port 80 by default), ``https://`` (443),
+``ws://`` (80), ``wss://`` (443), ``tcp://HOST:PORT``, or a bare ``HOST:PORT``;
+IPv6 hosts go in brackets. A path, query, fragment or user info is refused: the
+device forwards a byte stream to that address and knows nothing of HTTP. ICE
+server URLs are those of RFC 7064 (STUN) and RFC 7065 (TURN):
+``stun:|stuns:|turn:|turns:HOST[:PORT][?transport=udp|tcp]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import ipaddress
+import json
+import math
+import re
+import tomllib
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, time
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from protocol.frames import MAX_SERVICE_LEN, is_valid_service_name
+from protocol.ice import check_ice_url
+from protocol.signaling import ID_PATTERN, is_valid_id
+from supervisor.errors import ConfigError
+
+__all__ = [
+    "MAX_POOL_SIZE",
+    "MAX_SESSIONS_PER_DEVICE",
+    "SERVICE_SCHEMES",
+    "TUNING_KEYS",
+    "DeviceConfig",
+    "IceServerConfig",
+    "Service",
+    "SupervisorConfig",
+    "config_from_flags",
+    "load_config",
+    "parse_service",
+]
+
+#: Service URL schemes and their default ports (``None``: the URL must give one).
+SERVICE_SCHEMES: Final[Mapping[str, int | None]] = {
+    "http": 80,
+    "https": 443,
+    "tcp": None,
+    "ws": 80,
+    "wss": 443,
+}
+MAX_POOL_SIZE: Final = 32
+MAX_SESSIONS_PER_DEVICE: Final = 1024
+#: The keys of the ``[supervisor]`` table, each a :class:`SupervisorConfig` field.
+TUNING_KEYS: Final = (
+    "pool_size",
+    "heartbeat_interval",
+    "heartbeat_timeout",
+    "max_restarts",
+    "restart_window",
+    "backoff_base",
+    "backoff_cap",
+    "drain_timeout",
+    "max_sessions",
+)
+_INTEGER_TUNING: Final = frozenset({"pool_size", "max_restarts", "max_sessions"})
+_TOP_KEYS: Final = ("signal", "ice_hosts", "ice_servers", "supervisor", "devices")
+_TOKEN_SOURCES: Final = ("token", "token_file", "token_env")
+_DEVICE_KEYS: Final = ("id", *_TOKEN_SOURCES, "services")
+_ICE_SERVER_KEYS: Final = ("url", "username", "credential", "credential_env")
+
+# Both bounds keep a mistaken path (/dev/zero, a log file) from eating memory.
+_MAX_CONFIG_BYTES: Final = 1 << 20
+_MAX_TOKEN_BYTES: Final = 64 << 10
+
+_LABEL: Final = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME_RE: Final = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}\.?")
+# "localhost:5432" would otherwise parse as scheme "localhost".
+_BARE_HOST_PORT_RE: Final = re.compile(r"(?:[^:/@\[\]]+|\[[0-9A-Fa-f:.]+\]):\d+")
+_BARE_KEY_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
+
+
+# --- the configuration --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A service a device exposes: clients reach ``host:port`` by ``name``, nothing else."""
+
+    name: str
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        _check_service_name(self.name)
+        if not _is_valid_host(self.host):
+            raise ValueError(f"bad service host {self.host!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int):
+            raise ValueError(f"bad service port {self.port!r}: expected an integer")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"bad port {self.port}: expected 1-65535")
+
+
+@dataclass(frozen=True, slots=True)
+class IceServerConfig:
+    """One STUN or TURN server, in the shape of the W3C ``RTCIceServer``."""
+
+    url: str
+    username: str | None = None
+    credential: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_ice_url(self.url)
+        if self.url.startswith("turn") and not (self.username and self.credential):
+            raise ValueError(f"TURN server {self.url} needs a username and a credential")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    """One hosted device: its id (the token's ``sub``), its token, its services."""
+
+    id: str
+    token: str = field(repr=False)
+    services: tuple[Service, ...]
+
+    def __post_init__(self) -> None:
+        if not is_valid_id(self.id):
+            raise ConfigError("id", f"{self.id!r} is not a valid device id (expected {ID_PATTERN})")
+        if not self.token.strip():
+            raise ConfigError("token", "is empty")
+        if not self.services:
+            raise ConfigError("services", "a device needs at least one service")
+        names: set[str] = set()
+        for service in self.services:
+            if service.name in names:
+                raise ConfigError("services", f"service {service.name!r} is exposed twice")
+            names.add(service.name)
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorConfig:
+    """Everything ``tunnelctl start`` needs; the tuning fields are ``[supervisor]`` keys.
+
+    ``pool_size`` idle workers are kept spawned so that a session request never
+    waits for an interpreter; ``heartbeat_*``, ``max_restarts`` within
+    ``restart_window`` and ``backoff_*`` drive liveness and the restart policy
+    (ARCHITECTURE.md, "Process model rules"); ``drain_timeout`` bounds a graceful
+    stop; ``max_sessions`` is per device. Times are in seconds.
+    """
+
+    signal_url: str
+    devices: tuple[DeviceConfig, ...]
+    ice_servers: tuple[IceServerConfig, ...] = ()
+    ice_hosts: tuple[str, ...] = ()
+    pool_size: int = 2
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 5.0
+    max_restarts: int = 5
+    restart_window: float = 60.0
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    drain_timeout: float = 10.0
+    max_sessions: int = 64
+
+    def __post_init__(self) -> None:
+        _check_signal_url(self.signal_url, "signal")
+        if not self.devices:
+            raise ConfigError("devices", "at least one device is required")
+        first_seen: dict[str, int] = {}
+        for index, device in enumerate(self.devices):
+            if device.id in first_seen:
+                raise ConfigError(
+                    f"devices[{index}].id",
+                    f"duplicate device id {device.id!r} (also devices[{first_seen[device.id]}])",
+                )
+            first_seen[device.id] = index
+        for index, network in enumerate(self.ice_hosts):
+            _check_network(network, f"ice_hosts[{index}]")
+        self._check_tuning()
+
+    def _check_tuning(self) -> None:
+        def invalid(key: str, problem: str) -> ConfigError:
+            return ConfigError(f"supervisor.{key}", problem)
+
+        for key in TUNING_KEYS:
+            if not math.isfinite(getattr(self, key)):
+                raise invalid(key, "must be a finite number")
+        if not 0 <= self.pool_size <= MAX_POOL_SIZE:
+            raise invalid("pool_size", f"must be 0-{MAX_POOL_SIZE}, got {self.pool_size}")
+        if self.heartbeat_interval <= 0:
+            raise invalid("heartbeat_interval", f"must be > 0, got {self.heartbeat_interval}")
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise invalid(
+                "heartbeat_timeout",
+                f"must be greater than heartbeat_interval ({self.heartbeat_interval}), "
+                f"got {self.heartbeat_timeout}",
+            )
+        if self.max_restarts < 0:
+            raise invalid("max_restarts", f"must be >= 0, got {self.max_restarts}")
+        if self.restart_window <= 0:
+            raise invalid("restart_window", f"must be > 0, got {self.restart_window}")
+        if self.backoff_base <= 0:
+            raise invalid("backoff_base", f"must be > 0, got {self.backoff_base}")
+        if self.backoff_base > self.backoff_cap:
+            raise invalid(
+                "backoff_base",
+                f"must not exceed backoff_cap ({self.backoff_cap}), got {self.backoff_base}",
+            )
+        if self.drain_timeout < 0:
+            raise invalid("drain_timeout", f"must be >= 0, got {self.drain_timeout}")
+        if not 1 <= self.max_sessions <= MAX_SESSIONS_PER_DEVICE:
+            raise invalid(
+                "max_sessions", f"must be 1-{MAX_SESSIONS_PER_DEVICE}, got {self.max_sessions}"
+            )
+
+
+# --- services -----------------------------------------------------------------
+
+
+def parse_service(spec: str) -> Service:
+    """Parse ``NAME=URL`` (``web=http://127.0.0.1:8080``, ``db=127.0.0.1:5432``).
+
+    Raises ``ValueError`` saying what is wrong.
+    """
+    name, sep, url = spec.partition("=")
+    if not sep:
+        raise ValueError(f"expected NAME=URL (e.g. web=http://127.0.0.1:8080), got {spec!r}")
+    return _service(name, url)
+
+
+def _service(name: str, url: str) -> Service:
+    _check_service_name(name)
+    if _BARE_HOST_PORT_RE.fullmatch(url):
+        url = "tcp://" + url
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed "[" of an IPv6 host
+        raise ValueError(f"bad service URL {url!r}: bad host") from None
+    if "@" in parts.netloc:  # not echoed: it may hold a password
+        raise ValueError("bad service URL: a service URL takes no user or password")
+    if parts.scheme not in SERVICE_SCHEMES:
+        raise ValueError(
+            f"bad service URL {url!r}: scheme must be one of "
+            f"{', '.join(SERVICE_SCHEMES)} (or a bare HOST:PORT for tcp)"
+        )
+    try:
+        explicit_port = parts.port
+    except ValueError:
+        raise ValueError(f"bad service URL {url!r}: bad port") from None
+    port = SERVICE_SCHEMES[parts.scheme] if explicit_port is None else explicit_port
+    if not parts.hostname or port is None:
+        raise ValueError(f"bad service URL {url!r}: needs a host and a port")
+    if not 1 <= port <= 65535:
+        raise ValueError(f"bad service URL {url!r}: bad port {port}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"bad service URL {url!r}: a service is a host and port, no path")
+    if not _is_valid_host(parts.hostname):
+        raise ValueError(f"bad service URL {url!r}: bad host {parts.hostname!r}")
+    return Service(name, parts.hostname, port)
+
+
+def _check_service_name(name: str) -> None:
+    if not is_valid_service_name(name):
+        raise ValueError(
+            f"bad service name {name!r}: use 1-{MAX_SERVICE_LEN} letters, digits, "
+            "'.', '_', '-', starting with a letter or digit"
+        )
+
+
+def _is_valid_host(host: object) -> bool:
+    if not isinstance(host, str):
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return len(host) <= 253 and _HOSTNAME_RE.fullmatch(host) is not None
+    return True
+
+
+# --- the other values ---------------------------------------------------------
+
+
+def _check_signal_url(url: str, path: str) -> None:
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError for a bad port
+    except ValueError:
+        parts = None
+    if parts is not None and "@" in parts.netloc:  # not echoed: it may hold a password
+        raise ConfigError(path, "takes no user or password (devices authenticate with a token)")
+    if (
+        parts is None
+        or parts.scheme not in ("ws", "wss")
+        or not _is_valid_host(parts.hostname)
+        or parts.fragment
+    ):
+        raise ConfigError(path, f"expected a ws:// or wss:// URL with a host, got {url!r}")
+
+
+def _check_ice_url(url: str) -> None:
+    check_ice_url(url)
+
+
+def _check_network(spec: str, path: str) -> None:
+    try:
+        ipaddress.ip_network(spec, strict=False)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            path, f"{spec!r} is not an IP address or network (e.g. 127.0.0.1, 10.0.0.0/8, ::1)"
+        ) from None
+
+
+# --- the TOML file ------------------------------------------------------------
+
+
+def load_config(path: str, env: Mapping[str, str]) -> SupervisorConfig:
+    """Read and check the TOML configuration file at ``path``.
+
+    ``env`` (normally ``os.environ``) supplies the variables named by
+    ``token_env`` and ``credential_env``. A relative ``token_file`` is relative
+    to the directory of ``path``. Raises :class:`ConfigError`.
+    """
+    data = _read_toml(path)
+    here = Path(path).absolute().parent
+    _check_keys(data, None, _TOP_KEYS)
+    signal_url = _required_string(data, None, "signal")
+    ice_hosts = _strings(data, None, "ice_hosts")
+    ice_servers = tuple(
+        _ice_server(table, at, env) for at, table in _tables(data, None, "ice_servers")
+    )
+    tuning = _tuning(data)
+    device_tables = _tables(data, None, "devices")
+    if not device_tables:
+        raise ConfigError("devices", "at least one [[devices]] table is required")
+    devices = tuple(_device(table, at, env, here) for at, table in device_tables)
+    return SupervisorConfig(
+        signal_url=signal_url,
+        devices=devices,
+        ice_servers=ice_servers,
+        ice_hosts=ice_hosts,
+        **tuning,
+    )
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(_MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(None, f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise ConfigError(None, f"{path} is larger than {_MAX_CONFIG_BYTES >> 20} MiB")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(None, f"{path} is not UTF-8 text (at line {line})") from None
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib says where: "Invalid value (at line 3, column 7)".
+        raise ConfigError(None, f"{path} is not valid TOML: {exc}") from None
+
+
+def _tuning(data: Mapping[str, object]) -> dict[str, Any]:
+    table = _table(data, None, "supervisor")
+    if table is None:
+        return {}
+    _check_keys(table, "supervisor", TUNING_KEYS)
+    values: dict[str, Any] = {}
+    for key in table:
+        if key in _INTEGER_TUNING:
+            values[key] = _integer(table, "supervisor", key)
+        else:
+            values[key] = _number(table, "supervisor", key)
+    return values
+
+
+def _ice_server(table: Mapping[str, object], at: str, env: Mapping[str, str]) -> IceServerConfig:
+    _check_keys(table, at, _ICE_SERVER_KEYS)
+    url = _required_string(table, at, "url")
+    with _under(_join(at, "url")):
+        _check_ice_url(url)
+    username = _string(table, at, "username")
+    credential = _string(table, at, "credential")
+    credential_env = _string(table, at, "credential_env")
+    if credential is not None and credential_env is not None:
+        raise ConfigError(at, "give credential or credential_env, not both")
+    if credential_env is not None:
+        credential = _from_env(env, credential_env, _join(at, "credential_env"))
+    with _under(at):
+        server = IceServerConfig(url, username, credential)
+    return server
+
+
+def _device(
+    table: Mapping[str, object], at: str, env: Mapping[str, str], here: Path
+) -> DeviceConfig:
+    _check_keys(table, at, _DEVICE_KEYS)
+    device_id = _required_string(table, at, "id")
+    services_at = _join(at, "services")
+    services_table = _table(table, at, "services")
+    if services_table is None:
+        raise ConfigError(services_at, "required key is missing (a device needs a service)")
+    services = []
+    for name, url in services_table.items():
+        service_at = _join(services_at, name)
+        if not isinstance(url, str):
+            raise _wrong_type(service_at, "a string (the service URL)", url)
+        with _under(service_at):
+            services.append(_service(name, url))
+    token = _token(table, at, env, here)
+    with _under(at):
+        device = DeviceConfig(device_id, token, tuple(services))
+    return device
+
+
+def _token(table: Mapping[str, object], at: str, env: Mapping[str, str], here: Path) -> str:
+    given = [key for key in _TOKEN_SOURCES if key in table]
+    if len(given) != 1:
+        problem = "no token" if not given else f"{' and '.join(given)} are both given"
+        raise ConfigError(at, f"{problem}: give exactly one of token, token_file, token_env")
+    source = given[0]
+    source_at = _join(at, source)
+    value = _required_string(table, at, source)
+    if not value.strip():
+        raise ConfigError(source_at, "is empty")
+    if source == "token_file":
+        return _read_token_file(here / value, source_at)
+    if source == "token_env":
+        return _from_env(env, value, source_at).strip()
+    return value.strip()
+
+
+def _read_token_file(file: Path, path: str) -> str:
+    # Messages name the file, never its content.
+    try:
+        with file.open("rb") as fh:
+            raw = fh.read(_MAX_TOKEN_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read {file}: {exc.strerror or exc}") from None
+    if len(raw) > _MAX_TOKEN_BYTES:
+        raise ConfigError(path, f"{file} is larger than {_MAX_TOKEN_BYTES >> 10} KiB")
+    try:
+        token = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(path, f"{file} is not UTF-8 text") from None
+    if not token:
+        raise ConfigError(path, f"{file} is empty")
+    return token
+
+
+def _from_env(env: Mapping[str, str], name: str, path: str) -> str:
+    if not name:
+        raise ConfigError(path, "is empty")
+    value = env.get(name)
+    if value is None:
+        raise ConfigError(path, f"environment variable {name} is not set")
+    if not value.strip():
+        raise ConfigError(path, f"environment variable {name} is empty")
+    return value
+
+
+# --- typed access to the parsed TOML ------------------------------------------
+
+
+def _join(base: str | None, key: str) -> str:
+    # TOML's own quoting, so a service named "web.v2" is not read as two keys.
+    part = key if _BARE_KEY_RE.fullmatch(key) else json.dumps(key)
+    return f"{base}.{part}" if base else part
+
+
+def _rebase(exc: ConfigError, base: str) -> ConfigError:
+    if exc.path is None:
+        path = base
+    elif exc.path.startswith("["):
+        path = base + exc.path
+    else:
+        path = f"{base}.{exc.path}"
+    return ConfigError(path, exc.message)
+
+
+@contextlib.contextmanager
+def _under(base: str) -> Iterator[None]:
+    """Report a value's own error at ``base``, the key it came from."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise _rebase(exc, base) from None
+    except ValueError as exc:
+        raise ConfigError(base, str(exc)) from None
+
+
+def _toml_type(value: object) -> str:
+    # bool before int: in Python, True is an int; in TOML it is not.
+    for kind, name in (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        (list, "an array"),
+        (dict, "a table"),
+        (datetime, "a date-time"),
+        (date, "a date"),
+        (time, "a time"),
+    ):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _wrong_type(path: str, expected: str, value: object) -> ConfigError:
+    return ConfigError(path, f"expected {expected}, got {_toml_type(value)}")
+
+
+def _check_keys(table: Mapping[str, object], base: str | None, allowed: Collection[str]) -> None:
+    for key in table:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(_join(base, key), f"unknown key{hint}")
+
+
+def _string(table: Mapping[str, object], base: str | None, key: str) -> str | None:
+    value = table.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise _wrong_type(_join(base, key), "a string", value)
+
+
+def _required_string(table: Mapping[str, object], base: str | None, key: str) -> str:
+    value = _string(table, base, key)
+    if value is None:
+        raise ConfigError(_join(base, key), "required key is missing")
+    return value
+
+
+def _integer(table: Mapping[str, object], base: str, key: str) -> int:
+    value = table[key]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise _wrong_type(_join(base, key), "an integer", value)
+
+
+def _number(table: Mapping[str, object], base: str, key: str) -> float:
+    value = table[key]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise _wrong_type(_join(base, key), "a number", value)
+
+
+def _strings(table: Mapping[str, object], base: str | None, key: str) -> tuple[str, ...]:
+    value = table.get(key, [])
+    path = _join(base, key)
+    if not isinstance(value, list):
+        raise _wrong_type(path, "an array of strings", value)
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _wrong_type(f"{path}[{index}]", "a string", item)
+    return tuple(value)
+
+
+def _table(table: Mapping[str, object], base: str | None, key: str) -> dict[str, object] | None:
+    value = table.get(key)
+    if value is None or isinstance(value, dict):
+        return value
+    raise _wrong_type(_join(base, key), "a table", value)
+
+
+def _tables(
+    table: Mapping[str, object], base: str | None, key: str
+) -> list[tuple[str, dict[str, object]]]:
+    """The tables of an array of tables (``[[key]]``), each with its key path."""
+    value = table.get(key, [])
+    path = _join(base, key)
+    if not isinstance(value, list):
+        raise _wrong_type(path, f"an array of tables ([[{key}]])", value)
+    found = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise _wrong_type(f"{path}[{index}]", "a table", item)
+        found.append((f"{path}[{index}]", item))
+    return found
+
+
+# --- command-line flags -------------------------------------------------------
+
+
+def config_from_flags(
+    *,
+    signal_url: str,
+    device: str,
+    token: str,
+    exposes: Sequence[str],
+    ice_servers: Sequence[IceServerConfig] = (),
+    ice_hosts: Sequence[str] = (),
+) -> SupervisorConfig:
+    """The one-device configuration of ``tunnelctl start --signal URL --device ID ...``.
+
+    ``exposes`` are ``NAME=URL`` specs (:func:`parse_service`); an ``ice_hosts``
+    item may be a comma-separated list, as ``TUNNEL_ICE_HOSTS`` is. Tuning keeps
+    its defaults. Raises :class:`ConfigError` whose ``path`` is the flag
+    (``--signal``, ``--device``, ``--token``, ``--expose``, ``--ice-host``).
+    """
+    services = []
+    for spec in exposes:
+        with _under("--expose"):
+            services.append(parse_service(spec))
+    networks = tuple(h.strip() for spec in ice_hosts for h in spec.split(",") if h.strip())
+    with _as_flags({"id": "--device", "token": "--token", "services": "--expose"}):
+        device_config = DeviceConfig(device, token, tuple(services))
+    with _as_flags({"signal": "--signal", "ice_hosts": "--ice-host"}):
+        config = SupervisorConfig(
+            signal_url=signal_url,
+            devices=(device_config,),
+            ice_servers=tuple(ice_servers),
+            ice_hosts=networks,
+        )
+    return config
+
+
+@contextlib.contextmanager
+def _as_flags(flags: Mapping[str, str]) -> Iterator[None]:
+    """Name the flag, not the TOML key, in errors about values that came from flags."""
+    try:
+        yield
+    except ConfigError as exc:
+        key = re.split(r"[.\[]", exc.path or "", maxsplit=1)[0]
+        raise ConfigError(flags.get(key, exc.path), exc.message) from None
