@@ -3,7 +3,6 @@ import ipaddress
 import aioice.ice
 import pytest
 
-from workers.device import parse_expose
 from workers.ice import (
     IceServer,
     interface_addresses,
@@ -51,34 +50,3 @@ def test_host_allowlist_keeps_only_matching_addresses_loopback_included() -> Non
 def test_bad_networks_are_reported() -> None:
     with pytest.raises(ValueError, match="bad ICE host address 'not-an-ip'"):
         parse_networks(["not-an-ip"])
-
-
-@pytest.mark.parametrize(
-    ("spec", "name", "host", "port"),
-    [
-        ("web=http://127.0.0.1:8080", "web", "127.0.0.1", 8080),
-        ("web=http://localhost", "web", "localhost", 80),
-        ("ssh=tcp://127.0.0.1:22", "ssh", "127.0.0.1", 22),
-        ("db=127.0.0.1:5432", "db", "127.0.0.1", 5432),
-        ("v6=tcp://[::1]:9000", "v6", "::1", 9000),
-    ],
-)
-def test_expose_specs(spec: str, name: str, host: str, port: int) -> None:
-    got_name, address = parse_expose(spec)
-    assert (got_name, address.host, address.port) == (name, host, port)
-
-
-@pytest.mark.parametrize(
-    ("spec", "message"),
-    [
-        ("web", "expected NAME=URL"),
-        ("we b=http://127.0.0.1:80", "bad service name"),
-        ("web=ftp://127.0.0.1:21", "scheme must be"),
-        ("web=tcp://127.0.0.1", "needs a host and a port"),
-        ("web=http://127.0.0.1:99999", "bad port"),
-        ("web=http://127.0.0.1:80/admin", "no path"),
-    ],
-)
-def test_bad_expose_specs_say_what_is_wrong(spec: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        parse_expose(spec)

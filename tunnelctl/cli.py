@@ -9,11 +9,13 @@ verbs print one readiness line on stdout (``listening ...``, ``registered ...``,
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -260,23 +262,64 @@ def token(sub: str, role: str, devices: tuple[str, ...], ttl: int, secret_file: 
         raise click.UsageError(str(exc)) from None
 
 
+def runtime_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--runtime-dir",
+        metavar="DIR",
+        envvar="TUNNEL_RUNTIME_DIR",
+        show_envvar=True,
+        help="The supervisor's private directory (control socket, lock, log); "
+        "default $XDG_RUNTIME_DIR/tunnelctl or /tmp/tunnelctl-UID.",
+    )(f)
+
+
+def resolve_runtime_dir(runtime_dir: str | None) -> Path:
+    from supervisor.runtime import default_runtime_dir
+
+    return Path(runtime_dir) if runtime_dir else default_runtime_dir(os.environ)
+
+
+#: ``status`` exits with this when no supervisor answers (as LSB's "not running").
+EXIT_NOT_RUNNING = 3
+
+
 @cli.command(context_settings=CONTEXT_SETTINGS)
-@signal_option
-@click.option("--device", required=True, metavar="ID", help="This device's id (the token's sub).")
+@click.option("--config", "config_path", metavar="FILE", help="TOML config (several devices).")
+@click.option(
+    "--signal",
+    "signal_url",
+    metavar="URL",
+    envvar="TUNNEL_SIGNAL",
+    show_envvar=True,
+    help="Signaling server, e.g. ws://127.0.0.1:8000/signal (single-device mode).",
+)
+@click.option(
+    "--device", metavar="ID", help="This device's id, the token's sub (single-device mode)."
+)
 @token_options
 @click.option(
     "--expose",
     "exposes",
     multiple=True,
-    required=True,
     metavar="NAME=URL",
     help="Service to expose, e.g. web=http://127.0.0.1:8080 or ssh=tcp://127.0.0.1:22 "
     "(repeatable). Clients reach these and nothing else.",
 )
 @ice_options
+@click.option(
+    "--pool-size",
+    type=click.IntRange(0, 32),
+    default=None,
+    help="Idle pre-forked workers kept ready [default: 2, or the config's].",
+)
+@runtime_dir_option
+@click.option(
+    "--detach", is_flag=True, help="Run in the background once ready (log in the runtime dir)."
+)
 def start(
-    signal_url: str,
-    device: str,
+    config_path: str | None,
+    signal_url: str | None,
+    device: str | None,
     token: str | None,
     token_file: str | None,
     exposes: tuple[str, ...],
@@ -285,41 +328,214 @@ def start(
     turn_user: str | None,
     turn_password: str | None,
     ice_hosts: tuple[str, ...],
+    pool_size: int | None,
+    runtime_dir: str | None,
+    detach: bool,
 ) -> None:
-    """Make this machine's services reachable as DEVICE (runs in the foreground)."""
-    from workers.device import DeviceHost, parse_expose
-    from workers.errors import TunnelError
+    """Run the supervisor: host one device (flags) or several (--config), one worker per session.
 
-    jwt = resolve_token(token, token_file)
-    services = {}
-    for spec in exposes:
+    Runs in the foreground; SIGTERM or Ctrl-C stops it as `tunnelctl stop` does.
+    """
+    import dataclasses
+
+    from supervisor.config import IceServerConfig, config_from_flags, load_config
+    from supervisor.errors import ConfigError, SupervisorError
+
+    if config_path:
+        if signal_url or device or exposes or token or token_file:
+            raise click.UsageError(
+                "give either --config or --signal/--device/--token/--expose, not both"
+            )
         try:
-            name, address = parse_expose(spec)
-        except ValueError as exc:
+            config = load_config(config_path, os.environ)
+        except ConfigError as exc:
+            # Key-path errors name no file; file-level errors already do.
+            raise click.UsageError(f"{config_path}: {exc}" if exc.path else str(exc)) from None
+    else:
+        missing = [
+            n
+            for n, v in (("--signal", signal_url), ("--device", device), ("--expose", exposes))
+            if not v
+        ]
+        if missing:
+            raise click.UsageError(f"missing {', '.join(missing)} (or use --config FILE)")
+        assert signal_url is not None and device is not None
+        ice = [IceServerConfig(url) for url in stun_urls]
+        ice += [IceServerConfig(url, turn_user, turn_password) for url in turn_urls]
+        hosts = [h.strip() for spec in ice_hosts for h in spec.split(",") if h.strip()]
+        try:
+            config = config_from_flags(
+                signal_url=signal_url,
+                device=device,
+                token=resolve_token(token, token_file),
+                exposes=exposes,
+                ice_servers=ice,
+                ice_hosts=hosts,
+            )
+        except (ConfigError, ValueError) as exc:
             raise click.UsageError(str(exc)) from None
-        if name in services:
-            raise click.UsageError(f"service {name!r} is exposed twice")
-        services[name] = address
-    ice = build_ice(stun_urls, turn_urls, turn_user, turn_password, ice_hosts)
+    if pool_size is not None:
+        config = dataclasses.replace(config, pool_size=pool_size)
+    where = resolve_runtime_dir(runtime_dir)
+    if detach:
+        sys.exit(detach_supervisor(where))
+
+    from supervisor.supervisor import Supervisor
 
     async def serve() -> int:
-        host = DeviceHost(
-            signal_url=signal_url, device=device, token=jwt, services=services, ice_servers=ice
-        )
+        supervisor = Supervisor(config, where, on_ready=ready)
         try:
-            await host.start()
-            ready(
-                f"registered {device} "
-                + " ".join(f"{n}={a.host}:{a.port}" for n, a in services.items())
-            )
-            await host.run()
-        except TunnelError as exc:
+            await supervisor.run()
+        except SupervisorError as exc:
             return error_line(str(exc))
-        finally:
-            await host.stop()
         return 0
 
-    sys.exit(run_until_signal(serve))
+    sys.exit(asyncio.run(serve()))
+
+
+def detach_supervisor(runtime_dir: Path) -> int:
+    """Re-run this `start` in the background and return once its control endpoint answers."""
+    import subprocess
+    import time
+
+    from supervisor.control import request
+    from supervisor.errors import ControlError, SupervisorError
+    from supervisor.runtime import LOG_FILE, prepare_runtime_dir
+
+    try:
+        prepare_runtime_dir(runtime_dir)
+    except SupervisorError as exc:
+        return error_line(str(exc))
+    argv = [a for a in sys.argv[1:] if a != "--detach"]
+    log_path = runtime_dir / LOG_FILE
+    with open(log_path, "ab") as log_file:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "tunnelctl", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+            env={**os.environ, "TUNNEL_RUNTIME_DIR": str(runtime_dir)},
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            return error_line(f"the supervisor exited with {child.returncode}; see {log_path}")
+        try:
+            status = request(runtime_dir, "status", timeout=1.0)
+        except ControlError:
+            time.sleep(0.2)  # polling a process we just started: no event to wait on
+            continue
+        if isinstance(status, dict) and status.get("ready"):
+            click.echo(f"started pid={child.pid} runtime={runtime_dir} log={log_path}")
+            return 0
+        time.sleep(0.2)
+    return error_line(f"the supervisor did not become ready in 60 s; see {log_path}")
+
+
+def control_request(
+    runtime_dir: str | None, cmd: str, args: dict[str, object] | None = None, timeout: float = 5.0
+) -> object:
+    """One control round trip; exit with a clear line if no supervisor answers."""
+    from supervisor.control import request
+    from supervisor.errors import ControlError
+
+    try:
+        return request(resolve_runtime_dir(runtime_dir), cmd, args, timeout=timeout)
+    except ControlError as exc:
+        code = EXIT_NOT_RUNNING if "no supervisor" in str(exc) or "no answer" in str(exc) else 1
+        error_line(str(exc))
+        sys.exit(code)
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Machine-readable output (README: Supervisor JSON)."
+)
+@runtime_dir_option
+def status(as_json: bool, runtime_dir: str | None) -> None:
+    """Show the supervisor: devices, signaling links, worker pool. Exit 3 if it is not running."""
+    result = control_request(runtime_dir, "status")
+    assert isinstance(result, dict)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        return
+    click.echo(
+        f"supervisor pid {result['pid']}, {result['state']}, up {result['uptime_s']:.0f} s, "
+        f"runtime {result['runtime_dir']}"
+    )
+    pool = result["pool"]
+    click.echo(
+        f"workers: {pool['idle']} idle (target {pool['target']}), {pool['busy']} busy, "
+        f"{pool['spawning']} starting; sessions: {result['sessions']}"
+    )
+    for d in result["devices"]:
+        click.echo(
+            f"device {d['id']}: link {d['link']}, {d['state']}, {d['sessions']} session(s), "
+            f"services {', '.join(d['services'])}"
+        )
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Machine-readable output (README: Supervisor JSON)."
+)
+@runtime_dir_option
+def sessions(as_json: bool, runtime_dir: str | None) -> None:
+    """List sessions: state, worker pid, bytes, streams, restarts, path."""
+    result = control_request(runtime_dir, "sessions")
+    assert isinstance(result, list)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        return
+    header = (
+        f"{'SESSION':<24} {'DEVICE':<12} {'CLIENT':<12} {'STATE':<9} {'PID':>7} {'AGE':>7} "
+        f"{'IN':>10} {'OUT':>10} {'STR':>4} {'RST':>3} PATH"
+    )
+    click.echo(header)
+    for r in result:
+        click.echo(
+            f"{r['id'][:24]:<24} {r['device'][:12]:<12} {r['client'][:12]:<12} "
+            f"{r['state']:<9} {r['worker_pid'] or '-':>7} {r['age_s']:>6.0f}s "
+            f"{r['bytes_in']:>10} {r['bytes_out']:>10} {r['streams']:>4} {r['restarts']:>3} "
+            f"{r['path'] or '-'}"
+        )
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("session")
+@runtime_dir_option
+def kill(session: str, runtime_dir: str | None) -> None:
+    """End one session (its client is told; other sessions are untouched)."""
+    control_request(runtime_dir, "kill", {"session": session})
+    click.echo(f"killed {session}")
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="S",
+    help="Seconds to let open streams finish [default: the supervisor's, 10].",
+)
+@runtime_dir_option
+def stop(drain_timeout: float | None, runtime_dir: str | None) -> None:
+    """Stop the supervisor gracefully: refuse new sessions, drain streams, end workers."""
+    import time
+
+    from supervisor.runtime import CONTROL_SOCKET
+
+    args: dict[str, object] = {} if drain_timeout is None else {"drain_timeout": drain_timeout}
+    where = resolve_runtime_dir(runtime_dir)
+    control_request(runtime_dir, "stop", args)
+    # Wait for it to finish: its control socket disappears as it exits.
+    deadline = time.monotonic() + (drain_timeout if drain_timeout is not None else 10.0) + 30
+    while (where / CONTROL_SOCKET).exists():
+        if time.monotonic() > deadline:
+            sys.exit(error_line("the supervisor is still stopping"))
+        time.sleep(0.1)  # the socket file is the event; no notification exists for it
+    click.echo("stopped")
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)

@@ -120,6 +120,8 @@ class TunnelBridge:
         self._on_refused = on_refused
         self._label = label
         self._streams: dict[int, _Stream] = {}
+        self._draining = False
+        self._drained = asyncio.Event()  # draining, no stream left, nothing queued
         self._closed = asyncio.get_running_loop().create_future()
         channel.bufferedAmountLowThreshold = CHANNEL_LOW
         channel.on("message", self._on_message)
@@ -149,11 +151,23 @@ class TunnelBridge:
             raise LocalProtocolError("the tunnel is closed")
         stream_id = self.mux.open_stream(service)
         stream = _Stream(stream_id, service, writer=writer)
-        self._streams[stream_id] = stream
-        self.stats.streams_opened += 1
+        self._add(stream)
         self._spawn(stream, self._pump_out(stream, reader))
         self._flush()
         return stream_id
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new streams and wait up to ``timeout`` for the open ones to finish.
+
+        Return True if every stream finished in time.
+        """
+        self._draining = True
+        self._check_drained()
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def close(self, reason: str = "closed") -> None:
         """Abort every stream and close the channel."""
@@ -186,6 +200,10 @@ class TunnelBridge:
         self._flush()
 
     def _on_open(self, stream_id: int, service: str) -> None:
+        if self._draining:
+            self.stats.streams_refused += 1
+            self.mux.reset_stream(stream_id, ResetCode.REFUSED, "device is shutting down")
+            return
         address = self._services.get(service)
         if address is None:
             self.stats.streams_refused += 1
@@ -203,8 +221,7 @@ class TunnelBridge:
                 self.mux.reset_stream(stream_id, ResetCode.REFUSED, "this side accepts no streams")
             return
         stream = _Stream(stream_id, service)
-        self._streams[stream_id] = stream
-        self.stats.streams_opened += 1
+        self._add(stream)
         self._spawn(stream, self._connect(stream, address))
 
     async def _connect(self, stream: _Stream, address: ServiceAddress) -> None:
@@ -340,13 +357,14 @@ class TunnelBridge:
                 and self.mux.pending_bytes(stream.stream_id) <= STREAM_SEND_HIGH
             ):
                 stream.writable.set()
+        self._check_drained()
 
     # -- endings ------------------------------------------------------------
 
     def _maybe_finished(self, stream: _Stream) -> None:
         if stream.local_fin and stream.remote_fin and not stream.dead:
             stream.dead = True
-            self._streams.pop(stream.stream_id, None)
+            self._forget(stream)
             if stream.writer is not None:
                 stream.writer.close()
 
@@ -361,13 +379,25 @@ class TunnelBridge:
         """Forget a stream and drop its TCP connection abruptly (the peer sees a reset)."""
         stream.dead = True
         stream.writable.set()
-        self._streams.pop(stream.stream_id, None)
+        self._forget(stream)
         if stream.writer is not None:
             stream.writer.transport.abort()
         current = asyncio.current_task()
         for task in stream.tasks:
             if task is not current:
                 task.cancel()
+
+    def _add(self, stream: _Stream) -> None:
+        self._streams[stream.stream_id] = stream
+        self.stats.streams_opened += 1
+
+    def _forget(self, stream: _Stream) -> None:
+        self._streams.pop(stream.stream_id, None)
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self._draining and not self._streams and self.mux.stream_count == 0:
+            self._drained.set()
 
     def _spawn(self, stream: _Stream, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

@@ -24,7 +24,7 @@ States (``agent.state``, passed to ``on_state_change``) follow the W3C
 raises :class:`SignalingRejected` from ``connect``.
 
 The agent serves one session at a time; ``tunnelctl start`` serves many through
-:class:`workers.device.DeviceHost`.
+the supervisor (one worker process per session, :mod:`workers.session_worker`).
 """
 
 from __future__ import annotations

@@ -7,13 +7,17 @@ for with a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import random
 import secrets
+import shutil
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -31,6 +35,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
+        if self.path.startswith("/paced/"):
+            self._paced()
+            return
         if self.path == "/big":
             body = self.server.big
         elif self.path.startswith("/echo/"):
@@ -42,6 +49,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _paced(self) -> None:
+        """``/paced/SECONDS``: the /big body spread over about SECONDS, so a
+        transfer is reliably still running while a test acts on it."""
+        seconds = float(self.path.split("/")[2])
+        body = self.server.big
+        chunk = 256 * 1024
+        pause = seconds / (len(body) / chunk)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            for offset in range(0, len(body), chunk):
+                self.wfile.write(body[offset : offset + chunk])
+                time.sleep(pause)  # pacing the sender, not waiting for an event
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -66,15 +89,20 @@ class Tunnel:
     signal_url: str
     web: WebService
     children: list[Child]
+    runtime_dirs: list[str] = field(default_factory=list)
 
     def token(self, sub: str, role: str, devices: tuple[str, ...] = (), ttl: int = 600) -> str:
         return issue_token(self.secret, sub=sub, role=role, devices=devices, ttl=ttl)
 
     def start_device(self, device: str = "dev1", *, expose: str | None = None) -> Child:
         expose = expose or f"web=http://127.0.0.1:{self.web.port}"
+        runtime = tempfile.mkdtemp(prefix=f"tunnelctl-{device}-")
+        self.runtime_dirs.append(runtime)
         child = Child(
             [
                 "start",
+                "--runtime-dir",
+                runtime,
                 "--signal",
                 self.signal_url,
                 "--device",
@@ -125,16 +153,19 @@ def tunnel() -> Iterator[Tunnel]:
     web = WebService()
     threading.Thread(target=web.serve_forever, daemon=True).start()
     children: list[Child] = []
+    runtime_dirs: list[str] = []
     try:
         signal_child = Child(
             ["signal", "--port", "0"], env={"TUNNEL_SECRET": secret}, name="signal"
         )
         children.append(signal_child)
         url = signal_child.wait_line("listening ", READY).split()[1]
-        yield Tunnel(secret, url, web, children)
+        yield Tunnel(secret, url, web, children, runtime_dirs)
     finally:
         for child in reversed(children):
             child.stop()
+        for runtime in runtime_dirs:
+            shutil.rmtree(runtime, ignore_errors=True)
         web.shutdown()
         web.server_close()
 

@@ -1,0 +1,308 @@
+"""The worker process: owns exactly one peer session (ARCHITECTURE.md).
+
+A worker is forked, idle, from the pre-loaded :mod:`workers.zygote`; it
+connects a ZeroMQ DEALER (identity = its worker id) to the supervisor's ROUTER,
+says ``hello``, and waits for ``assign``. Then it runs one session — the
+device side of PROTOCOL.md §2 — relaying its signaling through the supervisor
+(PROTOCOL.md §3), reports its state and counters in heartbeats, and exits when
+the session ends. Whatever goes wrong in aiortc can only take this process down.
+
+Liveness, both ways: it sends a heartbeat every interval; it exits by itself
+when the supervisor's heartbeats stop for the timeout, or at once when the
+supervisor process disappears (a pidfd becomes readable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import time
+
+import zmq
+import zmq.asyncio
+
+from protocol.errors import SignalingError
+from protocol.ipc import (
+    Assign,
+    Drain,
+    Ended,
+    Heartbeat,
+    Hello,
+    IpcError,
+    IpcMessage,
+    Relay,
+    StateReport,
+    Stop,
+    decode_ipc,
+    encode_ipc,
+)
+from protocol.mux import Role
+from protocol.signaling import (
+    Answer,
+    Candidate,
+    PeerLeft,
+    SessionEnd,
+    SignalingMessage,
+    decode_signaling,
+    encode_signaling,
+)
+from protocol.supervision import HeartbeatMonitor
+from workers.bridge import ServiceAddress, TunnelBridge
+from workers.errors import SessionFailed
+from workers.ice import IceServer, parse_networks, restrict_host_addresses
+from workers.peer import PeerSession
+
+log = logging.getLogger("tunnelctl.worker")
+
+OPEN_TIMEOUT = 30.0
+HWM = 1000
+
+
+class SessionWorker:
+    """One worker process's event loop: supervisor channel plus at most one session."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        endpoint: str,
+        supervisor_pid: int,
+        *,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 5.0,
+    ) -> None:
+        self.worker_id = worker_id
+        self.endpoint = endpoint
+        self.supervisor_pid = supervisor_pid
+        self.heartbeat_interval = heartbeat_interval
+        self.supervisor_hb = HeartbeatMonitor(heartbeat_timeout, time.monotonic())
+        self.session_id: str | None = None
+        self.peer: PeerSession | None = None
+        self.bridge: TunnelBridge | None = None
+        self.bad_messages = 0
+        self._done = asyncio.get_running_loop().create_future()
+        self._ended_sent = False
+        self._inbox: asyncio.Queue[SignalingMessage] = asyncio.Queue(maxsize=256)
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, HWM)
+        self.sock.setsockopt(zmq.RCVHWM, HWM)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 262144 + 64)
+
+    async def run(self) -> str:
+        """Serve until the session ends or the supervisor goes away; return why."""
+        loop = asyncio.get_running_loop()
+        self.sock.connect(self.endpoint)
+        self._watch_supervisor(loop)
+        await self._send(Hello(worker=self.worker_id, pid=os.getpid()))
+        tasks = [
+            loop.create_task(self._receive(), name="receive"),
+            loop.create_task(self._heartbeats(), name="heartbeats"),
+        ]
+        try:
+            reason: str = await self._done
+            return reason
+        finally:
+            for task in tasks:
+                task.cancel()
+            await self._close_session()
+            self.sock.close(linger=500)  # let the last message (ended) reach the supervisor
+            self.ctx.term()
+
+    # -- the supervisor channel ---------------------------------------------------
+
+    def _watch_supervisor(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            fd = os.pidfd_open(self.supervisor_pid)
+        except ProcessLookupError:
+            self._finish("supervisor is gone")
+            return
+        except OSError:
+            return  # no pidfd here: the heartbeat timeout still catches it
+        loop.add_reader(fd, self._finish, "supervisor process exited")
+
+    async def _send(self, message: IpcMessage) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            await self.sock.send(encode_ipc(message))
+
+    async def _receive(self) -> None:
+        while True:
+            data = await self.sock.recv()
+            self.supervisor_hb.beat(time.monotonic())
+            try:
+                message = decode_ipc(data)
+            except IpcError as exc:
+                self.bad_messages += 1
+                log.warning("worker %s: bad message from the supervisor: %s", self.worker_id, exc)
+                continue
+            await self._handle(message)
+
+    async def _handle(self, message: IpcMessage) -> None:
+        if isinstance(message, Assign):
+            if self.session_id is not None:
+                log.warning("worker %s: second assign ignored", self.worker_id)
+                return
+            self.session_id = message.session
+            asyncio.get_running_loop().create_task(self._run_session(message), name="session")
+        elif isinstance(message, Relay):
+            if message.session != self.session_id:
+                self.bad_messages += 1
+                return
+            try:
+                signal = decode_signaling(message.message)
+            except SignalingError as exc:
+                self.bad_messages += 1
+                log.warning("worker %s: bad relayed message: %s", self.worker_id, exc)
+                return
+            with contextlib.suppress(asyncio.QueueFull):
+                self._inbox.put_nowait(signal)
+        elif isinstance(message, Drain):
+            asyncio.get_running_loop().create_task(self._drain(message.timeout), name="drain")
+        elif isinstance(message, Stop):
+            await self._end(message.reason, clean=True, tell_client=False)
+        # Heartbeat: beat() above is all it takes; others are worker → supervisor only.
+
+    async def _heartbeats(self) -> None:
+        while True:
+            now = time.monotonic()
+            if self.supervisor_hb.expired(now):
+                self._finish("no heartbeat from the supervisor")
+                return
+            bridge = self.bridge
+            stats = bridge.stats if bridge is not None else None
+            await self._send(
+                Heartbeat(
+                    bytes_in=stats.bytes_in if stats else 0,
+                    bytes_out=stats.bytes_out if stats else 0,
+                    streams=bridge.stream_count if bridge is not None else 0,
+                )
+            )
+            await asyncio.sleep(self.heartbeat_interval)
+
+    # -- the session ---------------------------------------------------------------
+
+    async def _run_session(self, assign: Assign) -> None:
+        restrict_host_addresses(parse_networks(assign.ice_hosts))
+        ice = [IceServer(s.url, s.username, s.credential) for s in assign.ice_servers]
+        services = {name: ServiceAddress(host, port) for name, host, port in assign.services}
+        peer = PeerSession(assign.session, self._relay_out, ice_servers=ice, on_state=self._state)
+        self.peer = peer
+        pump = asyncio.get_running_loop().create_task(self._pump_signals(peer), name="signals")
+        try:
+            await peer.start_offer()
+            channel = await peer.wait_open(OPEN_TIMEOUT)
+        except SessionFailed as exc:
+            pump.cancel()
+            await self._end(str(exc), clean=False, tell_client=True)
+            return
+        self.bridge = TunnelBridge(
+            channel, Role.DEVICE, services=services, label=f"session {assign.session}: "
+        )
+        await self._send(
+            StateReport(
+                session=assign.session, state="connected", path=_path(peer.candidate_pair_type())
+            )
+        )
+        reason = await self.bridge.wait_closed()
+        pump.cancel()
+        await self._end(reason, clean=True, tell_client=True)
+
+    async def _pump_signals(self, peer: PeerSession) -> None:
+        while True:
+            signal = await self._inbox.get()
+            try:
+                if isinstance(signal, Answer):
+                    await peer.handle_answer(signal.sdp)
+                elif isinstance(signal, Candidate):
+                    await peer.handle_candidate(signal.candidate)
+                elif isinstance(signal, SessionEnd):
+                    await self._end(
+                        f"client ended the session: {signal.reason}", clean=True, tell_client=False
+                    )
+                elif isinstance(signal, PeerLeft) and self.bridge is None:
+                    await self._end("client left during negotiation", clean=True, tell_client=False)
+            except SessionFailed as exc:
+                await self._end(str(exc), clean=False, tell_client=True)
+
+    async def _relay_out(self, message: SignalingMessage) -> None:
+        assert self.session_id is not None
+        await self._send(Relay(session=self.session_id, message=encode_signaling(message)))
+
+    def _state(self, state: str) -> None:
+        if self.session_id is not None and state != "connected":
+            # "connected" is reported once the DataChannel is open, with its path.
+            asyncio.get_running_loop().create_task(
+                self._send(StateReport(session=self.session_id, state=state))
+            )
+
+    async def _drain(self, timeout: float) -> None:
+        if self.bridge is None:
+            await self._end("supervisor stopping", clean=True, tell_client=True)
+            return
+        drained = await self.bridge.drain(timeout)
+        await self._end(
+            "device stopped" if drained else "device stopped (drain timed out)",
+            clean=True,
+            tell_client=True,
+        )
+
+    async def _end(self, reason: str, *, clean: bool, tell_client: bool) -> None:
+        if self._ended_sent or self.session_id is None:
+            return
+        self._ended_sent = True
+        reason = reason[:200]
+        if tell_client:
+            with contextlib.suppress(SessionFailed):
+                await self._relay_out(SessionEnd(session=self.session_id, reason=reason))
+        await self._send(Ended(session=self.session_id, reason=reason, clean=clean))
+        self._finish(reason)
+
+    async def _close_session(self) -> None:
+        if self.bridge is not None:
+            self.bridge.close("worker exiting")
+        if self.peer is not None:
+            await self.peer.close()
+
+    def _finish(self, reason: str) -> None:
+        if not self._done.done():
+            self._done.set_result(reason)
+
+
+def _path(kind: str | None) -> str | None:
+    return kind if kind in ("host", "srflx", "prflx", "relay") else None
+
+
+def worker_main(
+    worker_id: str,
+    endpoint: str,
+    supervisor_pid: int,
+    heartbeat_interval: float,
+    heartbeat_timeout: float,
+) -> int:
+    """Entry point of a forked worker; returns the process exit code."""
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s worker[{os.getpid()}] %(name)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("aiortc").setLevel(logging.WARNING)
+    logging.getLogger("aioice").setLevel(logging.WARNING)
+
+    async def main() -> str:
+        worker = SessionWorker(
+            worker_id,
+            endpoint,
+            supervisor_pid,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+        )
+        return await worker.run()
+
+    reason = asyncio.run(main())
+    log.info("worker %s exiting: %s", worker_id, reason)
+    return 0
