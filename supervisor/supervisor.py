@@ -441,6 +441,7 @@ class Supervisor:
                     waiter.set_result(int(args[1]))
             elif verb == "exited" and len(args) == 2:
                 self._exit_codes[int(args[0])] = int(args[1])
+                self._explain_exit(int(args[0]), int(args[1]))
                 if len(self._exit_codes) > 1024:
                     self._exit_codes.pop(next(iter(self._exit_codes)))
             else:
@@ -454,6 +455,12 @@ class Supervisor:
             if not self.stopping:
                 await self._start_zygote()
                 self._fill_pool()
+
+    def _explain_exit(self, pid: int, code: int) -> None:
+        """The fork server's exit code often arrives after the pidfd fired: add it then."""
+        for row in self.sessions.values():
+            if row.crashed and row.worker is not None and row.worker.pid == pid and row.reason:
+                row.reason = row.reason.replace("(exited)", f"({_describe_exit(code)})")
 
     async def _spawn_worker(self) -> WorkerProc:
         """Fork a worker and wait for its hello."""
@@ -535,11 +542,7 @@ class Supervisor:
         self._forget_worker(worker)
         code = self._exit_codes.get(worker.pid or -1)
         row = self.sessions.get(worker.session) if worker.session else None
-        how = (
-            f"was killed by signal {-code}"
-            if code is not None and code < 0
-            else (f"exited with {code}" if code is not None else "exited")
-        )
+        how = "exited" if code is None else _describe_exit(code)
         if (
             row is not None
             and row.worker is worker
@@ -995,3 +998,12 @@ class Supervisor:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("supervisor task %s failed: %s", task.get_name(), exc, exc_info=exc)
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"

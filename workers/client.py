@@ -77,6 +77,7 @@ class ClientTunnel:
         self._task: asyncio.Task[None] | None = None
         self._backoff = Backoff(base=0.5, cap=15.0)
         self._tasks = TaskSet(log)
+        self._ended_by_device: str | None = None  # no session_end back for those
 
     async def open(self, timeout: float = OPEN_TIMEOUT) -> None:
         """Establish the first session; raise on any failure (nothing is retried)."""
@@ -191,7 +192,7 @@ class ClientTunnel:
         if bridge is not None:
             bridge.close(reason)
         if peer is not None:
-            if notify:
+            if notify and peer.session_id != self._ended_by_device:
                 with contextlib.suppress(LinkDown):
                     await self.link.send(SessionEnd(session=peer.session_id, reason=reason[:200]))
             await peer.close()
@@ -217,6 +218,7 @@ class ClientTunnel:
         elif isinstance(message, Candidate):
             self._spawn_for(peer, peer.handle_candidate(message.candidate))
         elif isinstance(message, SessionEnd):
+            self._ended_by_device = peer.session_id
             log.warning("device %s ended the session: %s", self.device, message.reason)
             self._refuse(SessionFailed(f"device ended the session: {message.reason}"))
             if self.bridge is not None:
