@@ -308,3 +308,57 @@ def test_ops_verbs_without_a_supervisor_exit_3_with_one_line(tmp_path: Path) -> 
         result = ctl(runtime, *verb, check=False)
         assert result.returncode == 3, (verb, result.stderr)
         assert result.stderr.startswith("tunnelctl: error: no supervisor running")
+
+
+def test_established_sessions_outlive_the_signaling_server(tunnel: Tunnel, tmp_path: Path) -> None:
+    _, runtime = start_supervisor(tunnel, tmp_path, ("dev-a",))
+    _, address = connect(tunnel, "dev-a", "c1")
+    signal_child = tunnel.children[0]
+    port = tunnel.signal_url.rsplit(":", 1)[1].split("/")[0]
+    signal_child.kill()  # SIGKILL: no goodbye to anyone
+    during = Download(address, "/big")
+    during.start()
+    during.join(READY * 2)
+    assert during.error is None
+    assert hashlib.sha256(during.body or b"").hexdigest() == tunnel.web.big_sha256
+    # The signaling server comes back on the same port; the device re-registers by itself.
+    restarted = Child(
+        ["signal", "--port", port], env={"TUNNEL_SECRET": tunnel.secret}, name="signal"
+    )
+    tunnel.children.append(restarted)
+    restarted.wait_line("listening ", READY)
+    deadline = time.monotonic() + READY
+    link = None
+    while time.monotonic() < deadline:
+        status = ctl_json(runtime, "status")
+        assert isinstance(status, dict)
+        link = status["devices"][0]["link"]
+        if link == "up":
+            break
+        time.sleep(0.2)  # the link's backoff decides when; status is the event we can observe
+    assert link == "up"
+    _, address2 = connect(tunnel, "dev-a", "c2")
+    fresh = Download(address2, "/")
+    fresh.start()
+    fresh.join(READY)
+    assert fresh.error is None
+
+
+def test_detach_status_and_stop(tunnel: Tunnel, tmp_path: Path) -> None:
+    runtime = tmp_path / "run"
+    config = write_config(tunnel, tmp_path / "tunnel.toml", ("dev-a",))
+    started = ctl(runtime, "start", "--config", str(config), "--detach")
+    assert started.stdout.startswith("started pid=")
+    pid = int(started.stdout.split()[1].removeprefix("pid="))
+    try:
+        status = ctl_json(runtime, "status")
+        assert isinstance(status, dict) and status["pid"] == pid and status["ready"] is True
+        assert status["devices"][0]["link"] == "up"
+        assert status["pool"]["target"] == 2
+        again = ctl(runtime, "start", "--config", str(config), check=False)
+        assert again.returncode == 1 and "already runs" in again.stderr
+        assert ctl(runtime, "stop").returncode == 0
+        assert wait_gone([pid], READY) == []
+    finally:
+        if wait_gone([pid], 0):
+            os.kill(pid, signal.SIGKILL)
