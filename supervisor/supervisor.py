@@ -97,6 +97,7 @@ HWM = 1000
 SPAWN_TIMEOUT = 15.0  # fork + hello; generous for a loaded machine
 ASSIGN_TIMEOUT = 15.0
 STOP_GRACE = 3.0
+EXIT_REPORT_WAIT = 2.0  # for the fork server's "exited PID CODE" after a pidfd fired
 RETAIN_EXITED = 120.0  # seconds an ended session stays visible in `sessions`
 MAX_EXITED_ROWS = 200
 MAX_PENDING_SIGNALS = 64
@@ -113,6 +114,8 @@ class WorkerProc:
     hello: asyncio.Event = field(default_factory=asyncio.Event)
     kill_reason: str | None = None
     spawned_at: float = 0.0
+    reserved: bool = False  # forked for one waiting session, never offered to another
+    exited: bool = False  # the process is gone; late messages are still read
 
 
 @dataclass(eq=False)
@@ -185,6 +188,7 @@ class Supervisor:
             "sessions_total": 0,
         }
         self._exit_codes: dict[int, int] = {}
+        self._exit_waiters: dict[int, asyncio.Future[int]] = {}
         self._stop_requested: asyncio.Future[float] | None = None
         self._inbox: asyncio.Queue[tuple[str, SignalingMessage]] = asyncio.Queue(maxsize=4096)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -440,8 +444,11 @@ class Supervisor:
                 if waiter is not None and not waiter.done():
                     waiter.set_result(int(args[1]))
             elif verb == "exited" and len(args) == 2:
-                self._exit_codes[int(args[0])] = int(args[1])
-                self._explain_exit(int(args[0]), int(args[1]))
+                pid, code = int(args[0]), int(args[1])
+                self._exit_codes[pid] = code
+                waiter = self._exit_waiters.get(pid)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(code)
                 if len(self._exit_codes) > 1024:
                     self._exit_codes.pop(next(iter(self._exit_codes)))
             else:
@@ -456,14 +463,8 @@ class Supervisor:
                 await self._start_zygote()
                 self._fill_pool()
 
-    def _explain_exit(self, pid: int, code: int) -> None:
-        """The fork server's exit code often arrives after the pidfd fired: add it then."""
-        for row in self.sessions.values():
-            if row.crashed and row.worker is not None and row.worker.pid == pid and row.reason:
-                row.reason = row.reason.replace("(exited)", f"({_describe_exit(code)})")
-
-    async def _spawn_worker(self) -> WorkerProc:
-        """Fork a worker and wait for its hello."""
+    def _new_worker(self, *, reserved: bool) -> WorkerProc:
+        """Ask the fork server for a worker; it is registered at once, so counts are exact."""
         zygote = self._zygote
         if zygote is None or zygote.stdin is None or zygote.returncode is not None:
             raise SupervisorError("the worker fork server is not running")
@@ -471,13 +472,20 @@ class Supervisor:
             id=new_worker_id(),
             hb=HeartbeatMonitor(self.config.heartbeat_timeout, time.monotonic()),
             spawned_at=time.monotonic(),
+            reserved=reserved,
         )
         self.workers[worker.id] = worker
-        spawned = asyncio.get_running_loop().create_future()
-        self._spawned[worker.id] = spawned
+        self._spawned[worker.id] = asyncio.get_running_loop().create_future()
         zygote.stdin.write(f"spawn {worker.id}\n".encode())
+        return worker
+
+    async def _spawn_worker(self, worker: WorkerProc) -> WorkerProc:
+        """Wait until the fork server reports ``worker``'s pid and the worker says hello."""
+        zygote = self._zygote
+        spawned = self._spawned[worker.id]
         try:
-            await zygote.stdin.drain()
+            if zygote is not None and zygote.stdin is not None:
+                await zygote.stdin.drain()
             worker.pid = await asyncio.wait_for(spawned, SPAWN_TIMEOUT)
             self._watch_exit(worker)
             await asyncio.wait_for(worker.hello.wait(), SPAWN_TIMEOUT)
@@ -493,14 +501,21 @@ class Supervisor:
         if self.stopping:
             return
         idle = sum(
-            1 for w in self.workers.values() if w.state in ("spawning", "idle") and not w.session
+            1
+            for w in self.workers.values()
+            if w.state in ("spawning", "idle") and not w.session and not w.reserved
         )
         for _ in range(self.config.pool_size - idle):
-            self._spawn_task(self._add_idle_worker(), "pool")
+            try:
+                worker = self._new_worker(reserved=False)
+            except SupervisorError as exc:
+                log.warning("%s", exc)
+                return
+            self._spawn_task(self._add_idle_worker(worker), "pool")
 
-    async def _add_idle_worker(self) -> None:
+    async def _add_idle_worker(self, worker: WorkerProc) -> None:
         try:
-            await self._spawn_worker()
+            await self._spawn_worker(worker)
         except SupervisorError as exc:
             if self.stopping:
                 return
@@ -535,19 +550,47 @@ class Supervisor:
         self._gone_events.pop(worker.id, None)
 
     def _on_worker_exit(self, worker: WorkerProc) -> None:
-        if worker.id not in self.workers:
+        if worker.id not in self.workers or worker.exited:
             return
-        # Messages it sent just before exiting (its "ended") may still be queued.
+        worker.exited = True
+        if worker.pidfd is not None:
+            asyncio.get_running_loop().remove_reader(worker.pidfd)
+        if not self._live_rows(worker):
+            self._drain_worker_messages()
+            code = self._exit_codes.get(worker.pid or -1)
+            if worker.state in ("spawning", "idle") and not self.stopping:
+                how = "exited" if code is None else _describe_exit(code)
+                log.warning("idle worker %s (pid %s) %s", worker.id, worker.pid, how)
+            self._forget_worker(worker)
+            self._fill_pool()
+            return
+        self._spawn_task(self._judge_exit(worker), f"exit of {worker.id}")
+
+    def _live_rows(self, worker: WorkerProc) -> list[SessionRow]:
+        live = (SessionState.STARTING, SessionState.RUNNING, SessionState.STOPPING)
+        return [r for r in self.sessions.values() if r.worker is worker and r.state in live]
+
+    async def _judge_exit(self, worker: WorkerProc) -> None:
+        """Crash or clean end? The pidfd can fire before the worker's last message
+        ("ended") and the fork server's exit report arrive: wait briefly for both."""
+        pid = worker.pid or -1
+        waiter = self._exit_waiters.setdefault(pid, asyncio.get_running_loop().create_future())
+        if pid in self._exit_codes and not waiter.done():
+            waiter.set_result(self._exit_codes[pid])
+        try:
+            code: int | None = await asyncio.wait_for(asyncio.shield(waiter), EXIT_REPORT_WAIT)
+        except TimeoutError:
+            code = None
+        finally:
+            self._exit_waiters.pop(pid, None)
         self._drain_worker_messages()
         self._forget_worker(worker)
-        code = self._exit_codes.get(worker.pid or -1)
-        row = self.sessions.get(worker.session) if worker.session else None
-        how = "exited" if code is None else _describe_exit(code)
-        if (
-            row is not None
-            and row.worker is worker
-            and row.state in (SessionState.STARTING, SessionState.RUNNING, SessionState.STOPPING)
-        ):
+        for row in self._live_rows(worker):
+            if code == 0 and worker.kill_reason is None:
+                # It finished normally; its "ended" was lost on the way.
+                self._transition(row, SessionEvent.ENDED, reason=row.reason or "worker exited")
+                continue
+            how = "exited" if code is None else _describe_exit(code)
             reason = worker.kill_reason or f"worker crashed ({how})"
             stopping = row.state is SessionState.STOPPING
             self._transition(row, SessionEvent.CRASHED, reason=reason)
@@ -559,8 +602,6 @@ class Supervisor:
                 self._queue_signal(
                     row.device, SessionEnd(session=row.id, reason=f"{reason}; reconnect")
                 )
-        elif worker.state in ("spawning", "idle"):
-            log.warning("idle worker %s (pid %s) %s", worker.id, worker.pid, how)
         self._fill_pool()
 
     def _drain_worker_messages(self) -> None:
@@ -610,7 +651,7 @@ class Supervisor:
                 self._bad_worker(f"worker {worker.id}: hello with wrong identity")
                 return
             if worker.state == "spawning":
-                worker.state = "idle"
+                worker.state = "busy" if worker.reserved else "idle"
             worker.hello.set()
         elif isinstance(message, Heartbeat):
             if row is not None:
@@ -690,8 +731,10 @@ class Supervisor:
             await self._on_session_request(device_id, message)
             return
         if isinstance(message, Error):
-            log.warning(
-                "device %s: signaling error %s: %s", device_id, message.code, message.message
+            # unknown_session: both ends said session_end at once; the server forgot it first.
+            level = logging.DEBUG if message.code == "unknown_session" else logging.WARNING
+            log.log(
+                level, "device %s: signaling error %s: %s", device_id, message.code, message.message
             )
             return
         session = getattr(message, "session", None)
@@ -764,17 +807,21 @@ class Supervisor:
 
     async def _assign(self, row: SessionRow) -> None:
         worker = next(
-            (w for w in self.workers.values() if w.state == "idle" and w.session is None), None
+            (
+                w
+                for w in self.workers.values()
+                if w.state == "idle" and w.session is None and not w.reserved and not w.exited
+            ),
+            None,
         )
         if worker is not None:
-            worker.state = "busy"
+            worker.state = "busy"  # taken before any await: no other session can get it
         else:
             log.info("session %s: no idle worker, forking one (cold start)", row.id)
         worker_or_none = worker
         try:
             if worker_or_none is None:
-                worker_or_none = await self._spawn_worker()
-                worker_or_none.state = "busy"
+                worker_or_none = await self._spawn_worker(self._new_worker(reserved=True))
         except SupervisorError as exc:
             if row.state is SessionState.STARTING:
                 self._transition(row, SessionEvent.ENDED, reason=str(exc))
@@ -871,7 +918,7 @@ class Supervisor:
             await asyncio.sleep(self.config.heartbeat_interval)
             now = time.monotonic()
             for worker in list(self.workers.values()):
-                if worker.state == "spawning":
+                if worker.state == "spawning" or worker.exited:
                     continue
                 if worker.hb.expired(now) and worker.kill_reason is None:
                     worker.kill_reason = (

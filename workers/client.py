@@ -88,7 +88,20 @@ class ClientTunnel:
             raise SignalingRejected(str(exc)) from None
         except LinkDown as exc:
             raise SessionFailed(str(exc)) from None
-        await self._establish(timeout)
+        deadline = time.monotonic() + timeout
+        busy = Backoff(base=0.2, cap=2.0)
+        while True:
+            try:
+                await self._establish(max(1.0, deadline - time.monotonic()))
+                return
+            except DeviceBusy as exc:
+                # The server limits sessions negotiating at once per device (PROTOCOL.md
+                # §1.5); in a burst of clients, waiting a moment is the cure.
+                delay = busy.next_delay()
+                if time.monotonic() + delay > deadline:
+                    raise SessionFailed(f"device {self.device} is busy: {exc}") from None
+                log.info("device %s is busy; asking again in %.1f s", self.device, delay)
+                await asyncio.sleep(delay)
 
     def keep_alive(self) -> None:
         """From now on, re-establish the session in the background whenever it is lost."""
@@ -143,8 +156,9 @@ class ClientTunnel:
                 raise SessionFailed("session refused")
             refused.cancel()
             channel = opened.result()
-        except BaseException:
-            await self._end_session("session set-up failed", notify=True)
+        except BaseException as exc:
+            # A session the server refused never existed there: nothing to end.
+            await self._end_session("session set-up failed", notify=not _refused_by_server(exc))
             raise
         self.open_seconds = time.perf_counter() - started
         self.bridge = TunnelBridge(
@@ -234,6 +248,8 @@ class ClientTunnel:
             self.fail(exc)
         elif error.code == "device_offline":
             self._refuse(DeviceOffline(f"device {self.device} is offline"))
+        elif error.code == "too_many_sessions" and peer is not None:
+            self._refuse(DeviceBusy(error.message))
         elif peer is not None and error.session == peer.session_id:
             self._refuse(SessionFailed(f"{error.code}: {error.message}"))
         else:
@@ -252,6 +268,14 @@ class ClientTunnel:
                     self._refuse(exc)
 
         self._tasks.spawn(guarded(), name=f"session {peer.session_id} signal")
+
+
+class DeviceBusy(SessionFailed):
+    """The signaling server refused the request for now (``too_many_sessions``)."""
+
+
+def _refused_by_server(exc: BaseException) -> bool:
+    return isinstance(exc, (DeviceBusy, DeviceOffline, SignalingRejected))
 
 
 class ServiceNotExposed(TunnelError):

@@ -192,16 +192,22 @@ class SessionWorker:
         peer = PeerSession(assign.session, self._relay_out, ice_servers=ice, on_state=self._state)
         self.peer = peer
         pump = asyncio.get_running_loop().create_task(self._pump_signals(peer), name="signals")
+        # The bridge listens before the channel can open: the client may send its
+        # first OPEN in the same instant, and aiortc hands a message to whoever
+        # listens at that moment, or to nobody.
+        self.bridge = TunnelBridge(
+            peer.create_channel(),
+            Role.DEVICE,
+            services=services,
+            label=f"session {assign.session}: ",
+        )
         try:
             await peer.start_offer()
-            channel = await peer.wait_open(OPEN_TIMEOUT)
+            await peer.wait_open(OPEN_TIMEOUT)
         except SessionFailed as exc:
             pump.cancel()
             await self._end(str(exc), clean=False, tell_client=True)
             return
-        self.bridge = TunnelBridge(
-            channel, Role.DEVICE, services=services, label=f"session {assign.session}: "
-        )
         await self._send(
             StateReport(
                 session=assign.session, state="connected", path=_path(peer.candidate_pair_type())
@@ -223,7 +229,7 @@ class SessionWorker:
                     await self._end(
                         f"client ended the session: {signal.reason}", clean=True, tell_client=False
                     )
-                elif isinstance(signal, PeerLeft) and self.bridge is None:
+                elif isinstance(signal, PeerLeft) and peer.channel is None:
                     await self._end("client left during negotiation", clean=True, tell_client=False)
             except SessionFailed as exc:
                 await self._end(str(exc), clean=False, tell_client=True)
