@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs the Debian packages that the end-to-end HTTP tests drive as real,
+# independent programs: nginx (the web server behind the tunnel) and curl (the
+# client in front of it). scripts/test.sh calls it before pytest.
+#
+#   install-system-deps.sh
+#
+# Idempotent: when every program is already on PATH it does nothing at all (no
+# apt-get update). Otherwise it needs root (as CI runs): `apt-get update`, then a
+# non-interactive `apt-get install` of what is missing. Not root and something
+# missing: one line saying what and how, exit 1 (the tests that need it then
+# skip, naming the binary, so a developer without root still gets a green run).
+#
+# `nginx` is the package with the server binary on Debian 12 and later
+# (`nginx-light` on Debian 12 only adds the echo module, which the tests do not
+# use). Installing it never starts a system nginx on port 80: while apt runs, a
+# temporary policy-rc.d refuses service starts (unless the machine has one).
+set -euo pipefail
+
+# program on PATH -> Debian package that provides it
+declare -A PACKAGE_OF=([nginx]=nginx [curl]=curl)
+
+# Debian puts nginx in /usr/sbin, which a non-root PATH may lack.
+PATH="$PATH:/usr/sbin:/sbin"
+
+missing=()
+for program in "${!PACKAGE_OF[@]}"; do
+    command -v "$program" >/dev/null 2>&1 || missing+=("${PACKAGE_OF[$program]}")
+done
+if [ "${#missing[@]}" -eq 0 ]; then
+    exit 0
+fi
+
+if [ "$(id -u)" != 0 ]; then
+    echo "install-system-deps: missing ${missing[*]}; run as root (or: sudo apt-get install ${missing[*]}); the tests that need them will be skipped" >&2
+    exit 1
+fi
+
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ]; then
+    trap 'rm -f "$policy"' EXIT
+    printf '#!/bin/sh\n# temporary, from tunnelctl scripts/install-system-deps.sh\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+fi
+
+echo "install-system-deps: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+for program in "${!PACKAGE_OF[@]}"; do
+    command -v "$program" >/dev/null 2>&1 || {
+        echo "install-system-deps: $program is still missing after installing ${missing[*]}" >&2
+        exit 1
+    }
+done
