@@ -404,6 +404,8 @@ class Supervisor:
             str(self.config.heartbeat_interval),
             "--heartbeat-timeout",
             str(self.config.heartbeat_timeout),
+            "--log-level",  # workers log as verbosely as the supervisor (-v)
+            str(logging.getLogger("tunnelctl").getEffectiveLevel()),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             start_new_session=True,  # a terminal's Ctrl-C is the supervisor's alone

@@ -42,7 +42,7 @@ from signaling.link import SignalingLink
 from workers.bridge import TunnelBridge
 from workers.errors import DeviceOffline, SessionFailed, SignalingRejected, TunnelError
 from workers.ice import IceServer
-from workers.peer import PeerSession
+from workers.peer import PeerSession, warm_up_crypto
 from workers.tasks import TaskSet
 
 log = logging.getLogger("tunnelctl.client")
@@ -82,8 +82,11 @@ class ClientTunnel:
     async def open(self, timeout: float = OPEN_TIMEOUT) -> None:
         """Establish the first session; raise on any failure (nothing is retried)."""
         self.link.start()
+        # OpenSSL's first-use costs, paid while the WebSocket handshake is in flight.
+        warming = asyncio.ensure_future(asyncio.to_thread(warm_up_crypto))
         try:
             await self.link.wait_up(timeout)
+            await warming
         except LinkRejected as exc:
             raise SignalingRejected(str(exc)) from None
         except LinkDown as exc:

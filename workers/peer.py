@@ -42,6 +42,19 @@ PEER_STATES = ("new", "connecting", "connected", "disconnected", "failed", "clos
 SendSignal = Callable[[SignalingMessage], Awaitable[None]]
 
 
+def warm_up_crypto() -> None:
+    """Pay OpenSSL's first-use costs now rather than inside a session's handshake.
+
+    A process's first DTLS certificate (~14 ms) and first SSL context (~19 ms)
+    are slow because cryptography and pyOpenSSL initialise lazily; later ones
+    take under a millisecond. The fork server calls this before forking, and a
+    client calls it while its signaling link comes up.
+    """
+    from aiortc.rtcdtlstransport import SRTP_PROFILES, RTCCertificate
+
+    RTCCertificate.generateCertificate()._create_ssl_context(srtp_profiles=SRTP_PROFILES)
+
+
 class PeerSession:
     """One peer connection, offering (device) or answering (client)."""
 

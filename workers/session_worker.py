@@ -203,7 +203,9 @@ class SessionWorker:
         )
         try:
             await peer.start_offer()
+            log.debug("session %s: offer sent", assign.session)
             await peer.wait_open(OPEN_TIMEOUT)
+            log.debug("session %s: DataChannel open", assign.session)
         except SessionFailed as exc:
             pump.cancel()
             await self._end(str(exc), clean=False, tell_client=True)
@@ -222,6 +224,7 @@ class SessionWorker:
             signal = await self._inbox.get()
             try:
                 if isinstance(signal, Answer):
+                    log.debug("session %s: answer received", peer.session_id)
                     await peer.handle_answer(signal.sdp)
                 elif isinstance(signal, Candidate):
                     await peer.handle_candidate(signal.candidate)
@@ -288,12 +291,13 @@ def worker_main(
     supervisor_pid: int,
     heartbeat_interval: float,
     heartbeat_timeout: float,
+    log_level: int = logging.INFO,
 ) -> int:
     """Entry point of a forked worker; returns the process exit code."""
     logging.basicConfig(
-        level=logging.INFO,
+        level=log_level,
         stream=sys.stderr,
-        format=f"%(asctime)s worker[{os.getpid()}] %(name)s %(levelname)s %(message)s",
+        format=f"%(asctime)s.%(msecs)03d worker[{os.getpid()}] %(name)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
     logging.getLogger("aiortc").setLevel(logging.WARNING)

@@ -72,6 +72,7 @@ def _fork_worker(worker_id: str, args: argparse.Namespace) -> int:
             args.supervisor_pid,
             args.heartbeat_interval,
             args.heartbeat_timeout,
+            args.log_level,
         )
     except BaseException as exc:  # a worker must never return into the zygote's loop
         with contextlib.suppress(Exception):
@@ -83,15 +84,19 @@ def _fork_worker(worker_id: str, args: argparse.Namespace) -> int:
 def _warm_up() -> None:
     """Build and close one PeerConnection before forking.
 
-    aiortc's first certificate loads cryptography's OpenSSL backend lazily; done
-    here once, it is shared by every child instead of costing each session
-    20-40 ms. The event loop is closed again: nothing of it survives the fork.
+    aiortc's first certificate and first DTLS context initialise cryptography
+    and pyOpenSSL lazily; done here once, that is shared by every child instead
+    of costing each session ~35 ms. The event loop is closed again: nothing of
+    it survives the fork.
     """
     import asyncio
 
     from aiortc import RTCPeerConnection
 
     from workers.ice import rtc_configuration
+    from workers.peer import warm_up_crypto
+
+    warm_up_crypto()
 
     async def build() -> None:
         pc = RTCPeerConnection(rtc_configuration([]))
@@ -119,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--supervisor-pid", type=int, required=True)
     parser.add_argument("--heartbeat-interval", type=float, default=1.0)
     parser.add_argument("--heartbeat-timeout", type=float, default=5.0)
+    parser.add_argument("--log-level", type=int, default=20, help="workers' (logging levels)")
     args = parser.parse_args(argv)
 
     die_with_parent()
