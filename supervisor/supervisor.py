@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -418,6 +419,17 @@ class Supervisor:
         except TimeoutError:
             raise SupervisorError("the worker fork server did not start") from None
         log.info("worker fork server ready (pid %d)", pid)
+        # ICE settings for every worker, so idle ones prepare their offer ahead of
+        # time; on stdin, since TURN credentials must not show in `ps`.
+        config = {
+            "ice_servers": [
+                {"url": s.url, "username": s.username, "credential": s.credential}
+                for s in self.config.ice_servers
+            ],
+            "ice_hosts": list(self.config.ice_hosts),
+        }
+        assert self._zygote.stdin is not None
+        self._zygote.stdin.write(b"config " + json.dumps(config).encode() + b"\n")
 
     async def _stop_zygote(self) -> None:
         zygote = self._zygote

@@ -22,6 +22,12 @@ Backpressure, end to end, so no buffer grows without bound:
 
 Per session, memory is bounded by about
 ``streams * (INITIAL_WINDOW + STREAM_SEND_HIGH) + CHANNEL_HIGH``.
+
+Endings, as the applications at both ends see them: a FIN is a TCP half-close
+(``shutdown(SHUT_WR)``) and a stream whose two halves are closed closes its TCP
+connection gracefully; a RESET, whatever its code, and the end of the session
+abort the TCP connection with an RST (``SO_LINGER`` 0), never a FIN, so a
+truncated transfer can never pass for a complete one.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -130,6 +138,12 @@ class TunnelBridge:
         if channel.readyState == "closed":
             self._shutdown("DataChannel closed")
 
+    def expose(self, services: Mapping[str, ServiceAddress], *, label: str = "") -> None:
+        """Set the services streams may reach (a bridge built before its session's)."""
+        self._services = dict(services)
+        self._accepts_streams = True
+        self._label = label or self._label
+
     @property
     def stream_count(self) -> int:
         return len(self._streams)
@@ -147,7 +161,7 @@ class TunnelBridge:
     ) -> int:
         """Carry an accepted local connection to ``service`` on a new stream (client side)."""
         if self.is_closed:
-            writer.transport.abort()
+            _abort(writer)
             raise LocalProtocolError("the tunnel is closed")
         stream_id = self.mux.open_stream(service)
         stream = _Stream(stream_id, service, writer=writer)
@@ -233,7 +247,7 @@ class TunnelBridge:
             self._reset(stream, ResetCode.CONNECT_FAILED, reason)
             return
         if stream.dead:
-            writer.transport.abort()
+            _abort(writer)
             return
         stream.writer = writer
         for chunk in stream.held:
@@ -381,7 +395,7 @@ class TunnelBridge:
         stream.writable.set()
         self._forget(stream)
         if stream.writer is not None:
-            stream.writer.transport.abort()
+            _abort(stream.writer)
         current = asyncio.current_task()
         for task in stream.tasks:
             if task is not current:
@@ -414,6 +428,23 @@ class TunnelBridge:
         self._closed.set_result(reason)
         for stream in list(self._streams.values()):
             self._kill(stream)
+
+
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    """Close a TCP connection with an RST: its peer reads ECONNRESET, not EOF.
+
+    ``transport.abort()`` alone only skips the write buffer; the kernel would
+    still end the connection with a FIN, which the peer cannot tell from a
+    complete transfer. ``SO_LINGER`` 0 makes the close send an RST instead.
+    """
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+    writer.transport.abort()
 
 
 def _describe(exc: BaseException) -> str:

@@ -90,13 +90,29 @@ class PeerSession:
 
     async def start_offer(self) -> str:
         """Make the offer, send it and end-of-candidates; return the SDP."""
+        sdp = await self.prepare_offer()
+        await self.send_offer()
+        return sdp
+
+    async def prepare_offer(self) -> str:
+        """Make the offer and gather candidates, without sending anything yet.
+
+        An idle worker does this ahead of any session, so a session request is
+        answered with an offer at once; :meth:`send_offer` sends it later.
+        """
         if self.pc.sctp is None:
             self.create_channel()
-        await self.pc.setLocalDescription(await self.pc.createOffer())
+        if self.pc.localDescription is None:
+            await self.pc.setLocalDescription(await self.pc.createOffer())
+        return str(self.pc.localDescription.sdp)
+
+    async def send_offer(self) -> None:
+        """Send the prepared offer and end-of-candidates for :attr:`session_id`."""
+        if self.pc.localDescription is None:
+            raise TunnelUsageError("prepare_offer() first")
         sdp = self.pc.localDescription.sdp
         await self._send(Offer(session=self.session_id, sdp=sdp))
         await self._send(Candidate(session=self.session_id, candidate=None))
-        return sdp
 
     async def handle_answer(self, sdp: str) -> None:
         if self.pc.signalingState != "have-local-offer":

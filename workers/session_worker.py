@@ -31,6 +31,7 @@ from protocol.ipc import (
     Ended,
     Heartbeat,
     Hello,
+    IceServerSpec,
     IpcError,
     IpcMessage,
     Relay,
@@ -60,6 +61,9 @@ log = logging.getLogger("tunnelctl.worker")
 OPEN_TIMEOUT = 30.0
 HWM = 1000
 
+#: ICE settings every session of this worker will use: servers and host allowlist.
+IceConfig = tuple[tuple[IceServerSpec, ...], tuple[str, ...]]
+
 
 class SessionWorker:
     """One worker process's event loop: supervisor channel plus at most one session."""
@@ -72,8 +76,13 @@ class SessionWorker:
         *,
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 5.0,
+        ice: IceConfig | None = None,
     ) -> None:
         self.worker_id = worker_id
+        # With the ICE settings known up front, an idle worker prepares its
+        # PeerConnection and offer before any session asks for one.
+        self.ice = ice
+        self._prepared: asyncio.Task[tuple[PeerSession, TunnelBridge]] | None = None
         self.endpoint = endpoint
         self.supervisor_pid = supervisor_pid
         self.heartbeat_interval = heartbeat_interval
@@ -99,6 +108,8 @@ class SessionWorker:
         self.sock.connect(self.endpoint)
         self._watch_supervisor(loop)
         await self._send(Hello(worker=self.worker_id, pid=os.getpid()))
+        if self.ice is not None:
+            self._prepared = loop.create_task(self._prepare(self.ice), name="prepare")
         tasks = [
             loop.create_task(self._receive(), name="receive"),
             loop.create_task(self._heartbeats(), name="heartbeats"),
@@ -185,24 +196,50 @@ class SessionWorker:
 
     # -- the session ---------------------------------------------------------------
 
-    async def _run_session(self, assign: Assign) -> None:
-        restrict_host_addresses(parse_networks(assign.ice_hosts))
-        ice = [IceServer(s.url, s.username, s.credential) for s in assign.ice_servers]
-        services = {name: ServiceAddress(host, port) for name, host, port in assign.services}
-        peer = PeerSession(assign.session, self._relay_out, ice_servers=ice, on_state=self._state)
-        self.peer = peer
-        pump = asyncio.get_running_loop().create_task(self._pump_signals(peer), name="signals")
-        # The bridge listens before the channel can open: the client may send its
-        # first OPEN in the same instant, and aiortc hands a message to whoever
-        # listens at that moment, or to nobody.
-        self.bridge = TunnelBridge(
-            peer.create_channel(),
-            Role.DEVICE,
-            services=services,
-            label=f"session {assign.session}: ",
+    async def _prepare(self, ice: IceConfig) -> tuple[PeerSession, TunnelBridge]:
+        """Build the PeerConnection, its channel and bridge, and the offer, ahead of time.
+
+        The bridge listens before the channel can open: the client may send its
+        first OPEN in the same instant, and aiortc hands a message to whoever
+        listens at that moment, or to nobody.
+        """
+        servers, hosts = ice
+        restrict_host_addresses(parse_networks(hosts))
+        peer = PeerSession(
+            "",
+            self._relay_out,
+            ice_servers=[IceServer(s.url, s.username, s.credential) for s in servers],
+            on_state=self._state,
         )
+        bridge = TunnelBridge(peer.create_channel(), Role.DEVICE, services={})
+        await peer.prepare_offer()
+        return peer, bridge
+
+    async def _take_prepared(self, assign: Assign) -> tuple[PeerSession, TunnelBridge]:
+        prepared = self._prepared
+        wanted: IceConfig = (assign.ice_servers, assign.ice_hosts)
+        if prepared is not None and self.ice == wanted:
+            try:
+                return await prepared
+            except SessionFailed as exc:
+                log.warning("worker %s: prepared offer failed: %s", self.worker_id, exc)
+        elif prepared is not None:
+            prepared.cancel()  # prepared for other ICE settings: start over
+        return await self._prepare(wanted)
+
+    async def _run_session(self, assign: Assign) -> None:
+        services = {name: ServiceAddress(host, port) for name, host, port in assign.services}
         try:
-            await peer.start_offer()
+            peer, bridge = await self._take_prepared(assign)
+        except SessionFailed as exc:
+            await self._end(str(exc), clean=False, tell_client=True)
+            return
+        peer.session_id = assign.session
+        bridge.expose(services, label=f"session {assign.session}: ")
+        self.peer, self.bridge = peer, bridge
+        pump = asyncio.get_running_loop().create_task(self._pump_signals(peer), name="signals")
+        try:
+            await peer.send_offer()
             log.debug("session %s: offer sent", assign.session)
             await peer.wait_open(OPEN_TIMEOUT)
             log.debug("session %s: DataChannel open", assign.session)
@@ -238,7 +275,8 @@ class SessionWorker:
                 await self._end(str(exc), clean=False, tell_client=True)
 
     async def _relay_out(self, message: SignalingMessage) -> None:
-        assert self.session_id is not None
+        if self.session_id is None:
+            raise SessionFailed("no session assigned yet")
         await self._send(Relay(session=self.session_id, message=encode_signaling(message)))
 
     def _state(self, state: str) -> None:
@@ -292,6 +330,7 @@ def worker_main(
     heartbeat_interval: float,
     heartbeat_timeout: float,
     log_level: int = logging.INFO,
+    ice: IceConfig | None = None,
 ) -> int:
     """Entry point of a forked worker; returns the process exit code."""
     logging.basicConfig(
@@ -310,6 +349,7 @@ def worker_main(
             supervisor_pid,
             heartbeat_interval=heartbeat_interval,
             heartbeat_timeout=heartbeat_timeout,
+            ice=ice,
         )
         return await worker.run()
 

@@ -9,11 +9,18 @@ measured here, ~13 MiB PSS per idle forked worker against ~66 MiB spawned.
 The supervisor starts this module (it never imports aiortc itself) and speaks
 to it over its stdin/stdout, one ASCII line per message::
 
-    supervisor → zygote   spawn WORKER_ID
+    supervisor → zygote   config JSON            (ICE settings for every worker, once,
+                                                  before the first spawn; see below)
+                          spawn WORKER_ID
     zygote → supervisor   ready PID
                           spawned WORKER_ID PID
                           exited PID CODE        (CODE < 0: killed by signal -CODE)
                           error TEXT
+
+``config`` carries ``{"ice_servers": [{"url", "username", "credential"}],
+"ice_hosts": [...]}`` — on stdin, not on the command line, because TURN
+credentials must not show in ``ps``. With it, each idle worker prepares its
+PeerConnection and offer before any session asks (see ``session_worker``).
 
 The zygote holds no event loop, thread or ZeroMQ context when it forks, so each
 child starts clean and makes its own. It dies with the supervisor (parent-death
@@ -27,11 +34,16 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import json
 import os
 import re
 import selectors
 import signal
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from workers.session_worker import IceConfig
 
 PR_SET_PDEATHSIG = 1
 _WORKER_ID = re.compile(r"w-[0-9a-f]{16}")
@@ -50,7 +62,26 @@ def _say(line: str) -> None:
         os.write(1, data)
 
 
-def _fork_worker(worker_id: str, args: argparse.Namespace) -> int:
+def _parse_config(text: str) -> IceConfig:
+    """The ``config`` line's JSON, validated as the supervisor's ``assign`` would be."""
+    from protocol.errors import LocalProtocolError
+    from protocol.ipc import IceServerSpec
+    from workers.ice import parse_networks
+
+    try:
+        data = json.loads(text)
+        servers = tuple(
+            IceServerSpec(s["url"], s.get("username"), s.get("credential"))
+            for s in data["ice_servers"]
+        )
+        hosts = tuple(str(h) for h in data["ice_hosts"])
+        parse_networks(hosts)
+    except (ValueError, KeyError, TypeError, AttributeError, LocalProtocolError) as exc:
+        raise ValueError(f"bad config: {type(exc).__name__}") from None
+    return servers, hosts
+
+
+def _fork_worker(worker_id: str, args: argparse.Namespace, ice: IceConfig | None) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -73,6 +104,7 @@ def _fork_worker(worker_id: str, args: argparse.Namespace) -> int:
             args.heartbeat_interval,
             args.heartbeat_timeout,
             args.log_level,
+            ice,
         )
     except BaseException as exc:  # a worker must never return into the zygote's loop
         with contextlib.suppress(Exception):
@@ -145,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     selector.register(wake_r, selectors.EVENT_READ, "wake")
     _say(f"ready {os.getpid()}")
     pending = b""
+    ice: IceConfig | None = None
     while True:
         for key, _ in selector.select():
             if key.data == "wake":
@@ -158,17 +191,24 @@ def main(argv: list[str] | None = None) -> int:
             while b"\n" in pending:
                 raw, pending = pending.split(b"\n", 1)
                 line = raw.decode("ascii", "replace").strip()
-                verb, _, worker_id = line.partition(" ")
+                verb, _, rest = line.partition(" ")
+                if verb == "config":
+                    try:
+                        ice = _parse_config(rest)
+                    except ValueError as exc:
+                        _say(f"error {exc}")
+                    continue
+                worker_id = rest
                 if verb == "spawn" and _WORKER_ID.fullmatch(worker_id):
                     try:
-                        pid = _fork_worker(worker_id, args)
+                        pid = _fork_worker(worker_id, args, ice)
                     except OSError as exc:
                         _say(f"error cannot fork: {exc.strerror}")
                         continue
                     _say(f"spawned {worker_id} {pid}")
                 else:
                     _say(f"error bad command {line[:80]!r}")
-            if len(pending) > 4096:
+            if len(pending) > 65536:
                 pending = b""
                 _say("error line too long")
 
