@@ -29,7 +29,11 @@ holds whole frames; a stream never sends more DATA than its credit; received
 data is never buffered here (it is handed out in :class:`DataReceived`, and the
 peer can only have ``initial_window`` unacknowledged bytes per stream); a stream
 is forgotten as soon as both its halves are closed or it is reset, so memory
-stays bounded however many streams a session carries.
+stays bounded however many streams a session carries; and the RESETs that
+answer the peer (its invalid frames, its streams we refuse or reset) wait here
+at most ``max_queued_resets`` at a time: a peer that keeps provoking them while
+they cannot be sent (it does not read the channel) gets a session error (§2.6)
+rather than making us queue in proportion to what it sends.
 
 The stream state machine is the transition table :data:`_TRANSITIONS`, §2.5 of
 the spec transcribed; a local action the table lacks raises
@@ -66,6 +70,7 @@ from protocol.frames import (
 )
 
 __all__ = [
+    "MAX_QUEUED_RESETS",
     "DataReceived",
     "Event",
     "Multiplexer",
@@ -79,6 +84,11 @@ __all__ = [
 #: The largest frame the mux ever builds apart from DATA: a RESET with a full
 #: reason. A message size below this could not carry every control frame.
 _MIN_MESSAGE_SIZE: Final = HEADER_SIZE + 2 + MAX_REASON_LEN
+
+#: RESET frames answering the peer that may wait unsent at once (§2.6): as many
+#: frames as the largest message holds, so one message can never exceed it by
+#: itself, however hostile; only a peer that goes on sending without reading can.
+MAX_QUEUED_RESETS: Final = MAX_MESSAGE_SIZE // HEADER_SIZE
 
 #: When a DATA chunk does not fit in the rest of the current message, fill that
 #: rest only if it holds at least this many payload bytes; otherwise start a new
@@ -309,7 +319,9 @@ class Multiplexer:
     bounds the streams alive at once, ours and the peer's together.
     ``max_message_size`` bounds the messages we send (the peer's SCTP
     ``max-message-size`` may be lower than 65 536); received messages are held to
-    the spec's 65 536.
+    the spec's 65 536. ``max_queued_resets`` bounds the RESETs answering the peer
+    that :meth:`data_to_send` has not yet returned (:attr:`queued_resets`); a frame
+    received while that many wait is a session error (§2.6).
     """
 
     def __init__(
@@ -319,6 +331,7 @@ class Multiplexer:
         initial_window: int = INITIAL_WINDOW,
         max_streams: int = 1024,
         max_message_size: int = MAX_MESSAGE_SIZE,
+        max_queued_resets: int = MAX_QUEUED_RESETS,
     ) -> None:
         if not isinstance(role, Role):
             raise LocalProtocolError(f"role must be a Role, not {role!r}")
@@ -326,6 +339,8 @@ class Multiplexer:
             raise LocalProtocolError(f"initial_window {initial_window} out of 1..{MAX_WINDOW}")
         if max_streams < 1:
             raise LocalProtocolError(f"max_streams must be >= 1, not {max_streams}")
+        if max_queued_resets < 1:
+            raise LocalProtocolError(f"max_queued_resets must be >= 1, not {max_queued_resets}")
         if not _MIN_MESSAGE_SIZE <= max_message_size <= MAX_MESSAGE_SIZE:
             raise LocalProtocolError(
                 f"max_message_size {max_message_size} "
@@ -339,6 +354,7 @@ class Multiplexer:
         self._max_streams = max_streams
         self._max_message_size = max_message_size
         self._max_data_payload = min(MAX_PAYLOAD, max_message_size - HEADER_SIZE)
+        self._max_queued_resets = max_queued_resets
 
         self._streams: dict[int, _Stream] = {}
         # Only the highest id per parity is remembered, never the set of closed
@@ -346,10 +362,12 @@ class Multiplexer:
         self._next_local_id = 1 if role is Role.CLIENT else 2
         self._last_remote_id = 0
         self._events: list[Event] = []
-        # OPEN and RESET frames, in the order they were decided. WINDOW grants are
-        # kept per stream (_grants) so a grant for a stream that closes meanwhile
-        # simply disappears.
-        self._control: deque[Open | Reset] = deque()
+        # OPEN and RESET frames, in the order they were decided, each with whether
+        # it answers the peer (counted in _queued_resets, capped: §2.6). WINDOW
+        # grants are kept per stream (_grants) so a grant for a stream that closes
+        # meanwhile simply disappears.
+        self._control: deque[tuple[Open | Reset, bool]] = deque()
+        self._queued_resets = 0
         self._grants: dict[int, None] = {}  # ordered set of ids with window_due > 0
         # Round-robin ring (ordered set) of streams with a frame ready: DATA with
         # credit, or a FIN whose data has all been framed.
@@ -379,6 +397,16 @@ class Multiplexer:
         stream = self._streams.get(stream_id)
         return 0 if stream is None else stream.queued
 
+    @property
+    def queued_resets(self) -> int:
+        """RESETs answering the peer (its invalid frames, the streams it opened
+        that we refuse or reset) that :meth:`data_to_send` has not returned yet.
+
+        A frame received while ``max_queued_resets`` wait is a session error, so
+        the peer alone never pushes it past the cap; the application's resets of
+        the peer's streams may add to it until the next message arrives."""
+        return self._queued_resets
+
     def wants_to_send(self) -> bool:
         """Whether :meth:`data_to_send` would return something now."""
         return bool(self._control or self._grants or self._ready)
@@ -401,7 +429,7 @@ class Multiplexer:
             raise LocalProtocolError(f"cannot open a stream: {self._max_streams} streams open")
         self._next_local_id += 2
         self._streams[stream_id] = self._new_stream(stream_id)
-        self._control.append(frame)
+        self._queue(frame)
         return stream_id
 
     def send_data(self, stream_id: int, data: bytes) -> None:
@@ -450,7 +478,9 @@ class Multiplexer:
             self._require_opened(stream_id, _Input.SEND_RESET)
             return  # closed: no-op (§2.5)
         self._apply(stream, _Input.SEND_RESET)
-        self._close(stream, frame)
+        # Resetting a stream the peer opened answers its OPEN (refused, no such
+        # service...): the peer controls how many of those there are.
+        self._close(stream, frame, answers_peer=not self._is_local_id(stream_id))
 
     def acknowledge(self, stream_id: int, n: int) -> None:
         """The application consumed ``n`` bytes of ``stream_id``'s received data.
@@ -491,6 +521,13 @@ class Multiplexer:
         :class:`StreamReset` with ``remote=False`` and a queued RESET).
         """
         for frame in decode_message(message):
+            if self._queued_resets >= self._max_queued_resets:
+                # Checked per frame, so the queue never grows past the cap by more
+                # than the one reply this frame may add.
+                raise RemoteProtocolError(
+                    f"{self._queued_resets} RESET frames answering the peer wait to be "
+                    "sent and it keeps sending: it does not read the channel"
+                )
             if isinstance(frame, Open):
                 self._receive_open(frame)
                 continue
@@ -533,10 +570,13 @@ class Multiplexer:
     def _pack_control(self, packer: _MessagePacker) -> bool:
         """Pack control frames; return whether all of them fit."""
         while self._control:
-            encoded = encode_frame(self._control[0])
+            frame, answers_peer = self._control[0]
+            encoded = encode_frame(frame)
             if not packer.fits(len(encoded)):
                 return False
             self._control.popleft()
+            if answers_peer:
+                self._queued_resets -= 1
             packer.add(encoded)
         while self._grants:
             stream_id = next(iter(self._grants))
@@ -632,16 +672,23 @@ class Multiplexer:
         self._ready.pop(stream.stream_id, None)
         self._grants.pop(stream.stream_id, None)
 
-    def _close(self, stream: _Stream, reset: Reset | None = None) -> None:
+    def _queue(self, frame: Open | Reset, *, answers_peer: bool = False) -> None:
+        self._control.append((frame, answers_peer))
+        if answers_peer:
+            self._queued_resets += 1
+
+    def _close(
+        self, stream: _Stream, reset: Reset | None = None, *, answers_peer: bool = False
+    ) -> None:
         """Forget a stream the table just closed; queue ``reset`` if we send one."""
         if reset is not None:
-            self._control.append(reset)
+            self._queue(reset, answers_peer=answers_peer)
         self._forget(stream)
 
     def _abort(self, stream: _Stream, code: ResetCode, reason: str) -> None:
         """The peer misbehaved on ``stream`` (state already CLOSED): reset it and
         tell the application."""
-        self._close(stream, Reset(stream.stream_id, code, reason))
+        self._close(stream, Reset(stream.stream_id, code, reason), answers_peer=True)
         self._events.append(StreamReset(stream.stream_id, code, reason, remote=False))
 
     def _receive_open(self, frame: Open) -> None:
@@ -658,8 +705,9 @@ class Multiplexer:
             )
         self._last_remote_id = stream_id
         if len(self._streams) >= self._max_streams:
-            self._control.append(
-                Reset(stream_id, ResetCode.REFUSED, f"too many streams ({self._max_streams})")
+            self._queue(
+                Reset(stream_id, ResetCode.REFUSED, f"too many streams ({self._max_streams})"),
+                answers_peer=True,
             )
             return
         self._streams[stream_id] = self._new_stream(stream_id)
@@ -671,8 +719,9 @@ class Multiplexer:
         # except a RESET, which must never be answered with a RESET (no ping-pong).
         if self._was_opened(frame.stream_id) or isinstance(frame, Reset):
             return
-        self._control.append(
-            Reset(frame.stream_id, ResetCode.UNKNOWN_STREAM, "stream was never opened")
+        self._queue(
+            Reset(frame.stream_id, ResetCode.UNKNOWN_STREAM, "stream was never opened"),
+            answers_peer=True,
         )
 
     def _receive_data(self, stream: _Stream, frame: Data) -> None:
