@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
@@ -40,6 +41,55 @@ DEFAULT_LABEL = "tunnel"
 PEER_STATES = ("new", "connecting", "connected", "disconnected", "failed", "closed")
 
 SendSignal = Callable[[SignalingMessage], Awaitable[None]]
+
+
+#: The most one DataChannel message may grow to while being reassembled before
+#: the session is ended. Our messages are at most 64 KiB (PROTOCOL.md §2.1) and
+#: aiortc advertises 256 KiB; the slack covers a lost first fragment or two.
+MESSAGE_REASSEMBLY_LIMIT = 1024 * 1024
+_ABORTS: set[asyncio.Future[None]] = set()
+
+
+def _bound_message_reassembly() -> None:
+    """End an association whose peer sends a message that never ends.
+
+    aiortc reassembles a message of any size before anyone sees it (it ignores
+    the max-message-size it advertises on receipt), and its reassembly is
+    quadratic in CPU: one endless message costs the worker memory and CPU
+    without bound. It has no hook for this, so its DATA handler is wrapped,
+    once per process: each inbound stream counts the bytes since the last
+    first-fragment; past the limit, the buffered data is dropped and the
+    association aborted, which ends the session with its DataChannel.
+    (Not the receive window: aiortc's own sender does not honour it.)
+    """
+    from aiortc.rtcsctptransport import SCTP_DATA_FIRST_FRAG, RTCSctpTransport
+
+    original = RTCSctpTransport._receive_data_chunk
+    if getattr(original, "tunnelctl_guard", False):
+        return
+
+    async def receive_data_chunk(self: RTCSctpTransport, chunk: Any) -> None:
+        if getattr(self, "tunnelctl_aborted", False):
+            return  # aborting: keep nothing more
+        stream = self._get_inbound_stream(chunk.stream_id)
+        run = 0 if chunk.flags & SCTP_DATA_FIRST_FRAG else getattr(stream, "tunnelctl_run", 0)
+        stream.tunnelctl_run = run + len(chunk.user_data)  # type: ignore[attr-defined]
+        if stream.tunnelctl_run > MESSAGE_REASSEMBLY_LIMIT:  # type: ignore[attr-defined]
+            log.warning("peer sent a message over %d bytes; aborting", MESSAGE_REASSEMBLY_LIMIT)
+            self.tunnelctl_aborted = True  # type: ignore[attr-defined]
+            for inbound in self._inbound_streams.values():
+                inbound.reassembly.clear()
+            task = asyncio.ensure_future(self.stop())
+            _ABORTS.add(task)
+            task.add_done_callback(_ABORTS.discard)
+            return
+        await original(self, chunk)
+
+    receive_data_chunk.tunnelctl_guard = True  # type: ignore[attr-defined]
+    RTCSctpTransport._receive_data_chunk = receive_data_chunk  # type: ignore[method-assign]
+
+
+_bound_message_reassembly()
 
 
 def warm_up_crypto() -> None:
