@@ -104,16 +104,21 @@ class Limits:
 
     rate: float = 20.0
     burst: int = 100
+    # A device's one connection carries the signaling of all its sessions.
+    device_rate: float = 200.0
+    device_burst: int = 1000
     max_drops_in_row: int = 200
     max_negotiating_per_device: int = 16
     max_sessions_per_client: int = 64
     max_sessions_per_device: int = 1024
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.rate) and self.rate > 0):
-            raise ValueError("rate must be a positive number of messages per second")
+        for rate in (self.rate, self.device_rate):
+            if not (math.isfinite(rate) and rate > 0):
+                raise ValueError("rates must be positive numbers of messages per second")
         for name in (
             "burst",
+            "device_burst",
             "max_drops_in_row",
             "max_negotiating_per_device",
             "max_sessions_per_client",
@@ -222,7 +227,13 @@ class Router:
         """
         if conn in self._conns:
             raise UsageError(f"connection {conn!r} is already connected")
-        bucket = _TokenBucket(self.limits.rate, self.limits.burst, self.limits.burst, now)
+        limits = self.limits
+        rate, burst = (
+            (limits.device_rate, limits.device_burst)
+            if identity.role == "device"
+            else (limits.rate, limits.burst)
+        )
+        bucket = _TokenBucket(rate, burst, burst, now)
         self._conns[conn] = _Conn(conn, identity, bucket)
         self._counters["connections_total"] += 1
         return [Send(conn, Welcome(identity.sub, identity.role))]

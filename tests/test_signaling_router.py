@@ -427,23 +427,38 @@ def test_rate_limit_burst_then_recovery() -> None:
     requested(net)
     net.now += 60  # a full bucket
     for _ in range(100):  # the burst
-        net.send("dev1", Candidate(S1, None))
-    assert len(net.take("alice")) == 100
-    net.send("dev1", Candidate(S1, None))
-    assert net.error("dev1").code == "rate_limited"
-    assert net.quiet("alice")
+        net.send("alice", Candidate(S1, None))
+    assert len(net.take("dev1")) == 100
+    net.send("alice", Candidate(S1, None))
+    assert net.error("alice").code == "rate_limited"
+    assert net.quiet("dev1")
 
     net.now += 0.0625  # 20/s: 1.25 tokens, one more message
-    net.send("dev1", Candidate(S1, None))
-    net.send("dev1", Candidate(S1, None))
-    assert net.take("alice") == [Candidate(S1, None)]
-    assert net.error("dev1").code == "rate_limited"
+    net.send("alice", Candidate(S1, None))
+    net.send("alice", Candidate(S1, None))
+    assert net.take("dev1") == [Candidate(S1, None)]
+    assert net.error("alice").code == "rate_limited"
 
     net.now += 60  # refills up to the burst, not beyond
     for _ in range(101):
+        net.send("alice", Candidate(S1, None))
+    assert len(net.take("dev1")) == 100
+    assert net.error("alice").code == "rate_limited"
+
+
+def test_a_device_connection_has_the_larger_budget_of_all_its_sessions() -> None:
+    net = online()
+    requested(net)
+    net.now += 60
+    for _ in range(1000):  # the device burst
         net.send("dev1", Candidate(S1, None))
-    assert len(net.take("alice")) == 100
+    assert len(net.take("alice")) == 1000
+    net.send("dev1", Candidate(S1, None))
     assert net.error("dev1").code == "rate_limited"
+    net.now += 0.0125  # 200/s: 2.5 tokens, two more messages
+    for _ in range(3):
+        net.send("dev1", Candidate(S1, None))
+    assert len(net.take("alice")) == 2
 
 
 def test_rate_limit_counts_garbage_too() -> None:
