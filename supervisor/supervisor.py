@@ -96,7 +96,6 @@ log = logging.getLogger("tunnelctl.supervisor")
 
 HWM = 1000
 SPAWN_TIMEOUT = 15.0  # fork + hello; generous for a loaded machine
-ASSIGN_TIMEOUT = 15.0
 STOP_GRACE = 3.0
 EXIT_REPORT_WAIT = 2.0  # for the fork server's "exited PID CODE" after a pidfd fired
 RETAIN_EXITED = 120.0  # seconds an ended session stays visible in `sessions`
@@ -114,7 +113,6 @@ class WorkerProc:
     pidfd: int | None = None
     hello: asyncio.Event = field(default_factory=asyncio.Event)
     kill_reason: str | None = None
-    spawned_at: float = 0.0
     reserved: bool = False  # forked for one waiting session, never offered to another
     exited: bool = False  # the process is gone; late messages are still read
 
@@ -485,7 +483,6 @@ class Supervisor:
         worker = WorkerProc(
             id=new_worker_id(),
             hb=HeartbeatMonitor(self.config.heartbeat_timeout, time.monotonic()),
-            spawned_at=time.monotonic(),
             reserved=reserved,
         )
         self.workers[worker.id] = worker

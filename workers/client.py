@@ -40,7 +40,14 @@ from protocol.signaling import (
 from signaling.errors import LinkDown, LinkRejected
 from signaling.link import SignalingLink
 from workers.bridge import TunnelBridge
-from workers.errors import DeviceOffline, SessionFailed, SignalingRejected, TunnelError
+from workers.errors import (
+    DeviceBusy,
+    DeviceOffline,
+    ServiceNotExposed,
+    SessionFailed,
+    SignalingRejected,
+    TunnelError,
+)
 from workers.ice import IceServer
 from workers.peer import PeerSession, warm_up_crypto
 from workers.tasks import TaskSet
@@ -273,16 +280,8 @@ class ClientTunnel:
         self._tasks.spawn(guarded(), name=f"session {peer.session_id} signal")
 
 
-class DeviceBusy(SessionFailed):
-    """The signaling server refused the request for now (``too_many_sessions``)."""
-
-
 def _refused_by_server(exc: BaseException) -> bool:
     return isinstance(exc, (DeviceBusy, DeviceOffline, SignalingRejected))
-
-
-class ServiceNotExposed(TunnelError):
-    """The device does not expose the service this forward names."""
 
 
 class PortForward:

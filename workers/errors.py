@@ -7,9 +7,9 @@
     ├── SignalingRejected       the signaling server refused a request for good
     │                           (forbidden device): retrying won't help
     ├── SessionFailed           one peer session could not be set up or broke
-    │   └── DeviceOffline       the device is not registered with the signaling server
-    └── ServiceRefused          the device refused a stream (service not exposed,
-                                connection to the service failed)
+    │   ├── DeviceOffline       the device is not registered with the signaling server
+    │   └── DeviceBusy          the server refused the request for now (too_many_sessions)
+    └── ServiceNotExposed       the device does not expose the service a forward names
 
 The signaling link's own failures are :class:`signaling.errors.LinkRejected`
 (refused for good) and :class:`signaling.errors.LinkDown`.
@@ -38,5 +38,9 @@ class DeviceOffline(SessionFailed):
     """The requested device is not connected to the signaling server."""
 
 
-class ServiceRefused(TunnelError):
-    """The device reset a stream before it carried any data (e.g. unknown service)."""
+class DeviceBusy(SessionFailed):
+    """The signaling server refused the request for now (``too_many_sessions``)."""
+
+
+class ServiceNotExposed(TunnelError):
+    """The device does not expose the service this forward names."""

@@ -37,8 +37,6 @@ log = logging.getLogger("tunnelctl.peer")
 CHANNEL_PROTOCOL = "tunnelctl/1"
 DEFAULT_LABEL = "tunnel"
 
-#: The states of the W3C ``RTCPeerConnectionState``, reported as they happen.
-PEER_STATES = ("new", "connecting", "connected", "disconnected", "failed", "closed")
 
 SendSignal = Callable[[SignalingMessage], Awaitable[None]]
 
@@ -305,10 +303,3 @@ class PeerSession:
                 self._channel.exception()
         if self._on_state is not None:
             self._on_state(state)
-
-
-def require_channel(session: PeerSession) -> RTCDataChannel:
-    channel = session.channel
-    if channel is None:
-        raise TunnelUsageError("the DataChannel is not open")
-    return channel
