@@ -153,7 +153,7 @@ sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.bind(("0.0.0.0", local))
 sock.settimeout(1)
 tid = os.urandom(12)
-for _ in range(5):
+for _ in range(3):
     sock.sendto(struct.pack("!HHI", 0x0001, 0, 0x2112A442) + tid, (server, port))
     try:
         data = sock.recv(2048)
@@ -349,6 +349,14 @@ class Namespace:
     def run(self, *argv: str, check: bool = True, timeout: float = COMMAND_TIMEOUT) -> str:
         """Run a short command inside this namespace; its stdout."""
         return run(self.argv(argv), check=check, timeout=timeout)
+
+    def succeeds(self, *argv: str, timeout: float = COMMAND_TIMEOUT) -> bool:
+        """Whether a command inside this namespace exits 0 within ``timeout``."""
+        try:
+            done = subprocess.run(self.argv(argv), capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return done.returncode == 0
 
     def ip(self, *args: str) -> str:
         return run(["ip", "-n", self.name, *args])
@@ -772,8 +780,9 @@ class Lab:
 
     @staticmethod
     def _move_address(ns: Namespace, dev: str, old: str, new: str) -> None:
-        ns.ip("addr", "add", f"{new}/24", "dev", dev)
+        # Old first: deleting a primary address takes its subnet's secondaries along.
         ns.ip("addr", "del", f"{old}/24", "dev", dev)
+        ns.ip("addr", "add", f"{new}/24", "dev", dev)
 
     def mapped_address(self, site: Site, local_port: int = 0) -> tuple[str, int]:
         """What the STUN server sees of a UDP socket in ``site`` (RFC 8489 Binding)."""
@@ -955,36 +964,57 @@ def device_id(kind: str) -> str:
     return f"dev-{kind}"
 
 
+class Matrix:
+    """Runs cases on a lab from :func:`build_matrix_lab`, one device NAT at a time.
+
+    The device (its supervisor and web server) starts afresh when the device
+    NAT changes, so that cases grouped by device NAT never meet an idle worker
+    prepared more than a few cases ago: behind a NAT its mappings expire after
+    ``udp_timeout`` (issue 7, an idle device behind a relay), which the matrix
+    does not test.
+    """
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.device: Device | None = None
+        self.web: Process | None = None
+
+    def run(self, device_nat: str, client_nat: str) -> CaseResult:
+        if self.device is None or self.device.site.nat != device_nat:
+            self.close()
+            site = self.lab.sites[f"dev-{device_nat}"]
+            self.web = self.lab.start_web(site)
+            self.device = self.lab.start_device(site, device_id(device_nat))
+            warm_up(self.lab, self.device)
+        return run_case(self.lab, self.device, self.lab.sites[f"cli-{client_nat}"])
+
+    def close(self) -> None:
+        if self.device is not None:
+            self.device.stop()
+            self.device = None
+        if self.web is not None:
+            self.lab.stop(self.web)
+            self.web = None
+
+
 def run_matrix(
     lab: Lab,
     cases: Sequence[tuple[str, str]],
     *,
     on_result: Callable[[CaseResult], None] | None = None,
 ) -> list[CaseResult]:
-    """Run ``cases`` grouped by device NAT: one device (supervisor, web server) per group.
-
-    The device starts afresh for each group so that no idle worker prepared
-    more than a few cases ago is used: behind a NAT its mappings expire after
-    ``udp_timeout`` (issue 7, an idle device behind a relay), which this matrix
-    does not test.
-    """
+    """Run ``cases``, grouped by device NAT (see :class:`Matrix`)."""
+    order = {kind: i for i, kind in enumerate(dict.fromkeys(d for d, _ in cases))}
+    matrix = Matrix(lab)
     results: list[CaseResult] = []
-    for dev_kind in dict.fromkeys(d for d, _ in cases):
-        site = lab.sites[f"dev-{dev_kind}"]
-        web = lab.start_web(site)
-        device = lab.start_device(site, device_id(dev_kind))
-        try:
-            warm_up(lab, device)
-            for d, c in cases:
-                if d != dev_kind:
-                    continue
-                result = run_case(lab, device, lab.sites[f"cli-{c}"])
-                results.append(result)
-                if on_result is not None:
-                    on_result(result)
-        finally:
-            device.stop()
-            lab.stop(web)
+    try:
+        for case in sorted(cases, key=lambda case: order[case[0]]):
+            result = matrix.run(*case)
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    finally:
+        matrix.close()
     return results
 
 
