@@ -508,6 +508,7 @@ class Lab:
         self.big_sha256 = ""
         self.signal_url = f"ws://{PUBLIC_ADDR}:{SIGNAL_PORT}/signal"
         self.coturn: Process | None = None
+        self.signal: Process | None = None
         self._renumbered = 0
 
     def __enter__(self) -> Lab:
@@ -527,15 +528,15 @@ class Lab:
             pub.ip("addr", "add", f"{PUBLIC_ADDR}/24", "dev", "br0")
             pub.ip("link", "set", "br0", "up")
             self.coturn = self._start_coturn()
-            self.signal = pub.spawn(
+            self.signal = signal_server = pub.spawn(
                 [sys.executable, "-m", "tunnelctl", "signal", "--host", PUBLIC_ADDR,
                  "--port", str(SIGNAL_PORT)],
                 env={"TUNNEL_SECRET": self.jwt_secret},
                 name="signal",
             )  # fmt: skip
-            self.processes.append(self.signal)
+            self.processes.append(signal_server)
             self._write_big_file()
-            self.signal.wait_line("listening ")
+            signal_server.wait_line("listening ")
             # Its verbose log names each listener once it is open.
             self.coturn.wait_lines(["TCP listener opened on", "UDP listener opened on"])
         except BaseException:
@@ -1078,8 +1079,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     cases = args.case or [(d, c) for d in NAT_KINDS for c in NAT_KINDS]
     kinds = [k for k in NAT_KINDS if any(k in case for case in cases)]
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
+    # `uv run` starts us with SIGINT ignored, which Python then keeps: Ctrl-C
+    # must reach this process, which stops its children (in their own sessions).
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_interrupt)
 
     def report(result: CaseResult) -> None:
         print(json.dumps(asdict(result)) if args.json else table_row(result), flush=True)
