@@ -39,8 +39,8 @@ device site exposing an HTTP server of that site, ``tunnelctl connect`` in the
 client site, and a 16 MiB fetch through the forward inside the client site,
 checked by SHA-256. :class:`CaseResult` is the JSON line ``--json`` prints:
 ``device_nat``, ``client_nat``, ``connected``, ``path`` (``direct``/``relay``),
-``pair`` (the client's and the device's candidate types, ``local/remote`` as
-the client sees it), ``connect_ms`` (request to DataChannel open, from
+``pair`` (``CLIENT/DEVICE``: the candidate type each end reports for its side
+of the nominated pair, see :func:`path_of`), ``connect_ms`` (request to DataChannel open, from
 ``connect``'s readiness line), ``transfer_ok``, ``mbps`` (megabits/s),
 ``mib_s``, ``relay_transport`` (``udp``/``tcp`` from the routers' byte
 counters of TURN traffic, ``null`` when no TURN server carried the transfer),
@@ -881,9 +881,14 @@ class CaseResult:
 def path_of(client_type: str | None, device_type: str | None) -> str | None:
     """``direct`` or ``relay`` from the local candidate type each end reports.
 
-    TODO(issue 7, path from both candidates): the worker and ``connect`` report
-    only their own local candidate type; combining both ends' is what we can do
-    until they report ``direct|relay`` from the whole nominated pair.
+    A pair's local candidate is a host or relay address (RFC 8445 §6.1.2.4
+    replaces a server-reflexive one by its base), so a hole-punched path reads
+    ``host/host``; a path is relayed when either end's local candidate is.
+
+    TODO(issue 7, path from both candidates): ``connect`` and the worker report
+    only their own local candidate type, so ``pair`` is the client's and the
+    device's local type rather than the client's local/remote; once they report
+    ``direct|relay`` and both types of the nominated pair, read those instead.
     """
     if client_type is None or device_type is None:
         return None
@@ -915,7 +920,6 @@ def run_case(lab: Lab, device: Device, client_site: Site) -> CaseResult:
         megabits = fetched["bytes"] * 8 / 1e6
         result.mbps = round(megabits / fetched["seconds"], 1)
         result.mib_s = round(fetched["bytes"] / MIB / fetched["seconds"], 2)
-        # The device's side of the pair: its own local candidate type.
         rows = [r for r in device.sessions() if r["id"] not in before]
         device_type = rows[-1]["path"] if rows else None
         client_type = None if match["type"] == "unknown" else match["type"]
