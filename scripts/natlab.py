@@ -714,8 +714,7 @@ class Lab:
 
     def start_device(self, site: Site, device: str, *, extra: Sequence[str] = ()) -> Device:
         """``tunnelctl start`` in ``site`` exposing its web server as ``web``; once registered."""
-        runtime = self.workdir / f"runtime-{device}"
-        runtime.mkdir(mode=0o700)
+        runtime = Path(tempfile.mkdtemp(prefix=f"runtime-{device}-", dir=self.workdir))
         ice, env = self.ice_args(site)
         process = self.tunnelctl(
             site,
