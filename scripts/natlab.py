@@ -29,22 +29,32 @@ idle mappings expire within a test, as they do in home routers.
 coturn (RFC 8656 TURN, RFC 8489 STUN) runs from a config file the lab writes:
 listening on the public address over UDP and TCP, no TLS/DTLS, relay ports in a
 small range, peers in private and reserved ranges denied as coturn advises for a
-public server, except the lab's own public segment; authentication with a
-static long-term user (``turn_auth="static"``) or coturn's TURN REST shared
-secret (``"secret"``: ``use-auth-secret``, username ``EXPIRY:ID``, password
-base64(HMAC-SHA1(secret, username)), draft-uberti-behave-turn-rest).
+public server, except the lab's own public segment. Every peer is offered the
+STUN server, TURN over UDP and TURN over TCP, in one of two ways:
+
+* ``turn_auth="secret"`` (the default, the deployment README describes):
+  coturn's TURN REST shared secret (``use-auth-secret``), and ``tunnelctl
+  signal --ice-server ... --turn-secret-file`` hands every device and client
+  the servers with short-lived credentials (username ``EXPIRY:ID``, password
+  base64(HMAC-SHA1(secret, username)), draft-uberti-behave-turn-rest);
+  ``start`` and ``connect`` get no ICE option at all.
+* ``turn_auth="static"``: a long-term user (``lt-cred-mech``) given to
+  ``start`` and ``connect`` with ``--stun``, ``--turn`` and ``--turn-user``
+  (the password in ``TUNNEL_TURN_PASSWORD``).
 
 A *case* is one (device NAT, client NAT) pair: ``tunnelctl start`` in the
 device site exposing an HTTP server of that site, ``tunnelctl connect`` in the
 client site, and a 16 MiB fetch through the forward inside the client site,
 checked by SHA-256. :class:`CaseResult` is the JSON line ``--json`` prints:
-``device_nat``, ``client_nat``, ``connected``, ``path`` (``direct``/``relay``),
-``pair`` (``CLIENT/DEVICE``: the candidate type each end reports for its side
-of the nominated pair, see :func:`path_of`), ``connect_ms`` (request to DataChannel open, from
-``connect``'s readiness line), ``transfer_ok``, ``mbps`` (megabits/s),
-``mib_s``, ``relay_transport`` (``udp``/``tcp`` from the routers' byte
-counters of TURN traffic, ``null`` when no TURN server carried the transfer),
-``turn_bytes`` (those counters) and ``error``.
+``device_nat``, ``client_nat``, ``connected``; ``path`` (``direct``/``relay``)
+and ``pair`` (local/remote candidate types) as the client reports them,
+``device_path`` and ``device_pair`` as the device does; ``connect_ms``
+(request to DataChannel open, from ``connect``'s readiness line),
+``transfer_ok``, ``mbps`` (megabits/s), ``mib_s``; ``relay_transport``
+(``udp``/``tcp``: which carried the most TURN traffic by the routers' byte
+counters, ``null`` on a direct path), ``relay_via`` (each end's own relay
+transport as it reports it, ``null`` when it relays nothing itself),
+``turn_bytes`` (the counters) and ``error``.
 
 The building blocks (:class:`Lab`, :class:`Site`, :class:`Namespace`,
 :class:`Process`) are for tests too: ``tests/e2e/natlab_support.py`` wraps them
@@ -124,8 +134,18 @@ DENIED_PEERS = (
     "fe80::-febf:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
 )
 
+#: What every peer is offered: STUN, TURN over UDP, TURN over TCP (all gathered).
+ICE_URLS = (
+    f"stun:{PUBLIC_ADDR}:{TURN_PORT}",
+    f"turn:{PUBLIC_ADDR}:{TURN_PORT}",
+    f"turn:{PUBLIC_ADDR}:{TURN_PORT}?transport=tcp",
+)
+
+#: ``connect``'s readiness line, e.g. ``... (DataChannel open in 61 ms, relay path
+#: (host/relay over tcp))``: the path from both candidates of the nominated pair.
 FORWARDING_RE = re.compile(
-    r"forwarding (?P<addr>\S+) -> \S+ \(DataChannel open in (?P<ms>\d+) ms, (?P<type>\S+) path\)"
+    r"forwarding (?P<addr>\S+) -> \S+ \(DataChannel open in (?P<ms>\d+) ms, "
+    r"(?:(?P<path>direct|relay) path \((?P<pair>\w+/\w+)(?: over (?P<via>\w+))?\)|unknown path)\)"
 )
 
 #: Run inside the client's namespace: fetch a URL, hash it as it streams.
@@ -491,7 +511,7 @@ class Lab:
         self,
         *,
         udp_timeout: int = 30,
-        turn_auth: str = "static",
+        turn_auth: str = "secret",
         tag: str | None = None,
     ) -> None:
         if turn_auth not in ("static", "secret"):
@@ -528,9 +548,17 @@ class Lab:
             pub.ip("addr", "add", f"{PUBLIC_ADDR}/24", "dev", "br0")
             pub.ip("link", "set", "br0", "up")
             self.coturn = self._start_coturn()
+            handout: list[str] = []
+            if self.turn.mode == "secret":
+                secret_file = self.workdir / "turn-secret"
+                secret_file.write_text(self.turn.secret)
+                secret_file.chmod(0o600)
+                for url in ICE_URLS:
+                    handout += ["--ice-server", url]
+                handout += ["--turn-secret-file", str(secret_file)]
             self.signal = signal_server = pub.spawn(
                 [sys.executable, "-m", "tunnelctl", "signal", "--host", PUBLIC_ADDR,
-                 "--port", str(SIGNAL_PORT)],
+                 "--port", str(SIGNAL_PORT), *handout],
                 env={"TUNNEL_SECRET": self.jwt_secret},
                 name="signal",
             )  # fmt: skip
@@ -677,22 +705,18 @@ class Lab:
     def token(self, sub: str, role: str, devices: Sequence[str] = ()) -> str:
         return issue_token(self.jwt_secret, sub=sub, role=role, devices=tuple(devices), ttl=3600)
 
-    def ice_args(self, site: Site) -> tuple[list[str], dict[str, str]]:
-        """STUN and TURN options for a peer in ``site`` and the environment holding the password.
+    def ice_args(self) -> tuple[list[str], dict[str, str]]:
+        """ICE options for ``start``/``connect`` and the environment with the TURN password.
 
-        TODO(issue 7, several ICE servers): aiortc keeps only the first STUN and
-        the first TURN server, so a site whose router blocks UDP is given TURN
-        over TCP instead of UDP. Once every server is gathered, give every site
-        both URLs and let ICE find out.
+        None with ``turn_auth="secret"``: the signaling server hands them out.
         """
-        transport = "?transport=tcp" if site.nat == "udp-blocked" else ""
+        if self.turn.mode == "secret":
+            return [], {}
         user, password = self.turn.credentials()
-        args = [
-            "--stun", f"stun:{PUBLIC_ADDR}:{TURN_PORT}",
-            "--turn", f"turn:{PUBLIC_ADDR}:{TURN_PORT}{transport}",
-            "--turn-user", user,
-        ]  # fmt: skip
-        return args, {"TUNNEL_TURN_PASSWORD": password}
+        args = []
+        for url in ICE_URLS:
+            args += ["--stun" if url.startswith("stun:") else "--turn", url]
+        return [*args, "--turn-user", user], {"TUNNEL_TURN_PASSWORD": password}
 
     def tunnelctl(
         self, site: Site, args: Sequence[str], *, env: Mapping[str, str] | None = None, name: str
@@ -715,7 +739,7 @@ class Lab:
     def start_device(self, site: Site, device: str, *, extra: Sequence[str] = ()) -> Device:
         """``tunnelctl start`` in ``site`` exposing its web server as ``web``; once registered."""
         runtime = Path(tempfile.mkdtemp(prefix=f"runtime-{device}-", dir=self.workdir))
-        ice, env = self.ice_args(site)
+        ice, env = self.ice_args()
         process = self.tunnelctl(
             site,
             ["start", "--runtime-dir", str(runtime), "--signal", self.signal_url,
@@ -730,7 +754,7 @@ class Lab:
         self, site: Site, device: str, *, service: str = "web", extra: Sequence[str] = ()
     ) -> Process:
         """``tunnelctl connect`` in ``site`` forwarding a local port to ``device``/``service``."""
-        ice, env = self.ice_args(site)
+        ice, env = self.ice_args()
         return self.tunnelctl(
             site,
             ["connect", "--signal", self.signal_url, "--device", device, "--service", service,
@@ -868,30 +892,16 @@ class CaseResult:
     connected: bool = False
     path: str | None = None
     pair: str | None = None
+    device_path: str | None = None
+    device_pair: str | None = None
     connect_ms: int | None = None
     transfer_ok: bool = False
     mbps: float | None = None
     mib_s: float | None = None
     relay_transport: str | None = None
+    relay_via: dict[str, str | None] = field(default_factory=dict)
     turn_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
     error: str | None = None
-
-
-def path_of(client_type: str | None, device_type: str | None) -> str | None:
-    """``direct`` or ``relay`` from the local candidate type each end reports.
-
-    A pair's local candidate is a host or relay address (RFC 8445 §6.1.2.4
-    replaces a server-reflexive one by its base), so a hole-punched path reads
-    ``host/host``; a path is relayed when either end's local candidate is.
-
-    TODO(issue 7, path from both candidates): ``connect`` and the worker report
-    only their own local candidate type, so ``pair`` is the client's and the
-    device's local type rather than the client's local/remote; once they report
-    ``direct|relay`` and both types of the nominated pair, read those instead.
-    """
-    if client_type is None or device_type is None:
-        return None
-    return "relay" if "relay" in (client_type, device_type) else "direct"
 
 
 def run_case(lab: Lab, device: Device, client_site: Site) -> CaseResult:
@@ -908,6 +918,8 @@ def run_case(lab: Lab, device: Device, client_site: Site) -> CaseResult:
             raise LabError(f"unexpected forwarding line: {line!r}")
         result.connected = True
         result.connect_ms = int(match["ms"])
+        result.path, result.pair = match["path"], match["pair"]
+        result.relay_via["client"] = match["via"]
         fetched = lab.fetch(client_site, match["addr"])
         result.transfer_ok = (
             fetched["status"] == 200
@@ -920,10 +932,9 @@ def run_case(lab: Lab, device: Device, client_site: Site) -> CaseResult:
         result.mbps = round(megabits / fetched["seconds"], 1)
         result.mib_s = round(fetched["bytes"] / MIB / fetched["seconds"], 2)
         rows = [r for r in device.sessions() if r["id"] not in before]
-        device_type = rows[-1]["path"] if rows else None
-        client_type = None if match["type"] == "unknown" else match["type"]
-        result.pair = f"{client_type}/{device_type}"
-        result.path = path_of(client_type, device_type)
+        if rows:
+            result.device_path, result.device_pair = rows[-1]["path"], rows[-1]["pair"]
+            result.relay_via["device"] = rows[-1]["relay_transport"]
     except LabError as exc:
         result.error = str(exc)
     finally:
@@ -1025,8 +1036,8 @@ def run_matrix(
 # -- the command line -------------------------------------------------------------------
 
 TABLE_HEADER = (
-    f"{'device':<12} {'client':<12} {'path':<7} {'pair':<13} {'connect ms':>10} "
-    f"{'MiB/s':>7} {'Mbit/s':>7} {'TURN':<5} {'16 MiB':<7}"
+    f"{'device':<12} {'client':<12} {'path':<7} {'pair':<12} {'device pair':<12} "
+    f"{'connect ms':>10} {'MiB/s':>7} {'Mbit/s':>7} {'TURN':<5} {'16 MiB':<7}"
 )
 
 
@@ -1035,9 +1046,10 @@ def table_row(r: CaseResult) -> str:
         return "-" if value is None else str(value)
 
     line = (
-        f"{r.device_nat:<12} {r.client_nat:<12} {show(r.path):<7} {show(r.pair):<13} "
-        f"{show(r.connect_ms):>10} {show(r.mib_s):>7} {show(r.mbps):>7} "
-        f"{show(r.relay_transport):<5} {'intact' if r.transfer_ok else 'FAILED':<7}"
+        f"{r.device_nat:<12} {r.client_nat:<12} {show(r.path):<7} {show(r.pair):<12} "
+        f"{show(r.device_pair):<12} {show(r.connect_ms):>10} {show(r.mib_s):>7} "
+        f"{show(r.mbps):>7} {show(r.relay_transport):<5} "
+        f"{'intact' if r.transfer_ok else 'FAILED':<7}"
     )
     return line + (f"  {r.error}" if r.error else "")
 
@@ -1072,8 +1084,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--udp-timeout", type=int, default=30, metavar="S", help="routers' UDP conntrack timeout"
     )
     parser.add_argument(
-        "--turn-auth", choices=("static", "secret"), default="static",
-        help="coturn's authentication: a static user, or the TURN REST shared secret",
+        "--turn-auth", choices=("secret", "static"), default="secret",
+        help="secret: coturn's TURN REST shared secret, servers and credentials handed out by "
+        "tunnelctl signal (default); static: a long-term user given to start/connect",
     )  # fmt: skip
     args = parser.parse_args(argv)
     reason = unavailable_reason()
@@ -1124,12 +1137,14 @@ def keep_up(lab: Lab, kinds: Sequence[str]) -> None:
             file=sys.stderr,
         )
     env = lab.workdir / "client.env"
-    user, password = lab.turn.credentials()
     token = lab.token("poke", "client", [device_id(k) for k in kinds])
-    env.write_text(f"TUNNEL_TOKEN={token}\nTUNNEL_TURN_PASSWORD={password}\n")
+    password = lab.ice_args()[1].get("TUNNEL_TURN_PASSWORD")
+    env.write_text(
+        f"TUNNEL_TOKEN={token}\n" + (f"TUNNEL_TURN_PASSWORD={password}\n" if password else "")
+    )
     env.chmod(0o600)
     site = lab.sites[f"cli-{kinds[0]}"]
-    ice = " ".join([*lab.ice_args(site)[0][:-1], user])
+    ice = " ".join(lab.ice_args()[0])
     print(
         f"a client, e.g.: ip netns exec {site.host.name} env $(cat {env}) "
         f"{sys.executable} -m tunnelctl connect --signal {lab.signal_url} "

@@ -75,6 +75,7 @@ def test_case_connects_on_the_expected_path_and_transfers_intact(
         # succeeds meanwhile wins (about one run in three here).
         pytest.xfail("cone-cone took the relay: the first hole-punching check was dropped")
     assert result.path == expected, result
+    assert result.device_path == result.path, result  # both ends see the same pair
 
     through_turn = sum(sum(side.values()) for side in result.turn_bytes.values())
     if expected == "direct":
@@ -86,6 +87,7 @@ def test_case_connects_on_the_expected_path_and_transfers_intact(
             # Its only way out: TURN over TCP carried the whole transfer.
             assert result.turn_bytes[side]["tcp"] >= natlab.BIG_SIZE, result.turn_bytes
             assert result.relay_transport == "tcp"
+            assert result.relay_via[side] == "tcp", result
 
 
 # -- the building blocks other tests use ----------------------------------------------
@@ -188,10 +190,10 @@ def test_a_failed_build_leaves_no_namespace_process_or_file(monkeypatch: Any) ->
     assert lab.signal.proc.poll() is not None and lab.coturn.proc.poll() is not None
 
 
-def test_coturn_with_the_turn_rest_shared_secret_relays_a_session() -> None:
-    """coturn's ``use-auth-secret``: time-limited usernames and HMAC passwords work."""
+def test_explicit_turn_options_with_a_static_coturn_user_relay_a_session() -> None:
+    """``--stun``/``--turn``/``--turn-user`` and a long-term coturn user, no handout."""
     require_natlab()
-    with natlab.Lab(turn_auth="secret", tag=f"{os.getpid()}s") as lab:
+    with natlab.Lab(turn_auth="static", tag=f"{os.getpid()}s") as lab:
         natlab.build_matrix_lab(lab, ["symmetric"])
         matrix = natlab.Matrix(lab)
         try:
@@ -200,4 +202,4 @@ def test_coturn_with_the_turn_rest_shared_secret_relays_a_session() -> None:
             matrix.close()
     print(natlab.table_row(result))
     assert result.transfer_ok, result.error
-    assert result.path == "relay" and result.relay_transport == "udp", result
+    assert result.path == "relay" and result.device_path == "relay", result
