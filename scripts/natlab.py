@@ -242,7 +242,11 @@ def run(argv: Sequence[str], *, check: bool = True, timeout: float = COMMAND_TIM
 
 
 class Process:
-    """A long-running child whose stdout is watched for a readiness line; stopped by pid."""
+    """A long-running child whose stdout is watched for a readiness line; stopped by pid.
+
+    Like ``tunnelctl.children.Child`` (which scripts may not import), but for
+    any program and any readiness line, behind ``ip netns exec``.
+    """
 
     def __init__(
         self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, name: str
@@ -459,7 +463,11 @@ class Site:
         return [self.host] if self.router is None else [self.host, self.router]
 
     def turn_bytes(self) -> dict[str, int]:
-        """Bytes this site exchanged with the TURN server since the last reset, per transport."""
+        """Bytes this site exchanged with coturn's port since the last reset, per transport.
+
+        That is the traffic of the site's own TURN allocations (and STUN); what
+        a peer sends to this site's relay address reaches coturn elsewhere.
+        """
         rows = self.uplink.iptables("-n", "-v", "-x", "-L", COUNT_CHAIN).splitlines()[2:]
         counts = {"udp": 0, "tcp": 0}
         for row in rows:
