@@ -480,6 +480,17 @@ class Site:
     def reset_turn_bytes(self) -> None:
         self.uplink.iptables("-Z", COUNT_CHAIN)
 
+    def mappings(self, proto: str = "udp") -> list[str]:
+        """The router's conntrack entries (its NAT mappings) for ``proto``; none without one.
+
+        Entries leave when idle past the UDP timeout: polling this tells a test
+        that a site's mappings expired.
+        """
+        if self.router is None:
+            return []
+        table = self.router.run("cat", "/proc/net/nf_conntrack")
+        return [line for line in table.splitlines() if f" {proto} " in line]
+
 
 # -- the lab ----------------------------------------------------------------------------
 
@@ -579,8 +590,11 @@ class Lab:
             self.close()
             raise
 
-    def add_site(self, name: str, nat: str) -> Site:
-        """A site on the public segment, behind a router of kind ``nat``."""
+    def add_site(self, name: str, nat: str, *, udp_timeout: int | None = None) -> Site:
+        """A site on the public segment, behind a router of kind ``nat``.
+
+        ``udp_timeout``: its router's UDP conntrack timeout, the lab's by default.
+        """
         if nat not in NAT_KINDS:
             raise ValueError(f"NAT kind must be one of {', '.join(NAT_KINDS)}, not {nat!r}")
         if name in self.sites:
@@ -606,7 +620,7 @@ class Lab:
                 ns.ip("link", "set", dev, "up")
             host.ip("route", "add", "default", "via", f"10.{index}.0.1")
             site = Site(name, nat, index, host, router, f"10.{index}.0.2", public_address)
-            self._configure_router(site)
+            self._configure_router(site, udp_timeout or self.udp_timeout)
         self.public.ip("link", "set", port, "master", "br0")
         self.public.ip("link", "set", port, "up")
         self._count_turn(site)
@@ -629,7 +643,7 @@ class Lab:
         run(["ip", "-n", a.name, "link", "add", a_dev, "type", "veth",
              "peer", "name", b_dev, "netns", b.name])  # fmt: skip
 
-    def _configure_router(self, site: Site) -> None:
+    def _configure_router(self, site: Site, udp_timeout: int) -> None:
         router = site.router
         assert router is not None
         masquerade = ["-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE"]
@@ -654,8 +668,8 @@ class Lab:
             net__ipv4__ip_forward=1,
             # The conntrack module is loaded by the NAT rule above, so its
             # per-namespace timeouts exist now.
-            net__netfilter__nf_conntrack_udp_timeout=self.udp_timeout,
-            net__netfilter__nf_conntrack_udp_timeout_stream=self.udp_timeout,
+            net__netfilter__nf_conntrack_udp_timeout=udp_timeout,
+            net__netfilter__nf_conntrack_udp_timeout_stream=udp_timeout,
         )
 
     def _count_turn(self, site: Site) -> None:

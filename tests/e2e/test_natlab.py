@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -111,6 +112,21 @@ def test_nat_kinds_map_ports_as_documented(natlab_lab: Any) -> None:
     with pytest.raises(natlab.LabError, match="no STUN answer"):
         lab.mapped_address(blocked, 40001)
     assert tcp_reachable(blocked, natlab.PUBLIC_ADDR, natlab.SIGNAL_PORT)
+
+
+def test_idle_udp_mappings_expire_after_the_routers_timeout(natlab_lab: Any) -> None:
+    lab = natlab_lab
+    site = lab.add_site("t-expiry", "symmetric", udp_timeout=2)
+    assert site.router.run("sysctl", "-n", "net.netfilter.nf_conntrack_udp_timeout") == "2\n"
+    first = lab.mapped_address(site, 40001)
+    assert lab.mapped_address(site, 40001) == first  # in use: the mapping holds
+
+    deadline = time.monotonic() + 15
+    while any("sport=40001 " in entry for entry in site.mappings()):
+        assert time.monotonic() < deadline, site.mappings()
+        time.sleep(0.2)  # polling the router's table: conntrack sends no event here
+    # A new mapping, with a new random port: what a peer idle past the timeout meets.
+    assert lab.mapped_address(site, 40001) != first
 
 
 def test_partition_drops_everything_between_two_sites_until_restored(natlab_lab: Any) -> None:
