@@ -31,7 +31,7 @@ from aiortc.sdp import candidate_from_sdp
 from protocol.ice import IcePolicy, IceServer
 from protocol.signaling import Answer, Candidate, IceCandidate, Offer, SignalingMessage
 from signaling.errors import LinkError
-from workers.aiortc_tuning import relay_transport
+from workers.aiortc_tuning import failed_servers, relay_transport
 from workers.errors import SessionFailed, TunnelUsageError
 from workers.ice import rtc_configuration
 
@@ -275,6 +275,10 @@ class PeerSession:
         connection = self._ice_connection()
         if connection is not None:
             connection.tunnelctl_on_relay_lost = self._relay_lost
+
+    def failed_turn_servers(self) -> list[str]:
+        """TURN servers this peer's gathering got no relayed candidate from."""
+        return [s for s in failed_servers(self._ice_connection()) if s.startswith("TURN")]
 
     def relay_in_use(self, url: str) -> bool:
         """Whether the nominated pair goes through our relay on TURN server ``url``."""

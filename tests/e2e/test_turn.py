@@ -10,8 +10,10 @@ any log, even at ``-vv``.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 import re
 import secrets
 import shutil
@@ -23,6 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,7 +33,7 @@ from protocol.ice import turn_rest_credential
 from signaling.auth import issue_token
 from tests.e2e.conftest import LOOPBACK, READY, WebService
 from tests.e2e.test_tunnel import http_get
-from tests.e2e.turn_support import TURN_SECRET, Coturn, have_coturn, make_test_ca
+from tests.e2e.turn_support import TURN_SECRET, Coturn, free_port, have_coturn, make_test_ca
 from tunnelctl.children import Child
 
 pytestmark = [
@@ -42,10 +45,24 @@ pytestmark = [
 class LoggedChild(Child):
     """A child whose whole stderr is kept: credentials must not appear in any of it."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.logged = threading.Condition()
+        super().__init__(*args, **kwargs)
+
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
-            self.stderr_lines.append(line.rstrip("\n"))
+            with self.logged:
+                self.stderr_lines.append(line.rstrip("\n"))
+                self.logged.notify_all()
+
+    def wait_logged(self, fragment: str, count: int, timeout: float) -> None:
+        """Wait until ``fragment`` has appeared in ``count`` stderr lines."""
+        with self.logged:
+            if not self.logged.wait_for(
+                lambda: sum(fragment in line for line in self.stderr_lines) >= count, timeout
+            ):
+                raise AssertionError(f"{self.name}: {fragment!r} not logged {count} times")
 
 
 @dataclass
@@ -60,7 +77,7 @@ class RelayLab:
     def token(self, sub: str, role: str, devices: tuple[str, ...] = ()) -> str:
         return issue_token(self.secret, sub=sub, role=role, devices=devices, ttl=600)
 
-    def child(self, args: list[str], env: dict[str, str], name: str) -> Child:
+    def child(self, args: list[str], env: dict[str, str], name: str) -> LoggedChild:
         if self.ca is not None:
             env = {**env, "SSL_CERT_FILE": str(self.ca)}
         child = LoggedChild(args, env=env, name=name)
@@ -77,8 +94,11 @@ class RelayLab:
         return child.wait_line("listening ", READY).split()[1]
 
     def device(self, signal_url: str, *extra: str) -> Path:
+        return self.start_device(signal_url, *extra)[1]
+
+    def start_device(self, signal_url: str, *extra: str) -> tuple[LoggedChild, Path]:
         runtime = self.workdir / "device-runtime"
-        self.child(
+        child = self.child(
             [
                 "-vv",
                 "start",
@@ -95,8 +115,9 @@ class RelayLab:
             ],
             {"TUNNEL_TOKEN": self.token("dev1", "device")},
             "device",
-        ).wait_line("registered ", READY)
-        return runtime
+        )
+        child.wait_line("registered ", READY)
+        return child, runtime
 
     def connect(self, signal_url: str, *extra: str) -> tuple[Child, str]:
         child = self.child(
@@ -183,7 +204,7 @@ def test_relay_only_through_coturn_with_signaled_credentials(lab: RelayLab) -> N
     port = lab.coturn.port
     udp, tcp = f"turn:127.0.0.1:{port}", f"turn:127.0.0.1:{port}?transport=tcp"
     signal_url = lab.signal(udp, tcp)
-    runtime = lab.device(signal_url, "--ice-policy", "relay")
+    device, runtime = lab.start_device(signal_url, "--ice-policy", "relay")
     started = time.perf_counter()
     _, line = lab.connect(signal_url, "--ice-policy", "relay")
     print(f"relay set-up (connect start to forwarding line): {time.perf_counter() - started:.2f} s")
@@ -200,6 +221,10 @@ def test_relay_only_through_coturn_with_signaled_credentials(lab: RelayLab) -> N
     for url in (udp, tcp):
         assert logs.count(f"via {url}\n") + logs.count(f"via {url}") >= 2, url
     assert "session " in logs and "connected, relay path (relay/relay" in logs
+    # -vv: the workers' aiortc/aioice debug lines reach the supervisor's log.
+    worker_lines = [line for line in device.stderr_lines if " worker[" in line]
+    assert any(" aioice." in line and " DEBUG " in line for line in worker_lines)
+    assert any(" aiortc." in line and " DEBUG " in line for line in worker_lines)
     assert_no_credentials_logged(lab)
 
 
@@ -233,3 +258,63 @@ def test_turn_over_tls_with_a_test_ca(tls_lab: RelayLab) -> None:
     assert hashlib.sha256(big).hexdigest() == tls_lab.web.big_sha256
     (row,) = sessions_json(runtime)
     assert (row["path"], row["relay_transport"]) == ("relay", "tls")
+
+
+def test_an_idle_device_replaces_a_turn_allocation_the_server_dropped(lab: RelayLab) -> None:
+    """coturn restarts while the device is idle: its workers notice and gather again."""
+    url = f"turn:127.0.0.1:{lab.coturn.port}?transport=tcp"
+    signal_url = lab.signal(url)
+    device, _ = lab.start_device(signal_url, "--ice-policy", "relay", "--pool-size", "1")
+    device.wait_logged(f"via {url}", 1, READY)  # the idle worker holds an allocation
+
+    lab.coturn.stop()
+    lost = time.perf_counter()
+    device.wait_logged(f"TURN allocation on {url} lost", 1, READY)
+    print(f"allocation loss noticed in {time.perf_counter() - lost:.2f} s")
+    lab.coturn = Coturn(lab.workdir, port=lab.coturn.port)
+    lab.coturn.wait_ready(READY)
+    back = time.perf_counter()
+    device.wait_logged("offer prepared again with a fresh relay", 1, READY)
+    print(f"relay re-gathered {time.perf_counter() - back:.2f} s after coturn's return")
+
+    _, line = lab.connect(signal_url, "--ice-policy", "relay")
+    assert "relay path (relay/relay over tcp)" in line, line
+    assert http_get(line.split()[1], "/").startswith(b"<!doctype html>")
+
+
+async def test_every_stun_and_turn_server_is_gathered_and_failures_are_logged(
+    lab: RelayLab, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiortc alone keeps the first STUN and the first TURN server; we keep them all."""
+    from protocol.ice import IceServer
+    from workers.peer import PeerSession
+
+    async def send(message: object) -> None:
+        pass
+
+    port = lab.coturn.port
+    username, password = turn_rest_credential(TURN_SECRET, int(time.time()) + 600, "inproc")
+    dead = free_port()  # nothing listens there: that server must fail visibly
+    servers = [
+        IceServer(f"stun:127.0.0.1:{dead}"),
+        IceServer(f"stun:127.0.0.1:{port}"),
+        IceServer(f"turn:127.0.0.1:{dead}", username, password),
+        IceServer(f"turn:127.0.0.1:{port}", username, password),
+        IceServer(f"turn:127.0.0.1:{port}?transport=tcp", username, password),
+    ]
+    peer = PeerSession("", send, ice_servers=servers)
+    try:
+        with caplog.at_level(logging.WARNING, logger="tunnelctl.ice"):
+            sdp = await asyncio.wait_for(peer.prepare_offer(), READY)
+        lines = [line for line in sdp.splitlines() if line.startswith("a=candidate:")]
+        relays = [line for line in lines if " typ relay " in line]
+        srflx = [line for line in lines if " typ srflx " in line]
+        assert len(relays) == 2, lines  # TURN over UDP and over TCP, side by side
+        assert len({line.split()[0] for line in relays}) == 2  # distinct foundations
+        assert len(srflx) == 1, lines  # from the second STUN server
+        failed = peer.failed_turn_servers()
+        assert failed == [f"TURN server turn:127.0.0.1:{dead}"]
+        assert f"STUN server stun:127.0.0.1:{dead}" in caplog.text
+        assert f"TURN server turn:127.0.0.1:{dead}" in caplog.text
+    finally:
+        await peer.close()

@@ -47,8 +47,10 @@ def have_coturn() -> bool:
 class Coturn:
     """One ``turnserver`` process on 127.0.0.1; ``stop()`` ends it by pid."""
 
-    def __init__(self, workdir: Path, *, tls: tuple[Path, Path] | None = None) -> None:
-        self.port = free_port()
+    def __init__(
+        self, workdir: Path, *, tls: tuple[Path, Path] | None = None, port: int | None = None
+    ) -> None:
+        self.port = port or free_port()
         self.tls_port = free_port() if tls else None
         secret_file = workdir / "turn-secret"
         secret_file.write_text(TURN_SECRET + "\n")
