@@ -306,6 +306,12 @@ class SessionWorker:
             except SessionFailed as exc:
                 log.warning("worker %s: prepared offer failed: %s", self.worker_id, exc)
         else:
+            if prepared is not None:
+                log.info(
+                    "worker %s: offer prepared for other ICE settings; "
+                    "preparing on the session path",
+                    self.worker_id,
+                )
             self._discard_prepared()  # prepared for other ICE settings: start over
         return await self._prepare(wanted)
 
