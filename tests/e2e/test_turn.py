@@ -321,3 +321,26 @@ async def test_every_stun_and_turn_server_is_gathered_and_failures_are_logged(
         assert f"TURN server turn:127.0.0.1:{dead}" in caplog.text
     finally:
         await peer.close()
+
+
+def test_a_path_through_the_peers_relay_reads_relay(lab: RelayLab) -> None:
+    """The device has only host candidates; the client only its relay: both say relay."""
+    signal_url = lab.signal()
+    runtime = lab.device(signal_url)
+    username, password = turn_rest_credential(TURN_SECRET, int(time.time()) + 600, "client1")
+    _, line = lab.connect(
+        signal_url,
+        "--turn",
+        f"turn:127.0.0.1:{lab.coturn.port}",
+        "--turn-user",
+        username,
+        "--turn-password",
+        password,
+        "--ice-policy",
+        "relay",
+    )
+    assert "relay path (relay/host over udp)" in line, line
+    assert http_get(line.split()[1], "/").startswith(b"<!doctype html>")
+    (row,) = sessions_json(runtime)
+    # The device's own candidate is a host candidate: only the pair shows the relay.
+    assert (row["path"], row["pair"], row["relay_transport"]) == ("relay", "host/relay", None)
