@@ -237,7 +237,8 @@ def _patch_relay_loss() -> None:
         stock_error(self, exc)
         # TurnTransport reports a failed channel bind here; for a relay that
         # means the server no longer knows or accepts the allocation.
-        if relay_transport(self) is not None and isinstance(exc, stun.TransactionError):
+        closing = getattr(self.receiver, "_closing", False)
+        if relay_transport(self) and not closing and isinstance(exc, stun.TransactionError):
             _report_relay_lost(self, f"channel bind failed: {_describe(exc)}")
 
     def connection_lost(self: aioice.ice.StunProtocol, exc: Exception | None) -> None:
