@@ -276,7 +276,7 @@ class SessionWorker:
             await peer.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._session_waiting.wait(), delay)
-            delay = min(delay * 2, 30.0)
+            delay = min(delay * 2, 15.0)
 
     def _discard_prepared(self) -> None:
         prepared, self._prepared = self._prepared, None
