@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs the Debian packages that the end-to-end HTTP tests drive as real,
-# independent programs: nginx (the web server behind the tunnel) and curl (the
-# client in front of it). scripts/test.sh calls it before pytest.
+# Installs the Debian packages that the end-to-end tests drive as real,
+# independent programs: nginx (the web server behind the tunnel), curl (the
+# client in front of it) and coturn's turnserver (the TURN relay of
+# tests/e2e/test_turn.py). scripts/test.sh calls it before pytest.
 #
 #   install-system-deps.sh
 #
@@ -18,7 +19,7 @@
 set -euo pipefail
 
 # program on PATH -> Debian package that provides it
-declare -A PACKAGE_OF=([nginx]=nginx [curl]=curl)
+declare -A PACKAGE_OF=([nginx]=nginx [curl]=curl [turnserver]=coturn)
 
 # Debian puts nginx in /usr/sbin, which a non-root PATH may lack.
 PATH="$PATH:/usr/sbin:/sbin"
