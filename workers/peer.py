@@ -255,10 +255,18 @@ class PeerSession:
         if pair is None:
             return None
         local = str(pair.local_candidate.type)
+        remote = str(pair.remote_candidate.type)
+        if remote == "prflx":
+            # A check can overtake the description that announces its source:
+            # aioice then keeps a peer-reflexive candidate for what the peer
+            # signals later as, say, its relay. The signaled type is the truth.
+            address = (pair.remote_candidate.host, pair.remote_candidate.port)
+            for candidate in self._ice_connection().remote_candidates:
+                if (candidate.host, candidate.port) == address and candidate.type != "prflx":
+                    remote = str(candidate.type)
+                    break
         return NominatedPath(
-            local,
-            str(pair.remote_candidate.type),
-            relay_transport(pair.protocol) if local == "relay" else None,
+            local, remote, relay_transport(pair.protocol) if local == "relay" else None
         )
 
     def _nominated_pair(self) -> Any:
