@@ -170,6 +170,7 @@ def _lab(*, tls: bool) -> Iterator[RelayLab]:
         for child in reversed(lab.children):
             child.stop()
         coturn.stop()
+        lab.coturn.stop()  # a test may have replaced it (restarted coturn)
         web.shutdown()
         web.server_close()
         shutil.rmtree(workdir, ignore_errors=True)
