@@ -39,8 +39,8 @@ device site exposing an HTTP server of that site, ``tunnelctl connect`` in the
 client site, and a 16 MiB fetch through the forward inside the client site,
 checked by SHA-256. :class:`CaseResult` is the JSON line ``--json`` prints:
 ``device_nat``, ``client_nat``, ``connected``, ``path`` (``direct``/``relay``),
-``pair`` (``CLIENT/DEVICE``: the candidate type each end reports for its side
-of the nominated pair, see :func:`path_of`), ``connect_ms`` (request to DataChannel open, from
+``pair`` (``LOCAL/REMOTE``: the candidate types of the nominated pair as the
+client sees it), ``connect_ms`` (request to DataChannel open, from
 ``connect``'s readiness line), ``transfer_ok``, ``mbps`` (megabits/s),
 ``mib_s``, ``relay_transport`` (``udp``/``tcp`` from the routers' byte
 counters of TURN traffic, ``null`` when no TURN server carried the transfer),
@@ -124,8 +124,10 @@ DENIED_PEERS = (
     "fe80::-febf:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
 )
 
+#: ``connect``'s readiness line; the pair is the client's local/remote candidate types.
 FORWARDING_RE = re.compile(
-    r"forwarding (?P<addr>\S+) -> \S+ \(DataChannel open in (?P<ms>\d+) ms, (?P<type>\S+) path\)"
+    r"forwarding (?P<addr>\S+) -> \S+ \(DataChannel open in (?P<ms>\d+) ms, "
+    r"(?:(?P<path>direct|relay) path \((?P<pair>[a-z]+/[a-z]+)(?: over \w+)?\)|unknown path)\)"
 )
 
 #: Run inside the client's namespace: fetch a URL, hash it as it streams.
@@ -877,23 +879,6 @@ class CaseResult:
     error: str | None = None
 
 
-def path_of(client_type: str | None, device_type: str | None) -> str | None:
-    """``direct`` or ``relay`` from the local candidate type each end reports.
-
-    A pair's local candidate is a host or relay address (RFC 8445 §6.1.2.4
-    replaces a server-reflexive one by its base), so a hole-punched path reads
-    ``host/host``; a path is relayed when either end's local candidate is.
-
-    TODO(issue 7, path from both candidates): ``connect`` and the worker report
-    only their own local candidate type, so ``pair`` is the client's and the
-    device's local type rather than the client's local/remote; once they report
-    ``direct|relay`` and both types of the nominated pair, read those instead.
-    """
-    if client_type is None or device_type is None:
-        return None
-    return "relay" if "relay" in (client_type, device_type) else "direct"
-
-
 def run_case(lab: Lab, device: Device, client_site: Site) -> CaseResult:
     """Connect from ``client_site`` to ``device``, fetch 16 MiB, and measure."""
     result = CaseResult(device.site.nat, client_site.nat)
@@ -919,11 +904,12 @@ def run_case(lab: Lab, device: Device, client_site: Site) -> CaseResult:
         megabits = fetched["bytes"] * 8 / 1e6
         result.mbps = round(megabits / fetched["seconds"], 1)
         result.mib_s = round(fetched["bytes"] / MIB / fetched["seconds"], 2)
+        # Both ends judge the path from the whole nominated pair; they must agree.
+        result.pair, result.path = match["pair"], match["path"]
         rows = [r for r in device.sessions() if r["id"] not in before]
-        device_type = rows[-1]["path"] if rows else None
-        client_type = None if match["type"] == "unknown" else match["type"]
-        result.pair = f"{client_type}/{device_type}"
-        result.path = path_of(client_type, device_type)
+        device_path = rows[-1]["path"] if rows else None
+        if device_path != result.path:
+            result.error = f"the device reports a {device_path} path, the client {result.path}"
     except LabError as exc:
         result.error = str(exc)
     finally:
