@@ -45,20 +45,29 @@ def test_a_case_names_two_nat_kinds() -> None:
 
 
 @pytest.mark.parametrize(
-    ("client", "device", "path"),
+    ("line", "path", "pair"),
     [
-        ("host", "host", "direct"),
-        ("srflx", "prflx", "direct"),
-        ("relay", "host", "relay"),
-        ("host", "relay", "relay"),
-        ("relay", "relay", "relay"),
-        (None, "host", None),
+        (
+            "forwarding 127.0.0.1:3281 -> d/web (DataChannel open in 83 ms, "
+            "direct path (host/host))",
+            "direct",
+            "host/host",
+        ),
+        (
+            "forwarding 127.0.0.1:3281 -> d/web (DataChannel open in 601 ms, "
+            "relay path (relay/srflx over tcp))",
+            "relay",
+            "relay/srflx",
+        ),
+        ("forwarding 127.0.0.1:3281 -> d/web (DataChannel open in 5 ms, unknown path)", None, None),
     ],
 )
-def test_path_is_relay_when_either_end_relays(
-    client: str | None, device: str | None, path: str | None
+def test_connects_readiness_line_gives_the_path_and_pair(
+    line: str, path: str | None, pair: str | None
 ) -> None:
-    assert natlab.path_of(client, device) == path
+    match = natlab.FORWARDING_RE.search(line)
+    assert match is not None
+    assert (match["addr"], match["path"], match["pair"]) == ("127.0.0.1:3281", path, pair)
 
 
 def test_static_turn_user() -> None:
