@@ -957,6 +957,11 @@ def run_case(lab: Lab, device: Device, client_site: Site) -> CaseResult:
         if rows:
             result.device_path, result.device_pair = rows[-1]["path"], rows[-1]["pair"]
             result.relay_via["device"] = rows[-1]["relay_transport"]
+        # Both ends judge the path from the whole nominated pair; they must agree.
+        if result.device_path != result.path:
+            result.error = (
+                f"the device reports a {result.device_path} path, the client {result.path}"
+            )
     except LabError as exc:
         result.error = str(exc)
     finally:
