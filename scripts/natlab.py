@@ -931,7 +931,6 @@ def run_case(lab: Lab, device: Device, client_site: Site) -> CaseResult:
     result = CaseResult(device.site.nat, client_site.nat)
     for site in (device.site, client_site):
         site.reset_turn_bytes()
-    before = {row["id"] for row in device.sessions()}
     client = lab.start_client(client_site, device.id)
     try:
         line = client.wait_line("forwarding ", OPEN_TIMEOUT)
@@ -953,7 +952,9 @@ def run_case(lab: Lab, device: Device, client_site: Site) -> CaseResult:
         megabits = fetched["bytes"] * 8 / 1e6
         result.mbps = round(megabits / fetched["seconds"], 1)
         result.mib_s = round(fetched["bytes"] / MIB / fetched["seconds"], 2)
-        rows = [r for r in device.sessions() if r["id"] not in before]
+        # The case's session is the device's only running one: earlier cases'
+        # clients have gone (their sessions stay listed, ended, for a while).
+        rows = [r for r in device.sessions() if r["state"] == "running"]
         if rows:
             result.device_path, result.device_pair = rows[-1]["path"], rows[-1]["pair"]
             result.relay_via["device"] = rows[-1]["relay_transport"]
