@@ -73,7 +73,7 @@ def test_case_connects_on_the_expected_path_and_transfers_intact(
         # paced. Hole punching needs the peer's check to open its NAT first; the
         # device's first check arrives before it and is dropped, aioice resends
         # it only after 500 ms, and with aggressive nomination a relay pair that
-        # succeeds meanwhile wins (about one run in three here).
+        # succeeds meanwhile wins (1 run in 6 here).
         pytest.xfail("cone-cone took the relay: the first hole-punching check was dropped")
     assert result.path == expected, result
     assert result.device_path == result.path, result  # both ends see the same pair
