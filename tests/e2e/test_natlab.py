@@ -27,7 +27,7 @@ import pytest
 
 from tests.e2e.natlab_support import natlab, natlab_lab, require_natlab, tcp_reachable
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.natlab]
 
 __all__ = ["natlab_lab"]  # a fixture: imported for pytest, not unused
 
