@@ -68,10 +68,8 @@ verbs as processes, ``python -m tunnelctl ...`` with this interpreter.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import hashlib
-import hmac
 import ipaddress
 import json
 import os
@@ -91,6 +89,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from protocol.ice import turn_rest_credential
 from signaling.auth import issue_token
 
 NAT_KINDS = ("none", "cone", "symmetric", "udp-blocked")
@@ -513,9 +512,7 @@ class TurnAuth:
         """A username and password for one TURN client."""
         if self.mode == "static":
             return self.user, self.password
-        username = f"{int(time.time()) + ttl}:{self.user}"
-        digest = hmac.new(self.secret.encode(), username.encode(), hashlib.sha1).digest()
-        return username, base64.b64encode(digest).decode()
+        return turn_rest_credential(self.secret, int(time.time()) + ttl, self.user)
 
 
 class Lab:
