@@ -42,7 +42,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from protocol.frames import MAX_SERVICE_LEN, is_valid_service_name
-from protocol.ice import check_ice_url
+from protocol.ice import DEFAULT_KEEPALIVE, check_ice_url, check_keepalive
 from protocol.signaling import ID_PATTERN, is_valid_id
 from supervisor.errors import ConfigError
 
@@ -83,7 +83,7 @@ TUNING_KEYS: Final = (
     "max_sessions",
 )
 _INTEGER_TUNING: Final = frozenset({"pool_size", "max_restarts", "max_sessions"})
-_TOP_KEYS: Final = ("signal", "ice_hosts", "ice_servers", "supervisor", "devices")
+_TOP_KEYS: Final = ("signal", "ice_hosts", "ice_servers", "keepalive", "supervisor", "devices")
 _TOKEN_SOURCES: Final = ("token", "token_file", "token_env")
 _DEVICE_KEYS: Final = ("id", *_TOKEN_SOURCES, "services")
 _ICE_SERVER_KEYS: Final = ("url", "username", "credential", "credential_env")
@@ -164,13 +164,16 @@ class SupervisorConfig:
     waits for an interpreter; ``heartbeat_*``, ``max_restarts`` within
     ``restart_window`` and ``backoff_*`` drive liveness and the restart policy
     (ARCHITECTURE.md, "Process model rules"); ``drain_timeout`` bounds a graceful
-    stop; ``max_sessions`` is per device. Times are in seconds.
+    stop; ``max_sessions`` is per device. ``keepalive`` (a top-level key) is how
+    long a session's path may go unanswered before it counts as dead. Times are
+    in seconds.
     """
 
     signal_url: str
     devices: tuple[DeviceConfig, ...]
     ice_servers: tuple[IceServerConfig, ...] = ()
     ice_hosts: tuple[str, ...] = ()
+    keepalive: float = DEFAULT_KEEPALIVE
     pool_size: int = 2
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 5.0
@@ -195,6 +198,10 @@ class SupervisorConfig:
             first_seen[device.id] = index
         for index, network in enumerate(self.ice_hosts):
             _check_network(network, f"ice_hosts[{index}]")
+        try:
+            check_keepalive(self.keepalive)
+        except ValueError as exc:
+            raise ConfigError("keepalive", str(exc)) from None
         self._check_tuning()
 
     def _check_tuning(self) -> None:
@@ -347,6 +354,7 @@ def load_config(path: str, env: Mapping[str, str]) -> SupervisorConfig:
     ice_servers = tuple(
         _ice_server(table, at, env) for at, table in _tables(data, None, "ice_servers")
     )
+    keepalive = _number(data, "", "keepalive") if "keepalive" in data else DEFAULT_KEEPALIVE
     tuning = _tuning(data)
     device_tables = _tables(data, None, "devices")
     if not device_tables:
@@ -357,6 +365,7 @@ def load_config(path: str, env: Mapping[str, str]) -> SupervisorConfig:
         devices=devices,
         ice_servers=ice_servers,
         ice_hosts=ice_hosts,
+        keepalive=keepalive,
         **tuning,
     )
 

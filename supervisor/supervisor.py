@@ -403,6 +403,8 @@ class Supervisor:
             str(self.config.heartbeat_interval),
             "--heartbeat-timeout",
             str(self.config.heartbeat_timeout),
+            "--keepalive",
+            str(self.config.keepalive),
             "--log-level",  # workers log as verbosely as the supervisor (-v)
             str(logging.getLogger("tunnelctl").getEffectiveLevel()),
             stdin=asyncio.subprocess.PIPE,

@@ -131,6 +131,19 @@ def ice_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def keepalive_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    from protocol.ice import DEFAULT_KEEPALIVE, MAX_KEEPALIVE, MIN_KEEPALIVE
+
+    return click.option(
+        "--keepalive",
+        type=click.FloatRange(MIN_KEEPALIVE, MAX_KEEPALIVE),
+        default=None,
+        metavar="SECONDS",
+        help="A session whose path goes unanswered this long is dead: it is reported, "
+        f"and the client builds a new one [default: {DEFAULT_KEEPALIVE:g}, or the config's].",
+    )(f)
+
+
 def build_ice(
     stun_urls: Sequence[str],
     turn_urls: Sequence[str],
@@ -306,6 +319,7 @@ EXIT_NOT_RUNNING = 3
     "(repeatable). Clients reach these and nothing else.",
 )
 @ice_options
+@keepalive_option
 @click.option(
     "--pool-size",
     type=click.IntRange(0, 32),
@@ -328,6 +342,7 @@ def start(
     turn_user: str | None,
     turn_password: str | None,
     ice_hosts: tuple[str, ...],
+    keepalive: float | None,
     pool_size: int | None,
     runtime_dir: str | None,
     detach: bool,
@@ -376,6 +391,8 @@ def start(
             raise click.UsageError(str(exc)) from None
     if pool_size is not None:
         config = dataclasses.replace(config, pool_size=pool_size)
+    if keepalive is not None:
+        config = dataclasses.replace(config, keepalive=keepalive)
     where = resolve_runtime_dir(runtime_dir)
     if detach:
         sys.exit(detach_supervisor(where))
@@ -551,6 +568,7 @@ def stop(drain_timeout: float | None, runtime_dir: str | None) -> None:
     help="Local address to forward from (port 0 picks a free one).",
 )
 @ice_options
+@keepalive_option
 def connect(
     signal_url: str,
     device: str,
@@ -563,9 +581,11 @@ def connect(
     turn_user: str | None,
     turn_password: str | None,
     ice_hosts: tuple[str, ...],
+    keepalive: float | None,
 ) -> None:
     """Forward a local TCP port to SERVICE on DEVICE (like ssh -L)."""
     from protocol.frames import is_valid_service_name
+    from protocol.ice import DEFAULT_KEEPALIVE
     from workers.client import ClientTunnel, PortForward
     from workers.errors import TunnelError
 
@@ -579,7 +599,13 @@ def connect(
     ice = build_ice(stun_urls, turn_urls, turn_user, turn_password, ice_hosts)
 
     async def serve() -> int:
-        tunnel = ClientTunnel(signal_url=signal_url, device=device, token=jwt, ice_servers=ice)
+        tunnel = ClientTunnel(
+            signal_url=signal_url,
+            device=device,
+            token=jwt,
+            ice_servers=ice,
+            keepalive=DEFAULT_KEEPALIVE if keepalive is None else keepalive,
+        )
         forward = PortForward(tunnel, service, listen_host, int(port_text))
         try:
             await tunnel.open()

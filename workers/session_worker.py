@@ -25,6 +25,7 @@ import zmq
 import zmq.asyncio
 
 from protocol.errors import SignalingError
+from protocol.ice import DEFAULT_KEEPALIVE
 from protocol.ipc import (
     Assign,
     Drain,
@@ -77,8 +78,10 @@ class SessionWorker:
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 5.0,
         ice: IceConfig | None = None,
+        keepalive: float = DEFAULT_KEEPALIVE,
     ) -> None:
         self.worker_id = worker_id
+        self.keepalive = keepalive
         # With the ICE settings known up front, an idle worker prepares its
         # PeerConnection and offer before any session asks for one.
         self.ice = ice
@@ -210,6 +213,7 @@ class SessionWorker:
             self._relay_out,
             ice_servers=[IceServer(s.url, s.username, s.credential) for s in servers],
             on_state=self._state,
+            keepalive=self.keepalive,
         )
         bridge = TunnelBridge(peer.create_channel(), Role.DEVICE, services={})
         await peer.prepare_offer()
@@ -252,7 +256,8 @@ class SessionWorker:
                 session=assign.session, state="connected", path=_path(peer.candidate_pair_type())
             )
         )
-        reason = await self.bridge.wait_closed()
+        closed = await self.bridge.wait_closed()
+        reason = peer.path_lost or closed
         pump.cancel()
         await self._end(reason, clean=True, tell_client=True)
 
@@ -331,6 +336,7 @@ def worker_main(
     heartbeat_timeout: float,
     log_level: int = logging.INFO,
     ice: IceConfig | None = None,
+    keepalive: float = DEFAULT_KEEPALIVE,
 ) -> int:
     """Entry point of a forked worker; returns the process exit code."""
     logging.basicConfig(
@@ -350,6 +356,7 @@ def worker_main(
             heartbeat_interval=heartbeat_interval,
             heartbeat_timeout=heartbeat_timeout,
             ice=ice,
+            keepalive=keepalive,
         )
         return await worker.run()
 
