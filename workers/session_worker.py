@@ -61,6 +61,11 @@ log = logging.getLogger("tunnelctl.worker")
 
 OPEN_TIMEOUT = 30.0
 HWM = 1000
+#: An idle worker makes its prepared offer again when it is this old (seconds):
+#: its server-reflexive candidates and TURN allocation ride on NAT mappings,
+#: which commonly expire after 30 s without traffic, and a TURN server's
+#: credentials may have changed meanwhile.
+PREPARED_MAX_AGE = 20.0
 
 #: ICE settings every session of this worker will use: servers and host allowlist.
 IceConfig = tuple[tuple[IceServerSpec, ...], tuple[str, ...]]
@@ -79,9 +84,14 @@ class SessionWorker:
         heartbeat_timeout: float = 5.0,
         ice: IceConfig | None = None,
         keepalive: float = DEFAULT_KEEPALIVE,
+        prepared_max_age: float = PREPARED_MAX_AGE,
     ) -> None:
         self.worker_id = worker_id
         self.keepalive = keepalive
+        self.prepared_max_age = prepared_max_age
+        #: Offers prepared so far (the first one, then one per refresh).
+        self.offers_prepared = 0
+        self.offer_refreshed = asyncio.Event()
         # With the ICE settings known up front, an idle worker prepares its
         # PeerConnection and offer before any session asks for one.
         self.ice = ice
@@ -111,12 +121,13 @@ class SessionWorker:
         self.sock.connect(self.endpoint)
         self._watch_supervisor(loop)
         await self._send(Hello(worker=self.worker_id, pid=os.getpid()))
-        if self.ice is not None:
-            self._prepared = loop.create_task(self._prepare(self.ice), name="prepare")
         tasks = [
             loop.create_task(self._receive(), name="receive"),
             loop.create_task(self._heartbeats(), name="heartbeats"),
         ]
+        if self.ice is not None:
+            self._prepared = loop.create_task(self._prepare(self.ice), name="prepare")
+            tasks.append(loop.create_task(self._keep_prepared_fresh(), name="refresh"))
         try:
             reason: str = await self._done
             return reason
@@ -216,8 +227,40 @@ class SessionWorker:
             keepalive=self.keepalive,
         )
         bridge = TunnelBridge(peer.create_channel(), Role.DEVICE, services={})
-        await peer.prepare_offer()
+        try:
+            await peer.prepare_offer()
+        except BaseException:
+            bridge.close("offer not made")
+            await peer.close()
+            raise
+        self.offers_prepared += 1
         return peer, bridge
+
+    async def _keep_prepared_fresh(self) -> None:
+        """While idle, replace the prepared offer with a new one every ``prepared_max_age``.
+
+        The new one is made before the old one is dropped, so a session that
+        arrives meanwhile takes the old one (still within its age) at once.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.prepared_max_age)
+            if self.session_id is not None or self.ice is None:
+                return
+            fresh = loop.create_task(self._prepare(self.ice), name="prepare")
+            try:
+                await fresh
+            except Exception as exc:  # the old offer stays; try again next period
+                log.warning("worker %s: cannot refresh the prepared offer: %s", self.worker_id, exc)
+                continue
+            if self.session_id is not None:  # assigned meanwhile: it took the old one
+                await _discard(fresh)
+                return
+            stale, self._prepared = self._prepared, fresh
+            if stale is not None:
+                await _discard(stale)
+            log.debug("worker %s: prepared offer refreshed", self.worker_id)
+            self.offer_refreshed.set()
 
     async def _take_prepared(self, assign: Assign) -> tuple[PeerSession, TunnelBridge]:
         prepared = self._prepared
@@ -228,7 +271,7 @@ class SessionWorker:
             except SessionFailed as exc:
                 log.warning("worker %s: prepared offer failed: %s", self.worker_id, exc)
         elif prepared is not None:
-            prepared.cancel()  # prepared for other ICE settings: start over
+            await _discard(prepared)  # prepared for other ICE settings: start over
         return await self._prepare(wanted)
 
     async def _run_session(self, assign: Assign) -> None:
@@ -322,6 +365,18 @@ class SessionWorker:
     def _finish(self, reason: str) -> None:
         if not self._done.done():
             self._done.set_result(reason)
+
+
+async def _discard(prepared: asyncio.Task[tuple[PeerSession, TunnelBridge]]) -> None:
+    """Close a prepared PeerConnection nobody will use (its TURN allocation is freed)."""
+    if not prepared.done():
+        prepared.cancel()
+        return
+    if prepared.cancelled() or prepared.exception() is not None:
+        return
+    peer, bridge = prepared.result()
+    bridge.close("prepared offer replaced")
+    await peer.close()
 
 
 def _path(kind: str | None) -> str | None:
