@@ -38,6 +38,7 @@ import zmq.asyncio
 
 from protocol.backoff import Backoff
 from protocol.errors import LocalProtocolError, SignalingError
+from protocol.ice import IceConfig, IceServer
 from protocol.ipc import (
     Assign,
     ControlReply,
@@ -46,7 +47,7 @@ from protocol.ipc import (
     Ended,
     Heartbeat,
     Hello,
-    IceServerSpec,
+    IceUpdate,
     IpcError,
     IpcMessage,
     Relay,
@@ -62,6 +63,7 @@ from protocol.signaling import (
     Answer,
     Candidate,
     Error,
+    IceServers,
     Offer,
     PeerLeft,
     SessionEnd,
@@ -130,6 +132,8 @@ class SessionRow:
     bytes_out: int = 0
     streams: int = 0
     path: str | None = None
+    pair: str | None = None
+    relay_transport: str | None = None
     reason: str | None = None
     crashed: bool = False
     ended_at: float | None = None
@@ -148,6 +152,8 @@ class SessionRow:
             "streams": self.streams,
             "restarts": self.restarts,
             "path": self.path,
+            "pair": self.pair,
+            "relay_transport": self.relay_transport,
             "reason": self.reason,
         }
 
@@ -198,6 +204,8 @@ class Supervisor:
         self.ctx: zmq.asyncio.Context | None = None
         self._gone_events: dict[str, asyncio.Event] = {}
         self._outboxes: dict[str, asyncio.Queue[SignalingMessage]] = {}
+        # STUN/TURN servers (fresh TURN credentials) from the signaling server.
+        self._issued_ice: tuple[IceServer, ...] = ()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -407,6 +415,8 @@ class Supervisor:
             str(self.config.keepalive),
             "--log-level",  # workers log as verbosely as the supervisor (-v)
             str(logging.getLogger("tunnelctl").getEffectiveLevel()),
+            "--stack-log-level",  # and aiortc/aioice too (-vv)
+            str(logging.getLogger("aioice").getEffectiveLevel()),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             start_new_session=True,  # a terminal's Ctrl-C is the supervisor's alone
@@ -419,17 +429,53 @@ class Supervisor:
         except TimeoutError:
             raise SupervisorError("the worker fork server did not start") from None
         log.info("worker fork server ready (pid %d)", pid)
-        # ICE settings for every worker, so idle ones prepare their offer ahead of
-        # time; on stdin, since TURN credentials must not show in `ps`.
+        self._configure_zygote()
+
+    def _ice(self) -> IceConfig:
+        """The ICE settings of new sessions: ours, then the signaling server's servers."""
+        return IceConfig(
+            self.config.ice_servers + self._issued_ice,
+            self.config.ice_hosts,
+            self.config.ice_policy,
+        )
+
+    def _configure_zygote(self) -> None:
+        """Give the fork server the ICE settings of the workers it forks from now on.
+
+        So idle workers prepare their offer ahead of time; on stdin, since TURN
+        credentials must not show in `ps`.
+        """
+        zygote = self._zygote
+        if zygote is None or zygote.stdin is None or zygote.returncode is not None:
+            return
+        ice = self._ice()
         config = {
             "ice_servers": [
                 {"url": s.url, "username": s.username, "credential": s.credential}
-                for s in self.config.ice_servers
+                for s in ice.servers
             ],
-            "ice_hosts": list(self.config.ice_hosts),
+            "ice_hosts": list(ice.hosts),
+            "ice_policy": ice.policy,
         }
-        assert self._zygote.stdin is not None
-        self._zygote.stdin.write(b"config " + json.dumps(config).encode() + b"\n")
+        zygote.stdin.write(b"config " + json.dumps(config).encode() + b"\n")
+
+    async def _ice_servers_issued(self, device_id: str, message: IceServers) -> None:
+        """Fresh servers from signaling: fork with them, and idle workers prepare again."""
+        if message.ice_servers == self._issued_ice:
+            return
+        self._issued_ice = message.ice_servers
+        expiry = f", credentials valid {message.ttl} s" if message.ttl else ""
+        log.info(
+            "device %s: %d ICE server(s) from the signaling server%s",
+            device_id,
+            len(message.ice_servers),
+            expiry,
+        )
+        self._configure_zygote()
+        update = IceUpdate.of(self._ice())
+        for worker in list(self.workers.values()):
+            if worker.state == "idle" and worker.session is None and not worker.exited:
+                await self._send(worker, update)
 
     async def _stop_zygote(self) -> None:
         zygote = self._zygote
@@ -666,6 +712,9 @@ class Supervisor:
             if worker.state == "spawning":
                 worker.state = "busy" if worker.reserved else "idle"
             worker.hello.set()
+            if self._issued_ice and worker.state == "idle":
+                # Forked before the latest servers arrived? It ignores equal settings.
+                self._spawn_task(self._send(worker, IceUpdate.of(self._ice())), "ice update")
         elif isinstance(message, Heartbeat):
             if row is not None:
                 row.bytes_in, row.bytes_out = message.bytes_in, message.bytes_out
@@ -693,9 +742,16 @@ class Supervisor:
                 self._bad_worker(f"worker {worker.id}: state for a session it does not own")
                 return
             if message.state == "connected" and row.state is SessionState.STARTING:
-                row.path = message.path
+                row.path, row.pair = message.path, message.pair
+                row.relay_transport = message.relay_transport
                 self._transition(row, SessionEvent.CONNECTED)
-                log.info("session %s: running (%s path, client %s)", row.id, row.path, row.client)
+                log.info(
+                    "session %s: running (%s path, %s, client %s)",
+                    row.id,
+                    row.path,
+                    row.pair,
+                    row.client,
+                )
         elif isinstance(message, Ended):
             if row is None or message.session != row.id:
                 self._bad_worker(f"worker {worker.id}: ended for a session it does not own")
@@ -740,6 +796,9 @@ class Supervisor:
                 await device.link.send(message)
 
     async def _on_signal(self, device_id: str, message: SignalingMessage) -> None:
+        if isinstance(message, IceServers):
+            await self._ice_servers_issued(device_id, message)
+            return
         if isinstance(message, SessionRequest):
             await self._on_session_request(device_id, message)
             return
@@ -848,6 +907,7 @@ class Supervisor:
         worker.session = row.id
         row.worker = worker
         device = self.devices[row.device]
+        ice = self._ice()
         await self._send(
             worker,
             Assign(
@@ -855,10 +915,9 @@ class Supervisor:
                 device=row.device,
                 client=row.client,
                 services=tuple((s.name, s.host, s.port) for s in device.config.services),
-                ice_servers=tuple(
-                    IceServerSpec(s.url, s.username, s.credential) for s in self.config.ice_servers
-                ),
-                ice_hosts=tuple(self.config.ice_hosts),
+                ice_servers=ice.servers,
+                ice_hosts=ice.hosts,
+                ice_policy=ice.policy,
             ),
         )
         pending, row.pending = row.pending, []

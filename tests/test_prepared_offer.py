@@ -15,6 +15,7 @@ from pathlib import Path
 import zmq
 import zmq.asyncio
 
+from protocol.ice import IceConfig
 from protocol.ipc import Assign, Hello, Relay, decode_ipc, encode_ipc, new_worker_id
 from protocol.signaling import Offer, decode_signaling, new_session_id
 from workers.session_worker import SessionWorker
@@ -36,7 +37,7 @@ async def test_an_idle_worker_replaces_its_prepared_offer_and_uses_the_fresh_one
         endpoint,
         os.getpid(),
         heartbeat_timeout=60.0,
-        ice=((), hosts),
+        ice=IceConfig((), hosts),
         prepared_max_age=0.2,
     )
     running = asyncio.ensure_future(worker.run())

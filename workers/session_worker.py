@@ -25,14 +25,14 @@ import zmq
 import zmq.asyncio
 
 from protocol.errors import SignalingError
-from protocol.ice import DEFAULT_KEEPALIVE
+from protocol.ice import DEFAULT_KEEPALIVE, IceConfig
 from protocol.ipc import (
     Assign,
     Drain,
     Ended,
     Heartbeat,
     Hello,
-    IceServerSpec,
+    IceUpdate,
     IpcError,
     IpcMessage,
     Relay,
@@ -54,8 +54,9 @@ from protocol.signaling import (
 from protocol.supervision import HeartbeatMonitor
 from workers.bridge import ServiceAddress, TunnelBridge
 from workers.errors import SessionFailed
-from workers.ice import IceServer, parse_networks, restrict_host_addresses
+from workers.ice import parse_networks, restrict_host_addresses
 from workers.peer import PeerSession
+from workers.tasks import TaskSet
 
 log = logging.getLogger("tunnelctl.worker")
 
@@ -66,9 +67,6 @@ HWM = 1000
 #: which commonly expire after 30 s without traffic, and a TURN server's
 #: credentials may have changed meanwhile.
 PREPARED_MAX_AGE = 20.0
-
-#: ICE settings every session of this worker will use: servers and host allowlist.
-IceConfig = tuple[tuple[IceServerSpec, ...], tuple[str, ...]]
 
 
 class SessionWorker:
@@ -96,6 +94,7 @@ class SessionWorker:
         # PeerConnection and offer before any session asks for one.
         self.ice = ice
         self._prepared: asyncio.Task[tuple[PeerSession, TunnelBridge]] | None = None
+        self._background = TaskSet(log)
         self.endpoint = endpoint
         self.supervisor_pid = supervisor_pid
         self.heartbeat_interval = heartbeat_interval
@@ -185,6 +184,8 @@ class SessionWorker:
                 return
             with contextlib.suppress(asyncio.QueueFull):
                 self._inbox.put_nowait(signal)
+        elif isinstance(message, IceUpdate):
+            self._ice_changed(message.ice)
         elif isinstance(message, Drain):
             asyncio.get_running_loop().create_task(self._drain(message.timeout), name="drain")
         elif isinstance(message, Stop):
@@ -217,13 +218,14 @@ class SessionWorker:
         first OPEN in the same instant, and aiortc hands a message to whoever
         listens at that moment, or to nobody.
         """
-        servers, hosts = ice
-        restrict_host_addresses(parse_networks(hosts))
+        restrict_host_addresses(parse_networks(ice.hosts))
         peer = PeerSession(
             "",
             self._relay_out,
-            ice_servers=[IceServer(s.url, s.username, s.credential) for s in servers],
+            ice_servers=ice.servers,
+            ice_policy=ice.policy,
             on_state=self._state,
+            on_relay_lost=self._relay_lost,
             keepalive=self.keepalive,
         )
         bridge = TunnelBridge(peer.create_channel(), Role.DEVICE, services={})
@@ -245,33 +247,87 @@ class SessionWorker:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.prepared_max_age)
-            if self.session_id is not None or self.ice is None:
+            ice = self.ice
+            if self.session_id is not None or ice is None:
                 return
-            fresh = loop.create_task(self._prepare(self.ice), name="prepare")
+            fresh = loop.create_task(self._prepare(ice), name="prepare")
             try:
                 await fresh
             except Exception as exc:  # the old offer stays; try again next period
                 log.warning("worker %s: cannot refresh the prepared offer: %s", self.worker_id, exc)
                 continue
-            if self.session_id is not None:  # assigned meanwhile: it took the old one
-                await _discard(fresh)
-                return
-            stale, self._prepared = self._prepared, fresh
-            if stale is not None:
-                await _discard(stale)
+            if self.session_id is not None or ice != self.ice:
+                # Assigned meanwhile (it took the old offer), or new settings came
+                # (_ice_changed prepares for them): this one is not wanted.
+                self._close_prepared(fresh, "prepared offer not needed")
+                continue
+            self._discard_prepared("prepared offer replaced")
+            self._prepared = fresh
             log.debug("worker %s: prepared offer refreshed", self.worker_id)
             self.offer_refreshed.set()
 
+    def _ice_changed(self, ice: IceConfig) -> None:
+        """New ICE settings (fresh TURN credentials): prepare again, in the background."""
+        if self.session_id is not None or ice == self.ice:
+            return
+        log.debug("worker %s: ICE settings changed; preparing a new offer", self.worker_id)
+        self.ice = ice
+        self._discard_prepared()
+        self._prepared = asyncio.get_running_loop().create_task(self._prepare(ice), name="prepare")
+
+    def _relay_lost(self, url: str, reason: str) -> None:
+        loop = asyncio.get_running_loop()
+        prepared = self._prepared
+        if self.session_id is None and self.ice is not None and prepared is not None:
+            stale = (
+                prepared.done()
+                and not prepared.cancelled()
+                and prepared.exception() is None
+                and prepared.result()[0].relay_lost is not None
+            )
+            if stale:  # the idle offer names a relay that no longer exists
+                self._discard_prepared()
+                self._prepared = loop.create_task(self._prepare(self.ice), name="prepare")
+            return
+        peer = self.peer
+        if peer is not None and peer.relay_in_use(url):
+            self._background.spawn(
+                self._end(f"TURN allocation on {url} lost", clean=False, tell_client=True)
+            )
+
+    def _discard_prepared(self, why: str = "ICE settings changed") -> None:
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            self._close_prepared(prepared, why)
+
+    def _close_prepared(
+        self, prepared: asyncio.Task[tuple[PeerSession, TunnelBridge]], why: str
+    ) -> None:
+        """Close a prepared PeerConnection nobody will use (its TURN allocation is freed)."""
+        if not prepared.done():
+            prepared.cancel()
+        elif not prepared.cancelled() and prepared.exception() is None:
+            peer, bridge = prepared.result()
+            bridge.close(why)
+            self._background.spawn(peer.close(), name="close stale offer")
+
     async def _take_prepared(self, assign: Assign) -> tuple[PeerSession, TunnelBridge]:
         prepared = self._prepared
-        wanted: IceConfig = (assign.ice_servers, assign.ice_hosts)
+        wanted = assign.ice
         if prepared is not None and self.ice == wanted:
             try:
-                return await prepared
+                peer, bridge = await prepared
+                if peer.relay_lost is None:
+                    return peer, bridge
+                log.warning(
+                    "worker %s: prepared offer is stale: %s", self.worker_id, peer.relay_lost
+                )
+                bridge.close("stale")
+                await peer.close()
             except SessionFailed as exc:
                 log.warning("worker %s: prepared offer failed: %s", self.worker_id, exc)
-        elif prepared is not None:
-            await _discard(prepared)  # prepared for other ICE settings: start over
+        else:
+            self._discard_prepared()  # prepared for other ICE settings: start over
         return await self._prepare(wanted)
 
     async def _run_session(self, assign: Assign) -> None:
@@ -294,9 +350,15 @@ class SessionWorker:
             pump.cancel()
             await self._end(str(exc), clean=False, tell_client=True)
             return
+        path = peer.nominated_path()
+        log.info("session %s: connected, %s", assign.session, path or "unknown path")
         await self._send(
             StateReport(
-                session=assign.session, state="connected", path=_path(peer.candidate_pair_type())
+                session=assign.session,
+                state="connected",
+                path=path.path if path else None,
+                pair=path.pair if path else None,
+                relay_transport=path.relay_transport if path else None,
             )
         )
         closed = await self.bridge.wait_closed()
@@ -367,22 +429,6 @@ class SessionWorker:
             self._done.set_result(reason)
 
 
-async def _discard(prepared: asyncio.Task[tuple[PeerSession, TunnelBridge]]) -> None:
-    """Close a prepared PeerConnection nobody will use (its TURN allocation is freed)."""
-    if not prepared.done():
-        prepared.cancel()
-        return
-    if prepared.cancelled() or prepared.exception() is not None:
-        return
-    peer, bridge = prepared.result()
-    bridge.close("prepared offer replaced")
-    await peer.close()
-
-
-def _path(kind: str | None) -> str | None:
-    return kind if kind in ("host", "srflx", "prflx", "relay") else None
-
-
 def worker_main(
     worker_id: str,
     endpoint: str,
@@ -391,6 +437,7 @@ def worker_main(
     heartbeat_timeout: float,
     log_level: int = logging.INFO,
     ice: IceConfig | None = None,
+    stack_log_level: int = logging.WARNING,
     keepalive: float = DEFAULT_KEEPALIVE,
 ) -> int:
     """Entry point of a forked worker; returns the process exit code."""
@@ -400,8 +447,9 @@ def worker_main(
         format=f"%(asctime)s.%(msecs)03d worker[{os.getpid()}] %(name)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
-    logging.getLogger("aiortc").setLevel(logging.WARNING)
-    logging.getLogger("aioice").setLevel(logging.WARNING)
+    # aiortc/aioice (and websockets) as verbose as in the supervisor: debug at -vv.
+    for name in ("aiortc", "aioice"):
+        logging.getLogger(name).setLevel(stack_log_level)
 
     async def main() -> str:
         worker = SessionWorker(

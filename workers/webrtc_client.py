@@ -39,7 +39,7 @@ from typing import Any
 
 from aiortc import RTCDataChannel, RTCSessionDescription
 
-from protocol.ice import DEFAULT_KEEPALIVE
+from protocol.ice import DEFAULT_KEEPALIVE, IceServer
 from protocol.signaling import (
     Answer,
     Candidate,
@@ -52,7 +52,6 @@ from protocol.signaling import (
 from signaling.errors import LinkDown, LinkRejected
 from signaling.link import SignalingLink
 from workers.errors import SessionFailed, SignalingRejected, TunnelUsageError
-from workers.ice import IceServer
 from workers.peer import PeerSession
 from workers.tasks import TaskSet
 
