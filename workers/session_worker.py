@@ -251,11 +251,25 @@ class SessionWorker:
             ice = self.ice
             if self.session_id is not None or ice is None:
                 return
+            current = self._prepared
+            if current is not None and not current.done():
+                continue  # new settings or a lost relay are being prepared for already
             fresh = loop.create_task(self._prepare(ice), name="prepare")
             try:
                 await fresh
             except Exception as exc:  # the old offer stays; try again next period
                 log.warning("worker %s: cannot refresh the prepared offer: %s", self.worker_id, exc)
+                continue
+            failed = fresh.result()[0].failed_turn_servers()
+            if failed:
+                # Never trade a relay for none: a lost allocation is noticed and
+                # re-gathered on its own (_relay_lost), with backoff.
+                log.warning(
+                    "worker %s: %s failed; keeping the prepared offer",
+                    self.worker_id,
+                    ", ".join(failed),
+                )
+                self._close_prepared(fresh, "TURN server failed")
                 continue
             if self.session_id is not None or ice != self.ice:
                 # Assigned meanwhile (it took the old offer), or new settings came
