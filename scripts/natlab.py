@@ -2,6 +2,10 @@
 
     scripts/natlab [--json] [--case DEV,CLI] [--keep] [--udp-timeout S] [--turn-auth static|secret]
 
+Exit status: 0 when every case delivered its bytes intact, 1 when one did not
+or the lab could not be built or run (one line on stderr says why), 130 after
+Ctrl-C or SIGTERM; 2 for bad arguments.
+
 Needs root (``ip netns``, ``iptables``) and coturn's ``turnserver``. Everything
 lives in namespaces this module creates, named ``nl<pid>-...`` so that labs of
 several users of one machine never meet, and removes on exit, on Ctrl-C and when
