@@ -274,6 +274,7 @@ class Process:
         self._eof = False
         self._cursor = 0
         self.stderr_lines: deque[str] = deque(maxlen=200)
+        self.stderr_count = 0  # lines read so far, a mark for :meth:`stderr_since`
         self._changed = threading.Condition()
         self._readers = [
             threading.Thread(target=self._read_stdout, daemon=True),
@@ -324,6 +325,11 @@ class Process:
     def stderr_tail(self, lines: int = 5) -> str:
         return " | ".join(list(self.stderr_lines)[-lines:]) or "(empty)"
 
+    def stderr_since(self, mark: int) -> list[str]:
+        """The stderr lines read after ``stderr_count`` was ``mark`` (those still kept)."""
+        lines = list(self.stderr_lines)
+        return lines[max(0, len(lines) - (self.stderr_count - mark)) :]
+
     def stop(self, timeout: float = STOP_TIMEOUT) -> int:
         """SIGTERM, then SIGKILL after ``timeout``; the exit code."""
         if self.proc.poll() is None:
@@ -352,6 +358,7 @@ class Process:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.stderr_lines.append(line.rstrip("\n"))
+            self.stderr_count += 1
 
 
 # -- namespaces -------------------------------------------------------------------------
@@ -923,6 +930,7 @@ class CaseResult:
     mib_s: float | None = None
     relay_transport: str | None = None
     relay_via: dict[str, str | None] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     turn_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
     error: str | None = None
 
@@ -932,6 +940,7 @@ def run_case(lab: Lab, device: Device, client_site: Site) -> CaseResult:
     result = CaseResult(device.site.nat, client_site.nat)
     for site in (device.site, client_site):
         site.reset_turn_bytes()
+    device_mark = device.process.stderr_count
     client = lab.start_client(client_site, device.id)
     try:
         line = client.wait_line("forwarding ", OPEN_TIMEOUT)
@@ -968,6 +977,10 @@ def run_case(lab: Lab, device: Device, client_site: Site) -> CaseResult:
         result.error = str(exc)
     finally:
         lab.stop(client)
+        result.warnings = problem_lines(
+            [("client", line) for line in client.stderr_since(0)]
+            + [("device", line) for line in device.process.stderr_since(device_mark)]
+        )
     result.turn_bytes = {
         "device": device.site.turn_bytes(),
         "client": client_site.turn_bytes(),
@@ -979,6 +992,22 @@ def run_case(lab: Lab, device: Device, client_site: Site) -> CaseResult:
         }
         result.relay_transport = max(totals, key=lambda proto: totals[proto])
     return result
+
+
+PROBLEM_RE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback")
+SESSION_ID_RE = re.compile(r"\b[A-Za-z0-9_-]{22}\b")
+WORKER_PID_RE = re.compile(r"worker\[\d+\]")
+
+
+def problem_lines(lines: Sequence[tuple[str, str]], limit: int = 5) -> list[str]:
+    """Distinct warning and error lines, ``END: message`` without time or session id."""
+    found: dict[str, None] = {}
+    for end, line in lines:
+        if PROBLEM_RE.search(line):
+            message = SESSION_ID_RE.sub("<id>", line.split(" ", 1)[-1])
+            message = WORKER_PID_RE.sub("worker[<pid>]", message)
+            found.setdefault(f"{end}: {message}", None)
+    return list(found)[:limit]
 
 
 def warm_up(lab: Lab, device: Device) -> None:
@@ -1130,7 +1159,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, _raise_interrupt)
 
     def report(result: CaseResult) -> None:
-        print(json.dumps(asdict(result)) if args.json else table_row(result), flush=True)
+        if args.json:
+            print(json.dumps(asdict(result)), flush=True)
+            return
+        print(table_row(result), flush=True)
+        for warning in result.warnings:
+            print(f"    ! {warning}", flush=True)
 
     try:
         with Lab(udp_timeout=args.udp_timeout, turn_auth=args.turn_auth) as lab:

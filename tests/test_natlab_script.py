@@ -103,3 +103,16 @@ def test_a_case_reports_the_fields_the_issue_names() -> None:
     row = natlab.table_row(result)
     assert row.split()[:5] == ["cone", "symmetric", "relay", "host/relay", "relay/prflx"]
     assert "FAILED" in row
+
+
+def test_warnings_are_listed_once_without_times_ids_or_pids() -> None:
+    lines = [
+        ("client", "15:49:37.159 tunnelctl.peer WARNING session vU6xXhzktnqLGmrkiZMVUA: lost"),
+        ("client", "15:49:38.001 tunnelctl.peer WARNING session Ve7SS_zjvmVq4R3v6Bx6DA: lost"),
+        ("client", "15:49:38.002 tunnelctl.client INFO session open"),
+        ("device", "15:49:39.000 worker[4311] tunnelctl.x ERROR boom"),
+    ]
+    assert natlab.problem_lines(lines) == [
+        "client: tunnelctl.peer WARNING session <id>: lost",
+        "device: worker[<pid>] tunnelctl.x ERROR boom",
+    ]

@@ -65,6 +65,8 @@ def test_case_connects_on_the_expected_path_and_transfers_intact(
 ) -> None:
     result = matrix.run(device_nat, client_nat)
     print(natlab.table_row(result))
+    for warning in result.warnings:
+        print(f"    ! {warning}")
     assert result.connected, result.error
     assert result.transfer_ok, result.error
     expected = expected_path(device_nat, client_nat)
