@@ -216,7 +216,13 @@ class SessionWorker:
             on_relay_lost=self._relay_lost,
         )
         bridge = TunnelBridge(peer.create_channel(), Role.DEVICE, services={})
-        await peer.prepare_offer()
+        try:
+            await peer.prepare_offer()
+        except BaseException:
+            # Cancelled (new ICE settings) or failed: release its sockets and relays.
+            bridge.close("offer not prepared")
+            self._background.spawn(peer.close(), name="close unprepared offer")
+            raise
         return peer, bridge
 
     def _ice_changed(self, ice: IceConfig) -> None:
@@ -430,7 +436,7 @@ def worker_main(
         format=f"%(asctime)s.%(msecs)03d worker[{os.getpid()}] %(name)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
-    # aiortc/aioice (and websockets) as verbose as in the supervisor: debug at -vv.
+    # aiortc/aioice as verbose as in the supervisor: debug at -vv.
     for name in ("aiortc", "aioice"):
         logging.getLogger(name).setLevel(stack_log_level)
 
