@@ -233,8 +233,9 @@ class SessionWorker:
         try:
             await peer.prepare_offer()
         except BaseException:
-            bridge.close("offer not made")
-            await peer.close()
+            # Cancelled (new ICE settings) or failed: release its sockets and relays.
+            bridge.close("offer not prepared")
+            self._background.spawn(peer.close(), name="close unprepared offer")
             raise
         self.offers_prepared += 1
         return peer, bridge
@@ -499,7 +500,7 @@ def worker_main(
         format=f"%(asctime)s.%(msecs)03d worker[{os.getpid()}] %(name)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
-    # aiortc/aioice (and websockets) as verbose as in the supervisor: debug at -vv.
+    # aiortc/aioice as verbose as in the supervisor: debug at -vv.
     for name in ("aiortc", "aioice"):
         logging.getLogger(name).setLevel(stack_log_level)
 
