@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages that the end-to-end tests drive as real,
 # independent programs: nginx (the web server behind the tunnel), curl (the
-# client in front of it), and for the NAT lab (scripts/natlab) coturn (the
-# STUN/TURN server), iptables (the NAT routers) and iproute2 (`ip netns`).
-# scripts/test.sh calls it before pytest.
+# client in front of it), coturn (the STUN/TURN server of tests/e2e/test_turn.py
+# and of the NAT lab, scripts/natlab), iptables (the NAT routers) and iproute2
+# (`ip netns`). scripts/test.sh calls it before pytest.
 #
 #   install-system-deps.sh
 #

@@ -39,8 +39,8 @@ device site exposing an HTTP server of that site, ``tunnelctl connect`` in the
 client site, and a 16 MiB fetch through the forward inside the client site,
 checked by SHA-256. :class:`CaseResult` is the JSON line ``--json`` prints:
 ``device_nat``, ``client_nat``, ``connected``, ``path`` (``direct``/``relay``),
-``pair`` (the client's and the device's candidate types, ``local/remote`` as
-the client sees it), ``connect_ms`` (request to DataChannel open, from
+``pair`` (``LOCAL/REMOTE``: the candidate types of the nominated pair as the
+client sees it), ``connect_ms`` (request to DataChannel open, from
 ``connect``'s readiness line), ``transfer_ok``, ``mbps`` (megabits/s),
 ``mib_s``, ``relay_transport`` (``udp``/``tcp`` from the routers' byte
 counters of TURN traffic, ``null`` when no TURN server carried the transfer),
@@ -124,8 +124,10 @@ DENIED_PEERS = (
     "fe80::-febf:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
 )
 
+#: ``connect``'s readiness line; the pair is the client's local/remote candidate types.
 FORWARDING_RE = re.compile(
-    r"forwarding (?P<addr>\S+) -> \S+ \(DataChannel open in (?P<ms>\d+) ms, (?P<type>\S+) path\)"
+    r"forwarding (?P<addr>\S+) -> \S+ \(DataChannel open in (?P<ms>\d+) ms, "
+    r"(?:(?P<path>direct|relay) path \((?P<pair>[a-z]+/[a-z]+)(?: over \w+)?\)|unknown path)\)"
 )
 
 #: Run inside the client's namespace: fetch a URL, hash it as it streams.
@@ -508,6 +510,7 @@ class Lab:
         self.big_sha256 = ""
         self.signal_url = f"ws://{PUBLIC_ADDR}:{SIGNAL_PORT}/signal"
         self.coturn: Process | None = None
+        self.signal: Process | None = None
         self._renumbered = 0
 
     def __enter__(self) -> Lab:
@@ -527,15 +530,15 @@ class Lab:
             pub.ip("addr", "add", f"{PUBLIC_ADDR}/24", "dev", "br0")
             pub.ip("link", "set", "br0", "up")
             self.coturn = self._start_coturn()
-            self.signal = pub.spawn(
+            self.signal = signal_server = pub.spawn(
                 [sys.executable, "-m", "tunnelctl", "signal", "--host", PUBLIC_ADDR,
                  "--port", str(SIGNAL_PORT)],
                 env={"TUNNEL_SECRET": self.jwt_secret},
                 name="signal",
             )  # fmt: skip
-            self.processes.append(self.signal)
+            self.processes.append(signal_server)
             self._write_big_file()
-            self.signal.wait_line("listening ")
+            signal_server.wait_line("listening ")
             # Its verbose log names each listener once it is open.
             self.coturn.wait_lines(["TCP listener opened on", "UDP listener opened on"])
         except BaseException:
@@ -713,8 +716,7 @@ class Lab:
 
     def start_device(self, site: Site, device: str, *, extra: Sequence[str] = ()) -> Device:
         """``tunnelctl start`` in ``site`` exposing its web server as ``web``; once registered."""
-        runtime = self.workdir / f"runtime-{device}"
-        runtime.mkdir(mode=0o700)
+        runtime = Path(tempfile.mkdtemp(prefix=f"runtime-{device}-", dir=self.workdir))
         ice, env = self.ice_args(site)
         process = self.tunnelctl(
             site,
@@ -877,18 +879,6 @@ class CaseResult:
     error: str | None = None
 
 
-def path_of(client_type: str | None, device_type: str | None) -> str | None:
-    """``direct`` or ``relay`` from the local candidate type each end reports.
-
-    TODO(issue 7, path from both candidates): the worker and ``connect`` report
-    only their own local candidate type; combining both ends' is what we can do
-    until they report ``direct|relay`` from the whole nominated pair.
-    """
-    if client_type is None or device_type is None:
-        return None
-    return "relay" if "relay" in (client_type, device_type) else "direct"
-
-
 def run_case(lab: Lab, device: Device, client_site: Site) -> CaseResult:
     """Connect from ``client_site`` to ``device``, fetch 16 MiB, and measure."""
     result = CaseResult(device.site.nat, client_site.nat)
@@ -914,12 +904,12 @@ def run_case(lab: Lab, device: Device, client_site: Site) -> CaseResult:
         megabits = fetched["bytes"] * 8 / 1e6
         result.mbps = round(megabits / fetched["seconds"], 1)
         result.mib_s = round(fetched["bytes"] / MIB / fetched["seconds"], 2)
-        # The device's side of the pair: its own local candidate type.
+        # Both ends judge the path from the whole nominated pair; they must agree.
+        result.pair, result.path = match["pair"], match["path"]
         rows = [r for r in device.sessions() if r["id"] not in before]
-        device_type = rows[-1]["path"] if rows else None
-        client_type = None if match["type"] == "unknown" else match["type"]
-        result.pair = f"{client_type}/{device_type}"
-        result.path = path_of(client_type, device_type)
+        device_path = rows[-1]["path"] if rows else None
+        if device_path != result.path:
+            result.error = f"the device reports a {device_path} path, the client {result.path}"
     except LabError as exc:
         result.error = str(exc)
     finally:
@@ -1078,8 +1068,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     cases = args.case or [(d, c) for d in NAT_KINDS for c in NAT_KINDS]
     kinds = [k for k in NAT_KINDS if any(k in case for case in cases)]
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
+    # `uv run` starts us with SIGINT ignored, which Python then keeps: Ctrl-C
+    # must reach this process, which stops its children (in their own sessions).
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_interrupt)
 
     def report(result: CaseResult) -> None:
         print(json.dumps(asdict(result)) if args.json else table_row(result), flush=True)

@@ -44,6 +44,7 @@ from protocol.signaling import (
     Answer,
     Candidate,
     Error,
+    IceServers,
     PeerLeft,
     SessionEnd,
     SessionRequest,
@@ -69,6 +70,7 @@ class TunnelAgent:
         keepalive: float = DEFAULT_KEEPALIVE,
     ) -> None:
         self.ice_servers = tuple(ice_servers)
+        self._issued_ice_servers: tuple[IceServer, ...] = ()  # from the signaling server
         self.keepalive = keepalive
         self.channel_protocol = channel_protocol
         self.on_state_change: Callable[[str], None] | None = None
@@ -109,7 +111,7 @@ class TunnelAgent:
         self._peer = PeerSession(
             "",
             link.send,
-            ice_servers=self.ice_servers,
+            ice_servers=self.ice_servers + self._issued_ice_servers,
             on_state=self._on_peer_state,
             channel_protocol=self.channel_protocol,
             keepalive=self.keepalive,
@@ -190,6 +192,9 @@ class TunnelAgent:
             self._set_state(state)
 
     def _on_signal(self, message: SignalingMessage) -> None:
+        if isinstance(message, IceServers):
+            self._issued_ice_servers = message.ice_servers
+            return
         if isinstance(message, SessionRequest):
             if self.session_id is None:
                 with contextlib.suppress(asyncio.QueueFull):

