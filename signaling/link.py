@@ -152,6 +152,31 @@ class SignalingLink:
         except ConnectionClosed:
             raise LinkDown("signaling link is down") from None
 
+    async def probe(self, timeout: float) -> bool:
+        """Check that the server still answers (a WebSocket ping); reconnect if not.
+
+        A link whose network changed under it (a new address, a dead NAT
+        mapping) looks up until TCP gives up, minutes later. Call this when
+        there is reason to doubt it, e.g. when a peer path just died: without
+        a pong within ``timeout`` the connection is dropped and a new one made
+        at once. Returns whether the link answered.
+        """
+        ws = self._ws
+        if ws is None or not self._up.is_set():
+            return False
+        try:
+            pong = await ws.ping()
+            await asyncio.wait_for(pong, timeout)
+            return True
+        except (ConnectionClosed, TimeoutError):
+            if self._ws is ws:
+                log.info(
+                    "signaling link to %s did not answer in %g s; reconnecting", self.url, timeout
+                )
+                self._backoff.reset()
+                ws.transport.abort()
+            return False
+
     async def close(self) -> None:
         self._closing = True
         if self._ws is not None:

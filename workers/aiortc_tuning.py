@@ -91,6 +91,8 @@ STOCK_ENV: Final = "TUNNELCTL_STOCK_AIORTC"
 CHECKS_PER_KEEPALIVE: Final = 5
 #: How long a consent check's answer may take (one retransmission at 0.5 s).
 CONSENT_RETRANSMISSIONS: Final = 1
+#: Seconds a TURN allocation's deletion may take when its connection closes.
+TURN_DELETE_TIMEOUT: Final = 2.0
 #: The most one DataChannel message may grow to while being reassembled before
 #: the session is ended. Our messages are at most 64 KiB (PROTOCOL.md §2.1) and
 #: aiortc advertises 256 KiB; the slack covers a lost first fragment or two.
@@ -136,6 +138,7 @@ def install() -> bool:
     _bound_consent()
     _retry_checks_answered_by_peer()
     _bound_stun_lookup()
+    _bound_turn_delete()
     return True
 
 
@@ -392,6 +395,9 @@ def _bound_consent() -> None:
         log.info("%s: consent expired, no answer for %.1f s", self, keepalive)
         self.tunnelctl_consent_expired = keepalive  # type: ignore[attr-defined]
         self._query_consent_task = None  # close() must not cancel the task it runs in
+        # Wake the DTLS transport's pending recv() now: close() does it only after
+        # closing every socket, and deleting a TURN allocation on a dead path waits.
+        self._queue.put_nowait(None)
         await self.close()
 
     aioice.Connection.query_consent = query_consent  # type: ignore[method-assign]
@@ -445,6 +451,29 @@ def _bound_stun_lookup() -> None:
             raise
 
     aioice.ice.server_reflexive_candidate = server_reflexive_candidate
+
+
+# --- TURN allocation deletion ------------------------------------------------------
+
+
+def _bound_turn_delete() -> None:
+    """Give up deleting a TURN allocation after :data:`TURN_DELETE_TIMEOUT`.
+
+    aioice retries the deletion (a Refresh with lifetime 0) for about 40 s, and
+    closing a connection waits for it: on a dead path or a changed address, a
+    session's end (and anything awaiting it) took that long. The server frees
+    an allocation it hears no more from when its lifetime ends (RFC 8656 §6);
+    aioice's own ``delete`` closes the socket when cancelled.
+    """
+    original = aioice.turn.TurnClientMixin.delete
+
+    async def delete(self: aioice.turn.TurnClientMixin) -> None:
+        try:
+            await asyncio.wait_for(original(self), TURN_DELETE_TIMEOUT)
+        except TimeoutError:
+            log.info("TURN allocation not deleted within %g s; it will expire", TURN_DELETE_TIMEOUT)
+
+    aioice.turn.TurnClientMixin.delete = delete  # type: ignore[method-assign]
 
 
 # --- DataChannel message reassembly -------------------------------------------

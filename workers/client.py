@@ -69,6 +69,9 @@ MIN_ATTEMPT_TIMEOUT = 4.0
 #: For this long after a loss, attempts start every RETRY_EVERY; later, with
 #: capped backoff, so a device gone for good is not asked every second forever.
 FAST_RETRY_WINDOW = 120.0
+#: Seconds the signaling server gets to answer a ping after the path died (the
+#: network may have changed under both): without an answer the link is remade.
+LINK_PROBE_TIMEOUT = 2.0
 #: Signaling errors that mean "this will never work": give up at once.
 FATAL_CODES = {"forbidden", "not_authenticated"}
 
@@ -119,6 +122,7 @@ class ClientTunnel:
         self._backoff = Backoff(base=0.5, cap=15.0)
         self._tasks = TaskSet(log)
         self._ended_by_device: str | None = None  # no session_end back for those
+        self._link_probe: asyncio.Task[bool] | None = None
 
     async def open(self, timeout: float = OPEN_TIMEOUT) -> None:
         """Establish the first session; raise on any failure (nothing is retried)."""
@@ -178,7 +182,7 @@ class ClientTunnel:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._end_session("client closing", notify=True)
+        await self._end_session("client closing", notify=True, wait=True)
         await self.link.close()
         await self._tasks.cancel_all()
 
@@ -271,6 +275,7 @@ class ClientTunnel:
         self._backoff.reset()
         attempts: set[asyncio.Task[tuple[PeerSession, RTCDataChannel, float]]] = set()
         next_start = lost
+        self._probe_link()
         try:
             while self.fatal is None:
                 link_up = self.link.state is LinkState.UP
@@ -297,6 +302,7 @@ class ClientTunnel:
                     attempts.discard(task)
                     if self._judge(task, lost):
                         return
+                    self._probe_link()  # no offer came? the link may be dead too
                     if isinstance(task.exception(), (DeviceBusy, DeviceOffline)):
                         # Not a path problem: the device is away or busy; ask less often.
                         next_start = max(next_start, loop.time() + self._backoff.next_delay())
@@ -311,6 +317,13 @@ class ClientTunnel:
                 with contextlib.suppress(BaseException):
                     peer, _, _ = await task
                     await self._discard(peer, "another attempt opened first", notify=True)
+
+    def _probe_link(self) -> None:
+        probe = self._link_probe
+        if probe is None or probe.done():
+            self._link_probe = self._tasks.spawn(
+                self.link.probe(LINK_PROBE_TIMEOUT), name="signaling probe"
+            )
 
     def _judge(
         self, task: asyncio.Task[tuple[PeerSession, RTCDataChannel, float]], lost: float
@@ -332,20 +345,27 @@ class ClientTunnel:
             raise exc
         return False
 
-    async def _end_session(self, reason: str, *, notify: bool) -> None:
+    async def _end_session(self, reason: str, *, notify: bool, wait: bool = False) -> None:
         peer, self.peer = self.peer, None
         bridge, self.bridge = self.bridge, None
         self._ready.clear()
         if bridge is not None:
             bridge.close(reason)
         if peer is not None:
-            await self._discard(peer, reason, notify=notify)
+            await self._discard(peer, reason, notify=notify, wait=wait)
 
-    async def _discard(self, peer: PeerSession, reason: str, *, notify: bool) -> None:
+    async def _discard(
+        self, peer: PeerSession, reason: str, *, notify: bool, wait: bool = False
+    ) -> None:
         if notify and peer.session_id != self._ended_by_device and self.link.state is LinkState.UP:
             with contextlib.suppress(LinkDown):
                 await self.link.send(SessionEnd(session=peer.session_id, reason=reason[:200]))
-        await peer.close()
+        if wait:
+            await peer.close()
+        else:
+            # Closing deletes TURN allocations, which on a dead path waits for a
+            # server that does not answer: nothing on the way to a new session does.
+            self._tasks.spawn(peer.close(), name=f"close session {peer.session_id}")
 
     def _on_refused(self, service: str, code: int, reason: str) -> None:
         if code == ResetCode.UNKNOWN_SERVICE:
@@ -408,6 +428,9 @@ class ClientTunnel:
             exc = DeviceBusy(error.message)
         elif attempt is not None:
             exc = SessionFailed(f"{error.code}: {error.message}")
+        elif error.code == "unknown_session":
+            # A session_end for an attempt made on a link that has since been remade.
+            return
         else:
             log.warning("signaling server: %s: %s", error.code, error.message)
             return
