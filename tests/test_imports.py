@@ -1,6 +1,8 @@
 """The import rules of ARCHITECTURE.md, checked on the source."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,26 @@ def test_nothing_imports_the_cli() -> None:
 def test_every_package_is_typed() -> None:
     for package in PACKAGES:
         assert (ROOT / package / "py.typed").exists(), package
+
+
+#: The supervisor's sans-I/O core (ARCHITECTURE.md: a pure core and a thin shell).
+SUPERVISOR_CORE = ("core", "pool", "sessions", "events", "commands", "worker_messages")
+IO_MODULES = {"asyncio", "zmq", "os", "time", "subprocess", "signal", "socket", "selectors"}
+
+
+@pytest.mark.parametrize("module", SUPERVISOR_CORE)
+def test_the_supervisor_core_does_no_io(module: str) -> None:
+    path = ROOT / "supervisor" / f"{module}.py"
+    bad = imported_roots(path) & IO_MODULES
+    assert not bad, f"supervisor/{module}.py imports {sorted(bad)}"
+
+
+def test_the_supervisor_core_loads_no_io_library() -> None:
+    names = ", ".join(f"supervisor.{m}" for m in SUPERVISOR_CORE)
+    code = (
+        f"import sys, {names}; print(sorted({{'asyncio', 'zmq', 'subprocess'}} & set(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
