@@ -49,7 +49,7 @@ import msgpack  # type: ignore[import-untyped, unused-ignore]
 
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.frames import is_valid_service_name
-from protocol.ice import ICE_URL_RE
+from protocol.ice import ICE_POLICIES, IceConfig, IcePolicy, IceServer
 from protocol.signaling import MAX_FRAME_SIZE, MAX_REASON_LEN, is_valid_id, is_valid_session_id
 
 __all__ = [
@@ -65,7 +65,7 @@ __all__ = [
     "Ended",
     "Heartbeat",
     "Hello",
-    "IceServerSpec",
+    "IceUpdate",
     "IpcError",
     "IpcMessage",
     "Relay",
@@ -105,7 +105,9 @@ _MAX_PID: Final = 2**31 - 1  # pid_t is a signed 32-bit int
 _MAX_COUNTER: Final = 2**63 - 1
 _MAX_HOST_LEN: Final = 255
 _STATES: Final = ("new", "connecting", "connected", "disconnected", "failed", "closed")
-_PATHS: Final = ("host", "srflx", "prflx", "relay")
+_PATHS: Final = ("direct", "relay")
+_CANDIDATE_TYPES: Final = ("host", "srflx", "prflx", "relay")
+_RELAY_TRANSPORTS: Final = ("udp", "tcp", "tls")
 
 
 class IpcError(RemoteProtocolError):
@@ -204,33 +206,6 @@ def _check_tuple(where: str, value: object) -> tuple[object, ...]:
 
 
 @dataclass(frozen=True, slots=True)
-class IceServerSpec:
-    """One STUN or TURN server of an ``assign`` (the W3C ``RTCIceServer`` shape).
-
-    A ``turn:``/``turns:`` server needs ``username`` and ``credential``.
-    """
-
-    url: str
-    username: str | None = None
-    credential: str | None = None
-
-    def __post_init__(self) -> None:
-        _check_str("assign.ice_servers.url", self.url)
-        if not ICE_URL_RE.fullmatch(self.url):
-            _invalid(
-                "assign.ice_servers.url",
-                f"{_shorten(self.url)} is not stun[s]:HOST[:PORT] or "
-                "turn[s]:HOST[:PORT][?transport=udp|tcp]",
-            )
-        for name in ("username", "credential"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_str(f"assign.ice_servers.{name}", value)
-        if self.url.startswith("turn") and not (self.username and self.credential):
-            _invalid("assign.ice_servers", f"TURN server {self.url} needs username and credential")
-
-
-@dataclass(frozen=True, slots=True)
 class Hello:
     """``hello`` (worker → sup): the worker is up and idle."""
 
@@ -251,15 +226,17 @@ class Assign:
 
     ``services`` are ``(name, host, port)`` triples with distinct names; on the
     wire they are a map ``name → [host, port]``, in this order. ``ice_hosts``
-    are IP addresses or CIDR networks (``127.0.0.1``, ``10.1.0.0/16``, ``::1``).
+    are IP addresses or CIDR networks (``127.0.0.1``, ``10.1.0.0/16``, ``::1``);
+    ``ice_policy`` is ``all`` or ``relay``.
     """
 
     session: str
     device: str
     client: str
     services: tuple[tuple[str, str, int], ...]
-    ice_servers: tuple[IceServerSpec, ...] = ()
+    ice_servers: tuple[IceServer, ...] = ()
     ice_hosts: tuple[str, ...] = ()
+    ice_policy: IcePolicy = "all"
 
     TYPE: ClassVar[str] = "assign"
 
@@ -281,16 +258,53 @@ class Assign:
             if not host:
                 _invalid(f"assign.services[{name!r}].host", "must not be empty")
             _check_int(f"assign.services[{name!r}].port", port, 1, 65535)
-        for server in _check_tuple("assign.ice_servers", self.ice_servers):
-            if not isinstance(server, IceServerSpec):
-                _invalid("assign.ice_servers", "each server must be an IceServerSpec")
-        for host in _check_tuple("assign.ice_hosts", self.ice_hosts):
-            if not isinstance(host, str):
-                _invalid("assign.ice_hosts", f"must hold str, not {type(host).__name__}")
-            try:
-                ipaddress.ip_network(host, strict=False)
-            except ValueError:
-                _invalid("assign.ice_hosts", f"{_shorten(host)} is not an IP address or network")
+        _check_ice("assign", self.ice_servers, self.ice_hosts, self.ice_policy)
+
+    @property
+    def ice(self) -> IceConfig:
+        return IceConfig(self.ice_servers, self.ice_hosts, self.ice_policy)
+
+
+def _check_ice(where: str, servers: object, hosts: object, policy: object) -> None:
+    for server in _check_tuple(f"{where}.ice_servers", servers):
+        if not isinstance(server, IceServer):
+            _invalid(f"{where}.ice_servers", "each server must be an IceServer")
+    for host in _check_tuple(f"{where}.ice_hosts", hosts):
+        if not isinstance(host, str):
+            _invalid(f"{where}.ice_hosts", f"must hold str, not {type(host).__name__}")
+        try:
+            ipaddress.ip_network(host, strict=False)
+        except ValueError:
+            _invalid(f"{where}.ice_hosts", f"{_shorten(host)} is not an IP address or network")
+    _check_choice(f"{where}.ice_policy", policy, ICE_POLICIES)
+
+
+@dataclass(frozen=True, slots=True)
+class IceUpdate:
+    """``ice`` (sup → worker): ICE settings for the sessions to come.
+
+    Sent to idle workers when the settings change (the signaling server handed
+    out fresh TURN credentials): an idle worker prepares its offer again with
+    them, in the background, so no session starts on expired credentials.
+    Same fields and rules as in ``assign``.
+    """
+
+    ice_servers: tuple[IceServer, ...] = ()
+    ice_hosts: tuple[str, ...] = ()
+    ice_policy: IcePolicy = "all"
+
+    TYPE: ClassVar[str] = "ice"
+
+    def __post_init__(self) -> None:
+        _check_ice("ice", self.ice_servers, self.ice_hosts, self.ice_policy)
+
+    @property
+    def ice(self) -> IceConfig:
+        return IceConfig(self.ice_servers, self.ice_hosts, self.ice_policy)
+
+    @classmethod
+    def of(cls, ice: IceConfig) -> IceUpdate:
+        return cls(ice.servers, ice.hosts, ice.policy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,14 +331,20 @@ class Relay:
 class StateReport:
     """``state`` (worker → sup): the peer connection's state and, once known, its path.
 
-    ``state`` is one of ``new connecting connected disconnected failed closed``;
-    ``path`` the selected candidate pair's local type (``host``, ``srflx``,
-    ``prflx``, ``relay``) or ``None``.
+    ``state`` is one of ``new connecting connected disconnected failed closed``.
+    Once connected: ``pair`` is the nominated candidate pair's local and remote
+    candidate types, ``"LOCAL/REMOTE"`` (each ``host``, ``srflx``, ``prflx`` or
+    ``relay``); ``path`` is ``relay`` if either of them is ``relay``, else
+    ``direct``; ``relay_transport`` is how this side reaches its own relay
+    (``udp``, ``tcp``, ``tls``), ``None`` when the relay is the peer's. All
+    three are ``None`` until known.
     """
 
     session: str
     state: str
     path: str | None = None
+    pair: str | None = None
+    relay_transport: str | None = None
 
     TYPE: ClassVar[str] = "state"
 
@@ -333,6 +353,20 @@ class StateReport:
         _check_choice("state.state", self.state, _STATES)
         if self.path is not None:
             _check_choice("state.path", self.path, _PATHS)
+        if self.pair is not None:
+            _check_str("state.pair", self.pair, max_chars=16)
+            local, sep, remote = self.pair.partition("/")
+            if not sep or local not in _CANDIDATE_TYPES or remote not in _CANDIDATE_TYPES:
+                _invalid("state.pair", f"{_shorten(self.pair)} is not LOCAL/REMOTE candidate types")
+            relayed = "relay" in (local, remote)
+            if self.path != ("relay" if relayed else "direct"):
+                _invalid("state.path", f"{_shorten(self.path)} does not match pair {self.pair}")
+        elif self.path is not None:
+            _invalid("state.pair", "must be given with path")
+        if self.relay_transport is not None:
+            _check_choice("state.relay_transport", self.relay_transport, _RELAY_TRANSPORTS)
+            if self.pair is None or self.pair.partition("/")[0] != "relay":
+                _invalid("state.relay_transport", "only for a path through this side's relay")
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,11 +436,14 @@ class Stop:
         _check_str("stop.reason", self.reason, max_chars=MAX_REASON_LEN)
 
 
-IpcMessage: TypeAlias = Hello | Assign | Relay | StateReport | Heartbeat | Ended | Drain | Stop
+IpcMessage: TypeAlias = (
+    Hello | Assign | IceUpdate | Relay | StateReport | Heartbeat | Ended | Drain | Stop
+)
 
 _MESSAGE_CLASSES: Final[tuple[type[IpcMessage], ...]] = (
     Hello,
     Assign,
+    IceUpdate,
     Relay,
     StateReport,
     Heartbeat,
@@ -514,19 +551,16 @@ def _top_map(data: object, limit: int, container: int, what: str) -> dict[Any, A
 
 
 def _body(message: IpcMessage) -> dict[str, object]:
+    body = {name: getattr(message, name) for name in _FIELD_NAMES[type(message)]}
     if isinstance(message, Assign):
-        return {
-            "session": message.session,
-            "device": message.device,
-            "client": message.client,
-            "services": {name: [host, port] for name, host, port in message.services},
-            "ice_servers": [
-                {"url": s.url, "username": s.username, "credential": s.credential}
-                for s in message.ice_servers
-            ],
-            "ice_hosts": list(message.ice_hosts),
-        }
-    return {name: getattr(message, name) for name in _FIELD_NAMES[type(message)]}
+        body["services"] = {name: [host, port] for name, host, port in message.services}
+    if isinstance(message, Assign | IceUpdate):
+        body["ice_servers"] = [
+            {"url": s.url, "username": s.username, "credential": s.credential}
+            for s in message.ice_servers
+        ]
+        body["ice_hosts"] = list(message.ice_hosts)
+    return body
 
 
 def encode_ipc(message: IpcMessage) -> bytes:
@@ -550,23 +584,26 @@ def _assign_fields(body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(address, list) or len(address) != 2:
             raise IpcError(f"assign.services[{_shorten(name)}]: must be [host, port]")
         triples.append((name, address[0], address[1]))
+    return _ice_fields("assign", body) | {"services": tuple(triples)}
+
+
+def _ice_fields(where: str, body: dict[str, Any]) -> dict[str, Any]:
     servers = body["ice_servers"]
     if not isinstance(servers, list):
-        raise IpcError("assign.ice_servers: must be an array")
+        raise IpcError(f"{where}.ice_servers: must be an array")
     specs = []
     for server in servers:
         if not isinstance(server, dict):
-            raise IpcError("assign.ice_servers: each server must be a map")
-        _check_keys("assign.ice_servers", server, _ICE_SERVER_KEYS)
-        specs.append(IceServerSpec(server["url"], server["username"], server["credential"]))
+            raise IpcError(f"{where}.ice_servers: each server must be a map")
+        _check_keys(f"{where}.ice_servers", server, _ICE_SERVER_KEYS)
+        try:
+            specs.append(IceServer(server["url"], server["username"], server["credential"]))
+        except ValueError as exc:
+            raise IpcError(f"{where}.ice_servers: {exc}") from None
     hosts = body["ice_hosts"]
     if not isinstance(hosts, list):
-        raise IpcError("assign.ice_hosts: must be an array")
-    return body | {
-        "services": tuple(triples),
-        "ice_servers": tuple(specs),
-        "ice_hosts": tuple(hosts),
-    }
+        raise IpcError(f"{where}.ice_hosts: must be an array")
+    return body | {"ice_servers": tuple(specs), "ice_hosts": tuple(hosts)}
 
 
 def decode_ipc(data: bytes | bytearray | memoryview) -> IpcMessage:
@@ -584,7 +621,11 @@ def decode_ipc(data: bytes | bytearray | memoryview) -> IpcMessage:
         raise IpcError(f"{type_}: body 'b' must be a map, not {type(body).__name__}")
     _check_keys(type_, body, _FIELD_NAMES[cls])
     try:
-        return cls(**(_assign_fields(body) if cls is Assign else body))
+        if cls is Assign:
+            body = _assign_fields(body)
+        elif cls is IceUpdate:
+            body = _ice_fields("ice", body)
+        return cls(**body)
     except LocalProtocolError as exc:
         raise IpcError(str(exc)) from None
 

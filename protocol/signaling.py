@@ -38,10 +38,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Literal, NoReturn, TypeAlias, TypeGuard
 
 from protocol.errors import LocalProtocolError, SignalingError
+from protocol.ice import IceServer
 
 __all__ = [
     "ID_PATTERN",
     "MAX_FRAME_SIZE",
+    "MAX_ICE_SERVERS",
     "MAX_MLINE_INDEX",
     "MAX_REASON_LEN",
     "MAX_SDP_LEN",
@@ -56,6 +58,7 @@ __all__ = [
     "Error",
     "ErrorCode",
     "IceCandidate",
+    "IceServers",
     "Offer",
     "PeerLeft",
     "Register",
@@ -79,6 +82,10 @@ MAX_FRAME_SIZE: Final = 65536
 MAX_SDP_LEN: Final = 32768
 #: Longest ``reason`` of a ``session_end``, in characters (§1.3).
 MAX_REASON_LEN: Final = 200
+#: Most servers in one ``ice_servers`` message (§1.3).
+MAX_ICE_SERVERS: Final = 16
+#: Longest ``ttl`` of an ``ice_servers`` message: a week, in seconds.
+MAX_ICE_TTL: Final = 7 * 86400
 #: Largest ``sdpMLineIndex``: it is an ``unsigned short`` in the WebRTC API.
 MAX_MLINE_INDEX: Final = 65535
 
@@ -240,6 +247,47 @@ class Welcome:
 
 
 @dataclass(frozen=True, slots=True)
+class IceServers:
+    """``ice_servers`` (S→ any): the STUN/TURN servers to gather candidates with.
+
+    ``ttl`` is how many seconds the credentials hold from now (``None``: they
+    do not expire). The server sends this before ``welcome`` and again before
+    the credentials expire; the newest replaces the previous set.
+    """
+
+    ice_servers: tuple[IceServer, ...]
+    ttl: int | None = None
+
+    TYPE: ClassVar[str] = "ice_servers"
+    #: Wire keys of one server, as the W3C ``RTCIceServer`` (``urls`` a string).
+    SERVER_KEYS: ClassVar[tuple[str, str, str]] = ("urls", "username", "credential")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ice_servers, tuple) or not all(
+            isinstance(s, IceServer) for s in self.ice_servers
+        ):
+            _invalid("ice_servers.ice_servers", "must be a tuple of IceServer")
+        if len(self.ice_servers) > MAX_ICE_SERVERS:
+            _invalid("ice_servers.ice_servers", f"more than {MAX_ICE_SERVERS} servers")
+        if self.ttl is not None:
+            if isinstance(self.ttl, bool) or not isinstance(self.ttl, int):
+                _invalid("ice_servers.ttl", "must be an integer or null")
+            if not 1 <= self.ttl <= MAX_ICE_TTL:
+                _invalid("ice_servers.ttl", f"out of range 1..{MAX_ICE_TTL}")
+
+    def servers_to_wire(self) -> list[dict[str, object]]:
+        wire: list[dict[str, object]] = []
+        for server in self.ice_servers:
+            entry: dict[str, object] = {"urls": server.url}
+            if server.username is not None:
+                entry["username"] = server.username
+            if server.credential is not None:
+                entry["credential"] = server.credential
+            wire.append(entry)
+        return wire
+
+
+@dataclass(frozen=True, slots=True)
 class Register:
     """``register`` (device →S): make this connection the device's link."""
 
@@ -374,6 +422,7 @@ class Error:
 SignalingMessage: TypeAlias = (
     Auth
     | Welcome
+    | IceServers
     | Register
     | Registered
     | SessionRequest
@@ -388,6 +437,7 @@ SignalingMessage: TypeAlias = (
 _MESSAGE_CLASSES: Final[tuple[type[SignalingMessage], ...]] = (
     Auth,
     Welcome,
+    IceServers,
     Register,
     Registered,
     SessionRequest,
@@ -433,7 +483,11 @@ def encode_signaling(msg: SignalingMessage) -> str:
         value = getattr(msg, name)
         if value is None and name in omitted:
             continue
-        obj[name] = value.to_wire() if isinstance(value, IceCandidate) else value
+        if isinstance(value, IceCandidate):
+            value = value.to_wire()
+        elif isinstance(msg, IceServers) and name == "ice_servers":
+            value = msg.servers_to_wire()
+        obj[name] = value
     # ensure_ascii=False: "\uXXXX" escapes would make a forwarded message up
     # to 3x longer than the frame it came in, past the peer's frame limit.
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
@@ -505,6 +559,26 @@ def _decode_ice_candidate(value: object) -> IceCandidate | None:
         raise _bad(str(exc)) from None
 
 
+def _decode_ice_servers(value: object) -> tuple[IceServer, ...]:
+    if not isinstance(value, list):
+        raise _bad("ice_servers.ice_servers: must be an array")
+    if len(value) > MAX_ICE_SERVERS:
+        raise _bad(f"ice_servers.ice_servers: more than {MAX_ICE_SERVERS} servers")
+    servers = []
+    allowed = set(IceServers.SERVER_KEYS)
+    for entry in value:
+        if not isinstance(entry, dict):
+            raise _bad("ice_servers.ice_servers: each server must be an object")
+        keys = set(entry)
+        if not {"urls"} <= keys <= allowed:
+            raise _bad(_key_problem("ice_servers.ice_servers", keys, allowed, {"urls"}))
+        try:
+            servers.append(IceServer(entry["urls"], entry.get("username"), entry.get("credential")))
+        except ValueError as exc:
+            raise _bad(f"ice_servers.ice_servers: {exc}") from None
+    return tuple(servers)
+
+
 def _key_problem(where: str, keys: set[str], allowed: set[str], required: set[str]) -> str:
     unknown = sorted(keys - allowed)
     if unknown:
@@ -552,6 +626,8 @@ def decode_signaling(data: str | bytes) -> SignalingMessage:
     fields: dict[str, Any] = {name: obj[name] for name in names if name in keys}
     if cls is Candidate:
         fields["candidate"] = _decode_ice_candidate(fields["candidate"])
+    elif cls is IceServers:
+        fields["ice_servers"] = _decode_ice_servers(fields["ice_servers"])
     elif cls is SessionRequest and "client" in fields and fields["client"] is None:
         # Omitted, not null, is how "no client" is written (one way to say it).
         raise _bad("session_request.client: must be an id when present")

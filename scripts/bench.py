@@ -389,7 +389,8 @@ async def supervised_session(
         session = tunnel.peer.session_id
         if series is not None:
             series.samples.append(tunnel.open_seconds)
-            path = tunnel.peer.candidate_pair_type() or "?"
+            nominated = tunnel.peer.nominated_path()
+            path = nominated.pair if nominated else "?"
             series.paths[path] = series.paths.get(path, 0) + 1
         row = await sup.session_row(session)
         worker_pid = row["worker_pid"] if row else None
@@ -453,7 +454,7 @@ async def bare_session(series: Series | None) -> None:
         elapsed = time.perf_counter() - started
         if series is not None:
             series.samples.append(elapsed)
-            series.paths["host"] = series.paths.get("host", 0) + 1
+            series.paths["host/host"] = series.paths.get("host/host", 0) + 1
     except Exception as exc:
         if series is None:
             raise
@@ -904,7 +905,7 @@ async def run_phases(bench: Bench, args: argparse.Namespace, report: dict[str, A
                 setup[kind]["prefork_hits"] = s.prefork_hits
             bench.problems.extend(summarize(s.failures))
         for kind in ("warm", "cold"):
-            if setup[kind]["paths"] and set(setup[kind]["paths"]) != {"host"}:
+            if setup[kind]["paths"] and set(setup[kind]["paths"]) != {"host/host"}:
                 bench.problems.append(f"{kind}: candidate pair types {setup[kind]['paths']}")
         setup["warm_over_bare"] = ratio(setup["warm"], setup["bare"])
         setup["cold_over_bare"] = ratio(setup["cold"], setup["bare"])

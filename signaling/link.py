@@ -19,8 +19,9 @@ import asyncio
 import contextlib
 import enum
 import logging
+import re
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -40,6 +41,29 @@ from protocol.signaling import (
 from signaling.errors import LinkDown, LinkRejected
 
 log = logging.getLogger("tunnelctl.link")
+
+
+class RedactSecrets(logging.Filter):
+    """Hide tokens and TURN credentials in websockets' own log lines.
+
+    At debug level websockets logs the request path (``?token=``) and the
+    start of every frame (an ``auth`` message, an ``ice_servers`` message).
+    """
+
+    _SECRET_RE: Final = re.compile(r'(token=|"token":\s*"|"credential":\s*")[^&"\s]*')
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token" in message or "credential" in message:
+            record.msg = self._SECRET_RE.sub(r"\1<redacted>", message)
+            record.args = None
+        return True
+
+
+# websockets' own logger (outside "tunnelctl", so -v leaves it quiet; -vv shows
+# its frame dumps, redacted).
+_wire_log = logging.getLogger("websockets.client")
+_wire_log.addFilter(RedactSecrets())
 
 _M = TypeVar("_M", Welcome, Registered)
 
@@ -183,7 +207,9 @@ class SignalingLink:
         self._set_state(LinkState.CLOSED)
 
     async def _session(self) -> None:
-        async with connect(self.url, open_timeout=HANDSHAKE_TIMEOUT, max_size=65536) as ws:
+        async with connect(
+            self.url, open_timeout=HANDSHAKE_TIMEOUT, max_size=65536, logger=_wire_log
+        ) as ws:
             self._ws = ws
             await ws.send(encode_signaling(Auth(token=self._token)))
             try:

@@ -8,16 +8,20 @@ rules live in the router.
 Public API:
 
 ``SignalingServer(secret, host="127.0.0.1", port=8000, limits=None, *, auth_timeout=10.0,
-max_outbox=1 << 20)``
+max_outbox=1 << 20, ice=None)``
     ``await start()`` binds (``port=0`` picks a free port; ``.port`` and
     ``.url`` are then the real ones), ``await close()`` closes every connection
     with 1001 and waits for the handlers. Also an async context manager.
     ``stats()`` returns the router's counters. Raises
     :class:`~signaling.errors.ConfigError` for a weak secret or an address it
     cannot listen on.
-``run_server(secret, host="127.0.0.1", port=8000, on_ready=None)``
+``run_server(secret, host="127.0.0.1", port=8000, on_ready=None, *, limits=None, ice=None)``
     Serve until cancelled, SIGTERM or SIGINT, then close cleanly.
     ``on_ready(url)`` is called once listening.
+
+With ``ice`` (a :class:`~signaling.turn.IceIssuer`), every authenticated peer
+gets an ``ice_servers`` message before ``welcome`` (so it holds them before it
+can ask for a session) and a fresh one every half credential lifetime.
 
 Robustness: frames over 65 536 bytes close the connection with 1009 (done by
 websockets, ``max_size``); any other bad input gets an ``error`` reply. Each
@@ -34,8 +38,8 @@ import contextlib
 import http
 import itertools
 import logging
-import re
 import signal
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from types import TracebackType
@@ -59,7 +63,9 @@ from protocol.signaling import (
 )
 from signaling.auth import Identity, check_secret, verify_token
 from signaling.errors import AuthError, ConfigError, UsageError
+from signaling.link import RedactSecrets
 from signaling.router import Action, Limits, Router, Send
+from signaling.turn import IceIssuer
 
 __all__ = ["AUTH_TIMEOUT", "SIGNAL_PATH", "SignalingServer", "run_server"]
 
@@ -73,24 +79,11 @@ _MAX_CLOSE_REASON: Final = 123
 log = logging.getLogger("tunnelctl.signal")
 
 
-class _RedactTokens(logging.Filter):
-    """Hide ``token=...`` in websockets' own log lines (it logs the request path)."""
-
-    _TOKEN_RE: Final = re.compile(r"(token=)[^&\s]*")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "token=" in message:
-            record.msg = self._TOKEN_RE.sub(r"\1<redacted>", message)
-            record.args = None
-        return True
-
-
 # websockets logs through this child; its INFO lines ("connection open") would
 # duplicate ours, so it is quiet unless someone lowers its level to debug.
 _wire_log = logging.getLogger("tunnelctl.signal.websockets")
 _wire_log.setLevel(logging.WARNING)
-_wire_log.addFilter(_RedactTokens())
+_wire_log.addFilter(RedactSecrets())
 
 
 def _clip_reason(reason: str) -> str:
@@ -203,8 +196,10 @@ class SignalingServer:
         *,
         auth_timeout: float = AUTH_TIMEOUT,
         max_outbox: int = MAX_OUTBOX_CHARS,
+        ice: IceIssuer | None = None,
     ) -> None:
         check_secret(secret)
+        self._ice = ice
         if auth_timeout <= 0:
             raise ConfigError("auth_timeout must be positive")
         if max_outbox < MAX_FRAME_SIZE:
@@ -305,6 +300,13 @@ class SignalingServer:
         outbox = _Outbox(ws, conn_id, self._max_outbox)
         self._outboxes[conn_id] = outbox
         log.info("conn %d from %s: connected as %s %s", conn_id, peer, identity.role, identity.sub)
+        refresh: asyncio.Task[None] | None = None
+        if self._ice is not None:
+            outbox.send(encode_signaling(self._ice.issue(identity.sub, time.time())))
+            if self._ice.refresh_interval is not None:
+                refresh = asyncio.create_task(
+                    self._refresh_ice(outbox, identity.sub, self._ice.refresh_interval)
+                )
         try:
             self._apply(self._router.connect(conn_id, identity, loop.time()))
             async for data in ws:
@@ -318,6 +320,8 @@ class SignalingServer:
         except ConnectionClosed:
             pass  # e.g. 1009 for an oversized frame, or the peer vanished
         finally:
+            if refresh is not None:
+                refresh.cancel()
             del self._outboxes[conn_id]
             self._apply(self._router.disconnect(conn_id))
             await outbox.stop()
@@ -328,6 +332,13 @@ class SignalingServer:
                 identity.sub,
                 _close_code(ws),
             )
+
+    async def _refresh_ice(self, outbox: _Outbox, sub: str, interval: float) -> None:
+        """Fresh TURN credentials while the old ones still have half their life left."""
+        assert self._ice is not None
+        while True:
+            await asyncio.sleep(interval)
+            outbox.send(encode_signaling(self._ice.issue(sub, time.time())))
 
     async def _authenticate(self, ws: ServerConnection) -> Identity:
         """The identity of ``ws`` from ``?token=`` or a first ``auth`` message (§1.2)."""
@@ -385,6 +396,7 @@ async def run_server(
     on_ready: Callable[[str], None] | None = None,
     *,
     limits: Limits | None = None,
+    ice: IceIssuer | None = None,
 ) -> None:
     """Serve until this task is cancelled or the process gets SIGTERM/SIGINT.
 
@@ -392,7 +404,7 @@ async def run_server(
     free port; ``url`` has the real one). On the way out every connection is
     closed with 1001. Raises :class:`ConfigError` as :class:`SignalingServer` does.
     """
-    server = SignalingServer(secret, host, port, limits)
+    server = SignalingServer(secret, host, port, limits, ice=ice)
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

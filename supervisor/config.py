@@ -11,7 +11,7 @@ problem raises :class:`~supervisor.errors.ConfigError`, whose ``path`` names the
 key (``devices[1].services.web``; array indexes count from 0) or the flag
 (``--expose``); the first problem found is the one reported. The dataclasses
 check themselves on construction too, so a configuration built in code obeys the
-same rules: :class:`Service` and :class:`IceServerConfig` raise ``ValueError``
+same rules: :class:`Service` and :class:`~protocol.ice.IceServer` raise ``ValueError``
 (they are single values; whoever builds them knows where they came from),
 :class:`DeviceConfig` and :class:`SupervisorConfig` raise ``ConfigError`` naming
 the field. Tokens and TURN credentials never appear in a ``repr`` or a message.
@@ -21,8 +21,9 @@ endpoint: ``http://HOST[:PORT]`` (port 80 by default), ``https://`` (443),
 ``ws://`` (80), ``wss://`` (443), ``tcp://HOST:PORT``, or a bare ``HOST:PORT``;
 IPv6 hosts go in brackets. A path, query, fragment or user info is refused: the
 device forwards a byte stream to that address and knows nothing of HTTP. ICE
-server URLs are those of RFC 7064 (STUN) and RFC 7065 (TURN):
-``stun:|stuns:|turn:|turns:HOST[:PORT][?transport=udp|tcp]``.
+server URLs are those of RFC 7064 (STUN) and RFC 7065 (TURN) that our ICE stack
+can honour (:mod:`protocol.ice`): ``stun:HOST[:PORT]``,
+``turn:HOST[:PORT][?transport=udp|tcp]``, ``turns:HOST[:PORT]``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from protocol.frames import MAX_SERVICE_LEN, is_valid_service_name
-from protocol.ice import check_ice_url
+from protocol.ice import ICE_POLICIES, IcePolicy, IceServer, parse_ice_url
 from protocol.signaling import ID_PATTERN, is_valid_id
 from supervisor.errors import ConfigError
 
@@ -52,7 +53,6 @@ __all__ = [
     "SERVICE_SCHEMES",
     "TUNING_KEYS",
     "DeviceConfig",
-    "IceServerConfig",
     "Service",
     "SupervisorConfig",
     "config_from_flags",
@@ -83,7 +83,7 @@ TUNING_KEYS: Final = (
     "max_sessions",
 )
 _INTEGER_TUNING: Final = frozenset({"pool_size", "max_restarts", "max_sessions"})
-_TOP_KEYS: Final = ("signal", "ice_hosts", "ice_servers", "supervisor", "devices")
+_TOP_KEYS: Final = ("signal", "ice_hosts", "ice_servers", "ice_policy", "supervisor", "devices")
 _TOKEN_SOURCES: Final = ("token", "token_file", "token_env")
 _DEVICE_KEYS: Final = ("id", *_TOKEN_SOURCES, "services")
 _ICE_SERVER_KEYS: Final = ("url", "username", "credential", "credential_env")
@@ -121,20 +121,6 @@ class Service:
 
 
 @dataclass(frozen=True, slots=True)
-class IceServerConfig:
-    """One STUN or TURN server, in the shape of the W3C ``RTCIceServer``."""
-
-    url: str
-    username: str | None = None
-    credential: str | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        _check_ice_url(self.url)
-        if self.url.startswith("turn") and not (self.username and self.credential):
-            raise ValueError(f"TURN server {self.url} needs a username and a credential")
-
-
-@dataclass(frozen=True, slots=True)
 class DeviceConfig:
     """One hosted device: its id (the token's ``sub``), its token, its services."""
 
@@ -169,8 +155,9 @@ class SupervisorConfig:
 
     signal_url: str
     devices: tuple[DeviceConfig, ...]
-    ice_servers: tuple[IceServerConfig, ...] = ()
+    ice_servers: tuple[IceServer, ...] = ()
     ice_hosts: tuple[str, ...] = ()
+    ice_policy: IcePolicy = "all"
     pool_size: int = 2
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 5.0
@@ -195,6 +182,10 @@ class SupervisorConfig:
             first_seen[device.id] = index
         for index, network in enumerate(self.ice_hosts):
             _check_network(network, f"ice_hosts[{index}]")
+        if self.ice_policy not in ICE_POLICIES:
+            raise ConfigError(
+                "ice_policy", f"{self.ice_policy!r} is not one of {', '.join(ICE_POLICIES)}"
+            )
         self._check_tuning()
 
     def _check_tuning(self) -> None:
@@ -316,10 +307,6 @@ def _check_signal_url(url: str, path: str) -> None:
         raise ConfigError(path, f"expected a ws:// or wss:// URL with a host, got {url!r}")
 
 
-def _check_ice_url(url: str) -> None:
-    check_ice_url(url)
-
-
 def _check_network(spec: str, path: str) -> None:
     try:
         ipaddress.ip_network(spec, strict=False)
@@ -344,6 +331,7 @@ def load_config(path: str, env: Mapping[str, str]) -> SupervisorConfig:
     _check_keys(data, None, _TOP_KEYS)
     signal_url = _required_string(data, None, "signal")
     ice_hosts = _strings(data, None, "ice_hosts")
+    ice_policy = _string(data, None, "ice_policy") or "all"
     ice_servers = tuple(
         _ice_server(table, at, env) for at, table in _tables(data, None, "ice_servers")
     )
@@ -357,6 +345,7 @@ def load_config(path: str, env: Mapping[str, str]) -> SupervisorConfig:
         devices=devices,
         ice_servers=ice_servers,
         ice_hosts=ice_hosts,
+        ice_policy=ice_policy,  # type: ignore[arg-type]  # checked by SupervisorConfig
         **tuning,
     )
 
@@ -393,11 +382,11 @@ def _tuning(data: Mapping[str, object]) -> dict[str, Any]:
     return values
 
 
-def _ice_server(table: Mapping[str, object], at: str, env: Mapping[str, str]) -> IceServerConfig:
+def _ice_server(table: Mapping[str, object], at: str, env: Mapping[str, str]) -> IceServer:
     _check_keys(table, at, _ICE_SERVER_KEYS)
     url = _required_string(table, at, "url")
     with _under(_join(at, "url")):
-        _check_ice_url(url)
+        parse_ice_url(url)
     username = _string(table, at, "username")
     credential = _string(table, at, "credential")
     credential_env = _string(table, at, "credential_env")
@@ -406,7 +395,7 @@ def _ice_server(table: Mapping[str, object], at: str, env: Mapping[str, str]) ->
     if credential_env is not None:
         credential = _from_env(env, credential_env, _join(at, "credential_env"))
     with _under(at):
-        server = IceServerConfig(url, username, credential)
+        server = IceServer(url, username, credential)
     return server
 
 
@@ -609,8 +598,9 @@ def config_from_flags(
     device: str,
     token: str,
     exposes: Sequence[str],
-    ice_servers: Sequence[IceServerConfig] = (),
+    ice_servers: Sequence[IceServer] = (),
     ice_hosts: Sequence[str] = (),
+    ice_policy: IcePolicy = "all",
 ) -> SupervisorConfig:
     """The one-device configuration of ``tunnelctl start --signal URL --device ID ...``.
 
@@ -626,12 +616,13 @@ def config_from_flags(
     networks = tuple(h.strip() for spec in ice_hosts for h in spec.split(",") if h.strip())
     with _as_flags({"id": "--device", "token": "--token", "services": "--expose"}):
         device_config = DeviceConfig(device, token, tuple(services))
-    with _as_flags({"signal": "--signal", "ice_hosts": "--ice-host"}):
+    with _as_flags({"signal": "--signal", "ice_hosts": "--ice-host", "ice_policy": "--ice-policy"}):
         config = SupervisorConfig(
             signal_url=signal_url,
             devices=(device_config,),
             ice_servers=tuple(ice_servers),
             ice_hosts=networks,
+            ice_policy=ice_policy,
         )
     return config
 

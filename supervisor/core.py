@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from protocol.backoff import Backoff
+from protocol.ice import IceConfig, IceServer
 from protocol.ipc import (
     Drain,
     Heartbeat,
@@ -40,20 +41,16 @@ from protocol.ipc import (
     new_worker_id,
 )
 from protocol.signaling import (
-    Answer,
-    Candidate,
-    Error,
-    PeerLeft,
     SessionEnd,
-    SessionRequest,
     SignalingMessage,
     encode_signaling,
 )
-from protocol.supervision import Refuse, SessionEvent, SessionState, StartAfter
+from protocol.supervision import SessionEvent, SessionState
 from supervisor.commands import on_control_frames
 from supervisor.errors import SupervisorError
 from supervisor.events import (
     Action,
+    ConfigureForkServer,
     ControlFrames,
     Event,
     ForgetWorker,
@@ -78,7 +75,8 @@ from supervisor.events import (
     WorkerSpawned,
 )
 from supervisor.pool import Pool, Worker, WorkerEvent, WorkerState, describe_exit
-from supervisor.sessions import MAX_PENDING_SIGNALS, SessionRow, Sessions
+from supervisor.sessions import SessionRow, Sessions
+from supervisor.signal_messages import on_signal
 from supervisor.worker_messages import assign_message, on_worker_frames
 
 if TYPE_CHECKING:
@@ -132,6 +130,8 @@ class SupervisorCore:
         self.fork_server_up = False
         self.links: dict[str, str] = {d.id: "down" for d in config.devices}
         self.rejected: dict[str, str] = {}
+        # STUN/TURN servers (fresh TURN credentials) from the signaling server.
+        self.issued_ice: tuple[IceServer, ...] = ()
         self._exit_codes: dict[int, int] = {}
         self._pool_backoff = Backoff(base=0.5, cap=30.0, rng=self.rng)
         self._pool_retry_at: float | None = None
@@ -150,7 +150,7 @@ class SupervisorCore:
         if isinstance(event, WorkerFrames):
             on_worker_frames(self, now, event.frames)
         elif isinstance(event, SignalReceived):
-            self._on_signal(now, event.device, event.message)
+            on_signal(self, now, event.device, event.message)
         elif isinstance(event, ControlFrames):
             self._out.extend(on_control_frames(self, now, event.frames))
         elif isinstance(event, WorkerGone):
@@ -162,6 +162,7 @@ class SupervisorCore:
         elif isinstance(event, ForkServerUp):
             self.fork_server_pid, self.fork_server_up = event.pid, True
             self._fork_server_restart_at = None
+            self._out.append(ConfigureForkServer(self.ice()))
             self._fill_pool(now)
         elif isinstance(event, ForkServerDown):
             self._on_fork_server_down(now, event.code)
@@ -200,7 +201,7 @@ class SupervisorCore:
                 row.start_at = None
                 if not self.stopping:
                     row.move(now, SessionEvent.ELAPSED)
-                    self._assign(now, row)
+                    self.assign(now, row)
         if self._pool_retry_at is not None and now >= self._pool_retry_at:
             self._pool_retry_at = None
             self._fill_pool(now)
@@ -348,76 +349,13 @@ class SupervisorCore:
 
     # -- sessions ------------------------------------------------------------------------------
 
-    def _on_signal(self, now: float, device: str, message: SignalingMessage) -> None:
-        if isinstance(message, SessionRequest):
-            self._on_session_request(now, device, message)
-            return
-        if isinstance(message, Error):
-            # unknown_session: both ends said session_end at once; the server forgot it first.
-            level = logging.DEBUG if message.code == "unknown_session" else logging.WARNING
-            log.log(
-                level, "device %s: signaling error %s: %s", device, message.code, message.message
-            )
-            return
-        session = getattr(message, "session", None)
-        row = self.sessions.get(session) if isinstance(session, str) else None
-        if row is None or row.device != device:
-            return
-        if row.state is SessionState.BACKOFF and isinstance(message, (SessionEnd, PeerLeft)):
-            row.move(now, SessionEvent.STOP, reason="client left while backing off")
-            return
-        if not isinstance(message, (Answer, Candidate, SessionEnd, PeerLeft)):
-            return
-        if row.state not in (SessionState.STARTING, SessionState.RUNNING, SessionState.BACKOFF):
-            return
-        worker = self.pool.get(row.worker) if row.worker is not None else None
-        if worker is None:
-            if row.worker is None and len(row.pending) < MAX_PENDING_SIGNALS:
-                row.pending.append(message)
-            return
-        self._relay(worker.id, row.id, message)
-
-    def _on_session_request(self, now: float, device: str, request: SessionRequest) -> None:
-        client = request.client or "?"
-        if request.session in self.sessions:
-            return
-        refusal = None
-        if self.stopping:
-            refusal = "device is shutting down"
-        elif self.sessions.active(device) >= self.config.max_sessions:
-            refusal = "device is at its session limit"
-        lineage = self.sessions.lineage(device, client)
-        decision = lineage.decide(now)
-        row = SessionRow(
-            request.session, device, client, SessionState.STARTING, now, lineage.crashes(now)
+    def ice(self) -> IceConfig:
+        """The ICE settings of new sessions: ours, then the signaling server's servers."""
+        return IceConfig(
+            self.config.ice_servers + self.issued_ice, self.config.ice_hosts, self.config.ice_policy
         )
-        self.counters["sessions_total"] += 1
-        if refusal is None and isinstance(decision, Refuse):
-            row.state = SessionState.FATAL
-            refusal = (
-                f"too many worker crashes for {client} ({decision.crashes} in "
-                f"{self.config.restart_window:g} s); retry in {decision.until - now:.0f} s"
-            )
-            log.error("session %s: FATAL: %s", row.id, refusal)
-        if refusal is not None:
-            if row.state is SessionState.FATAL:
-                row.reason, row.ended_at = refusal, now
-                self.sessions.add(row)
-            self._out.append(
-                SendSignal(device, SessionEnd(session=request.session, reason=refusal))
-            )
-            return
-        self.sessions.add(row)
-        if isinstance(decision, StartAfter):
-            row.state = SessionState.BACKOFF
-            row.reason = f"backing off {decision.delay:.1f} s after {row.restarts} crash(es)"
-            row.start_at = now + decision.delay
-            log.warning("session %s: %s", row.id, row.reason)
-            return
-        log.info("session %s: client %s asks for %s", row.id, client, device)
-        self._assign(now, row)
 
-    def _assign(self, now: float, row: SessionRow) -> None:
+    def assign(self, now: float, row: SessionRow) -> None:
         worker = self.pool.take_idle()
         if worker is None:
             log.info("session %s: no idle worker, forking one (cold start)", row.id)
@@ -442,7 +380,7 @@ class SupervisorCore:
         self._out.append(SendToWorker(worker.id, assign_message(self, row)))
         pending, row.pending = row.pending, []
         for message in pending:
-            self._relay(worker.id, row.id, message)
+            self.relay(worker.id, row.id, message)
 
     def kill_session(self, now: float, session: str) -> None:
         row = self.sessions.get(session)
@@ -531,7 +469,7 @@ class SupervisorCore:
         """A pool worker said hello: forking works again."""
         self._pool_backoff.reset()
 
-    def _relay(self, worker: str, session: str, message: SignalingMessage) -> None:
+    def relay(self, worker: str, session: str, message: SignalingMessage) -> None:
         self._out.append(
             SendToWorker(worker, Relay(session=session, message=encode_signaling(message)))
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from protocol.ice import IceConfig
 from protocol.ipc import IpcMessage
 from protocol.signaling import SignalingMessage
 
@@ -185,6 +186,14 @@ class ReplyControl:
 
 
 @dataclass(frozen=True, slots=True)
+class ConfigureForkServer:
+    """Give the fork server the ICE settings of the workers it forks from now on
+    (its ``config`` line: so idle workers prepare their offer ahead of time)."""
+
+    ice: IceConfig
+
+
+@dataclass(frozen=True, slots=True)
 class StartForkServer:
     """The fork server died: start a new one (answer with :class:`ForkServerUp`)."""
 
@@ -209,6 +218,7 @@ Action = (
     | ForgetWorker
     | SendSignal
     | ReplyControl
+    | ConfigureForkServer
     | StartForkServer
     | Stopping
     | Stopped

@@ -43,6 +43,8 @@ class SessionRow:
     bytes_out: int = 0
     streams: int = 0
     path: str | None = None
+    pair: str | None = None
+    relay_transport: str | None = None
     reason: str | None = None
     ended_at: float | None = None
     start_at: float | None = None  # backoff: when to start
@@ -61,6 +63,8 @@ class SessionRow:
             "streams": self.streams,
             "restarts": self.restarts,
             "path": self.path,
+            "pair": self.pair,
+            "relay_transport": self.relay_transport,
             "reason": self.reason,
         }
 

@@ -32,6 +32,7 @@ import zmq
 import zmq.asyncio
 
 from protocol.errors import LocalProtocolError
+from protocol.ice import IceConfig
 from protocol.ipc import encode_ipc
 from protocol.signaling import SignalingMessage
 from signaling.errors import LinkDown, LinkRejected
@@ -41,6 +42,7 @@ from supervisor.core import SPAWN_TIMEOUT, STOP_GRACE, SupervisorCore
 from supervisor.errors import SupervisorError
 from supervisor.events import (
     Action,
+    ConfigureForkServer,
     ControlFrames,
     Event,
     ForgetWorker,
@@ -310,6 +312,8 @@ class Supervisor:
                     os.kill(action.pid, signal.SIGKILL if action.hard else signal.SIGTERM)
             elif isinstance(action, ForgetWorker):
                 self._unwatch(action.worker)
+            elif isinstance(action, ConfigureForkServer):
+                self._configure_zygote(action.ice)
             elif isinstance(action, StartForkServer):
                 self._spawn_task(self._start_zygote(), "fork server")
             elif isinstance(action, Stopping):
@@ -417,6 +421,8 @@ class Supervisor:
             str(self.config.heartbeat_timeout),
             "--log-level",  # workers log as verbosely as the supervisor (-v)
             str(logging.getLogger("tunnelctl").getEffectiveLevel()),
+            "--stack-log-level",  # and aiortc/aioice too (-vv)
+            str(logging.getLogger("aioice").getEffectiveLevel()),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             start_new_session=True,  # a terminal's Ctrl-C is the supervisor's alone
@@ -429,17 +435,20 @@ class Supervisor:
         except TimeoutError:
             raise SupervisorError("the worker fork server did not start") from None
         log.info("worker fork server ready (pid %d)", pid)
-        # ICE settings for every worker, so idle ones prepare their offer ahead of
-        # time; on stdin, since TURN credentials must not show in `ps`.
+        self._feed(ForkServerUp(pid))
+
+    def _configure_zygote(self, ice: IceConfig) -> None:
+        """ICE settings for the workers forked from now on; on stdin, since TURN
+        credentials must not show in `ps`."""
         config = {
             "ice_servers": [
                 {"url": s.url, "username": s.username, "credential": s.credential}
-                for s in self.config.ice_servers
+                for s in ice.servers
             ],
-            "ice_hosts": list(self.config.ice_hosts),
+            "ice_hosts": list(ice.hosts),
+            "ice_policy": ice.policy,
         }
         self._ask_zygote("config " + json.dumps(config))
-        self._feed(ForkServerUp(pid))
 
     def _ask_zygote(self, line: str) -> None:
         zygote = self._zygote

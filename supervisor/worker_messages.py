@@ -17,7 +17,7 @@ from protocol.ipc import (
     Ended,
     Heartbeat,
     Hello,
-    IceServerSpec,
+    IceUpdate,
     IpcError,
     IpcMessage,
     Relay,
@@ -26,7 +26,7 @@ from protocol.ipc import (
 )
 from protocol.signaling import Candidate, Offer, SessionEnd, decode_signaling
 from protocol.supervision import SessionEvent, SessionState
-from supervisor.events import SendSignal
+from supervisor.events import SendSignal, SendToWorker
 from supervisor.pool import Worker, WorkerEvent, WorkerState
 from supervisor.sessions import LIVE, SessionRow
 
@@ -63,15 +63,15 @@ def bad_worker(core: SupervisorCore, why: str) -> None:
 
 def assign_message(core: SupervisorCore, row: SessionRow) -> Assign:
     device = next(d for d in core.config.devices if d.id == row.device)
+    ice = core.ice()
     return Assign(
         session=row.id,
         device=row.device,
         client=row.client,
         services=tuple((s.name, s.host, s.port) for s in device.services),
-        ice_servers=tuple(
-            IceServerSpec(s.url, s.username, s.credential) for s in core.config.ice_servers
-        ),
-        ice_hosts=tuple(core.config.ice_hosts),
+        ice_servers=ice.servers,
+        ice_hosts=ice.hosts,
+        ice_policy=ice.policy,
     )
 
 
@@ -88,6 +88,9 @@ def _on_message(core: SupervisorCore, now: float, worker: Worker, message: IpcMe
                 core.bind(now, core.sessions.get(worker.reserved_for), worker)
             else:
                 core.pool_worker_ready()
+                if core.issued_ice:
+                    # Forked before the latest servers arrived? It ignores equal settings.
+                    core.emit(SendToWorker(worker.id, IceUpdate.of(core.ice())))
     elif isinstance(message, Heartbeat):
         if row is not None:
             row.bytes_in, row.bytes_out = message.bytes_in, message.bytes_out
@@ -113,9 +116,16 @@ def _on_message(core: SupervisorCore, now: float, worker: Worker, message: IpcMe
             bad_worker(core, f"worker {worker.id}: state for a session it does not own")
             return
         if message.state == "connected" and row.state is SessionState.STARTING:
-            row.path = message.path
+            row.path, row.pair = message.path, message.pair
+            row.relay_transport = message.relay_transport
             row.move(now, SessionEvent.CONNECTED)
-            log.info("session %s: running (%s path, client %s)", row.id, row.path, row.client)
+            log.info(
+                "session %s: running (%s path, %s, client %s)",
+                row.id,
+                row.path,
+                row.pair,
+                row.client,
+            )
     elif isinstance(message, Ended):
         if row is None or message.session != row.id:
             bad_worker(core, f"worker {worker.id}: ended for a session it does not own")

@@ -161,7 +161,7 @@ class Stage:
         return self.feed(SignalReceived(DEVICE, PeerLeft(session)))
 
     def connected(self, worker: str, session: str) -> list[Action]:
-        return self.send(worker, StateReport(session, "connected", "host"))
+        return self.send(worker, StateReport(session, "connected", "direct", "host/srflx"))
 
     def ended(self, worker: str, session: str, reason: str = "peer hung up") -> list[Action]:
         return self.send(worker, Ended(session, reason, True))

@@ -2,9 +2,10 @@ import ipaddress
 
 import aioice.ice
 import pytest
+from aiortc import RTCIceTransportPolicy
 
+from protocol.ice import IceServer
 from workers.ice import (
-    IceServer,
     interface_addresses,
     parse_networks,
     restrict_host_addresses,
@@ -16,14 +17,14 @@ def test_no_ice_servers_means_an_empty_list_not_aiortcs_default() -> None:
     assert rtc_configuration([]).iceServers == []
 
 
-def test_ice_server_urls_are_validated() -> None:
-    assert IceServer("stun:127.0.0.1:3478").to_aiortc().urls == ["stun:127.0.0.1:3478"]
-    turn = IceServer("turn:127.0.0.1:3478?transport=udp", "u", "p").to_aiortc()
-    assert (turn.username, turn.credential) == ("u", "p")
-    with pytest.raises(ValueError, match="bad ICE server URL"):
-        IceServer("http://127.0.0.1")
-    with pytest.raises(ValueError, match="needs a username"):
-        IceServer("turn:127.0.0.1:3478")
+def test_ice_servers_become_aiortc_servers_and_policy() -> None:
+    config = rtc_configuration(
+        [IceServer("stun:127.0.0.1:3478"), IceServer("turn:127.0.0.1:3478", "u", "p")], "relay"
+    )
+    assert [s.urls for s in config.iceServers] == [["stun:127.0.0.1:3478"], ["turn:127.0.0.1:3478"]]
+    assert (config.iceServers[1].username, config.iceServers[1].credential) == ("u", "p")
+    assert config.iceTransportPolicy == RTCIceTransportPolicy.RELAY
+    assert rtc_configuration([]).iceTransportPolicy == RTCIceTransportPolicy.ALL
 
 
 def test_host_allowlist_keeps_only_matching_addresses_loopback_included() -> None:

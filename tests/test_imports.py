@@ -53,7 +53,15 @@ def test_every_package_is_typed() -> None:
 
 
 #: The supervisor's sans-I/O core (ARCHITECTURE.md: a pure core and a thin shell).
-SUPERVISOR_CORE = ("core", "pool", "sessions", "events", "commands", "worker_messages")
+SUPERVISOR_CORE = (
+    "core",
+    "pool",
+    "sessions",
+    "events",
+    "commands",
+    "worker_messages",
+    "signal_messages",
+)
 IO_MODULES = {"asyncio", "zmq", "os", "time", "subprocess", "signal", "socket", "selectors"}
 
 

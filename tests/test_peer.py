@@ -61,7 +61,9 @@ async def test_offer_answer_exchange_opens_the_channel(
         device.wait_open(TIMEOUT), client.wait_open(TIMEOUT)
     )
     assert dev_channel.protocol == cli_channel.protocol == CHANNEL_PROTOCOL
-    assert device.candidate_pair_type() == "host"
+    path = device.nominated_path()
+    assert path is not None
+    assert (path.path, path.pair, path.relay_transport) == ("direct", "host/host", None)
     assert device.state == "connected"
 
 

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.ice import IceServer
 from protocol.ipc import (
     CONTROL_COMMANDS,
     IPC_VERSION,
@@ -27,7 +28,7 @@ from protocol.ipc import (
     Ended,
     Heartbeat,
     Hello,
-    IceServerSpec,
+    IceUpdate,
     IpcError,
     IpcMessage,
     Relay,
@@ -92,20 +93,36 @@ IPC_VECTORS: list[tuple[str, IpcMessage]] = [
         Relay(SID, RELAYED),
     ),
     (
-        """83 a1 76 01 a1 74 a6 61737369676e a1 62 86 a7 73657373696f6e ae
+        """83 a1 76 01 a1 74 a6 61737369676e a1 62 87 a7 73657373696f6e ae
         732d303132333435363738396162 a6 646576696365 a4 64657631 a6 636c69656e74
         a5 616c696365 a8 7365727669636573 81 a3 776562 92 a9 3132372e302e302e31
         cd 1f90 ab 6963655f73657276657273 91 83 a3 75726c b3
         7374756e3a3132372e302e302e313a33343738 a8 757365726e616d65 c0 aa
-        63726564656e7469616c c0 a9 6963655f686f737473 91 a9 3132372e302e302e31""",
+        63726564656e7469616c c0 a9 6963655f686f737473 91 a9 3132372e302e302e31
+        aa 6963655f706f6c696379 a3 616c6c""",
         Assign(
             SID,
             "dev1",
             "alice",
             (("web", "127.0.0.1", 8080),),
-            (IceServerSpec("stun:127.0.0.1:3478"),),
+            (IceServer("stun:127.0.0.1:3478"),),
             ("127.0.0.1",),
         ),
+    ),
+    (
+        """83 a1 76 01 a1 74 a3 696365 a1 62 83 ab 6963655f73657276657273 91 83
+        a3 75726c b3 7475726e3a3132372e302e302e313a33343738 a8 757365726e616d65
+        af 313736373232393230303a64657631 aa 63726564656e7469616c a8
+        6332566a636d5630 a9 6963655f686f737473 90 aa 6963655f706f6c696379 a5
+        72656c6179""",
+        IceUpdate((IceServer("turn:127.0.0.1:3478", "1767229200:dev1", "c2VjcmV0"),), (), "relay"),
+    ),
+    (
+        """83 a1 76 01 a1 74 a5 7374617465 a1 62 85 a7 73657373696f6e ae
+        732d303132333435363738396162 a5 7374617465 a9 636f6e6e6563746564 a4
+        70617468 a5 72656c6179 a4 70616972 ab 7372666c782f72656c6179 af
+        72656c61795f7472616e73706f7274 c0""",
+        StateReport(SID, "connected", "relay", "srflx/relay", None),
     ),
 ]
 
@@ -202,7 +219,7 @@ def test_every_prefix_of_a_vector_is_rejected() -> None:
 
 # --- round trips -------------------------------------------------------------------
 
-TURN = IceServerSpec("turns:turn.example.org:5349?transport=tcp", "1700000000:alice", "c2VjcmV0")
+TURN = IceServer("turns:turn.example.org:5349?transport=tcp", "1700000000:alice", "c2VjcmV0")
 EXAMPLES: list[IpcMessage] = [
     Hello(WID, 1),
     Hello(new_worker_id(), 2**31 - 1),
@@ -212,13 +229,17 @@ EXAMPLES: list[IpcMessage] = [
         "d" * 64,
         "c.1_-",
         (("web", "localhost", 1), ("ssh", "::1", 65535), ("db", "h" * 255, 5432)),
-        (IceServerSpec("stun:[::1]"), TURN, IceServerSpec("stun:h:1", "u", None)),
+        (IceServer("stun:[::1]"), TURN, IceServer("stun:h:1", "u", None)),
         ("10.0.0.0/8", "::1", "fe80::/10"),
     ),
     Relay(SID, "x"),
     Relay(SID, "é" * 32768),  # 65 536 bytes of UTF-8: the largest relay
     StateReport(SID, "new"),
-    StateReport(SID, "connected", "relay"),
+    StateReport(SID, "connected", "relay", "host/relay"),
+    StateReport(SID, "connected", "direct", "prflx/srflx"),
+    StateReport(SID, "connected", "relay", "relay/relay", "tls"),
+    IceUpdate(),
+    IceUpdate((TURN,), ("::1",), "relay"),
     StateReport(SID, "failed", None),
     Heartbeat(),
     Heartbeat(2**63 - 1, 0, 7),
@@ -239,6 +260,7 @@ def test_every_message_type_is_exercised() -> None:
     assert {type(m) for m in EXAMPLES} == {
         Hello,
         Assign,
+        IceUpdate,
         Relay,
         StateReport,
         Heartbeat,
@@ -250,6 +272,7 @@ def test_every_message_type_is_exercised() -> None:
     assert wire_types == {
         "hello",
         "assign",
+        "ice",
         "relay",
         "state",
         "heartbeat",
@@ -304,9 +327,21 @@ BASE_BODIES: dict[str, dict[str, object]] = {
         "services": {"web": ["127.0.0.1", 8080]},
         "ice_servers": [{"url": "stun:127.0.0.1:3478", "username": None, "credential": None}],
         "ice_hosts": ["127.0.0.1"],
+        "ice_policy": "all",
+    },
+    "ice": {
+        "ice_servers": [{"url": "stun:127.0.0.1:3478", "username": None, "credential": None}],
+        "ice_hosts": [],
+        "ice_policy": "relay",
     },
     "relay": {"session": SID, "message": RELAYED},
-    "state": {"session": SID, "state": "connected", "path": "host"},
+    "state": {
+        "session": SID,
+        "state": "connected",
+        "path": "direct",
+        "pair": "host/host",
+        "relay_transport": None,
+    },
     "heartbeat": {"bytes_in": 1, "bytes_out": 2, "streams": 3},
     "ended": {"session": SID, "reason": "bye", "clean": True},
     "drain": {"timeout": 30.0},
@@ -418,13 +453,23 @@ REJECTED_IPC: list[tuple[object, str]] = [
     (ipc("assign", ice_servers=[1]), "each server must be a map"),
     (ipc("assign", ice_servers=[{"url": "stun:h"}]), "missing key 'username'"),
     (ipc("assign", ice_servers=[server(urls=["stun:h"])]), "unknown key 'urls'"),
-    (ipc("assign", ice_servers=[server(url="http://h")]), "'http://h' is not stun"),
-    (ipc("assign", ice_servers=[server(url="stun:h\n")]), "is not stun"),
-    (ipc("assign", ice_servers=[server(url="stun:h:123456")]), "is not stun"),
-    (ipc("assign", ice_servers=[server(url=None)]), "url: must be a str, not NoneType"),
-    (ipc("assign", ice_servers=[server(url="turn:h")]), "TURN server turn:h needs username"),
-    (ipc("assign", ice_servers=[server(url="turn:h", username="u")]), "needs username"),
-    (ipc("assign", ice_servers=[server(username=7)]), "username: must be a str, not int"),
+    (ipc("assign", ice_servers=[server(url="http://h")]), "bad ICE server URL 'http://h'"),
+    (ipc("assign", ice_servers=[server(url="stun:h\n")]), "bad ICE server URL"),
+    (ipc("assign", ice_servers=[server(url="stun:h:123456")]), "bad ICE server URL"),
+    (ipc("assign", ice_servers=[server(url="stuns:h")]), "stuns: (STUN over TLS) is not supported"),
+    (ipc("assign", ice_servers=[server(url="stun:h?transport=udp")]), "takes no ?transport"),
+    (ipc("assign", ice_servers=[server(url="turns:h?transport=udp")]), "DTLS is not supported"),
+    (ipc("assign", ice_servers=[server(url=None)]), "expected a string, not NoneType"),
+    (ipc("assign", ice_servers=[server(url="turn:h")]), "TURN server turn:h needs a username"),
+    (ipc("assign", ice_servers=[server(url="turn:h", username="u")]), "needs a username"),
+    (ipc("assign", ice_servers=[server(username=7)]), "username must be a string, not int"),
+    (ipc("assign", ice_servers=[server(username="a\x00b")]), "control character"),
+    (ipc("assign", ice_policy="none"), "assign.ice_policy"),
+    (ipc("ice", ice_policy=None), "ice.ice_policy"),
+    (ipc("ice", ice_servers=[server(url="turn:h")]), "ice.ice_servers: TURN server turn:h"),
+    (ipc("state", path="host", pair="host/host"), "state.path"),
+    (ipc("state", pair="host/tcp"), "state.pair"),
+    (ipc("state", relay_transport="udp"), "only for a path through this side's relay"),
     (ipc("assign", ice_hosts="127.0.0.1"), "assign.ice_hosts: must be an array"),
     (ipc("assign", ice_hosts=["nope"]), "'nope' is not an IP address or network"),
     (ipc("assign", ice_hosts=[" 127.0.0.1"]), "is not an IP address or network"),
@@ -438,7 +483,7 @@ REJECTED_IPC: list[tuple[object, str]] = [
     # state
     (ipc("state", state="up"), "state.state: 'up' is not one of new, connecting"),
     (ipc("state", state=None), "state.state"),
-    (ipc("state", path="tcp"), "state.path: 'tcp' is not one of host, srflx, prflx, relay"),
+    (ipc("state", path="tcp"), "state.path: 'tcp' is not one of direct, relay"),
     (ipc("state", path=""), "state.path"),
     # ended
     (ipc("ended", reason="r" * 201), "ended.reason: longer than 200 characters"),
@@ -587,11 +632,16 @@ def test_control_reply_rejected(data: object, fragment: str) -> None:
         (lambda: Assign(SID, "d", "c", (("web", "h"),)), "(name, host, port) tuple"),  # type: ignore[arg-type]
         (lambda: Assign(SID, "d", "c", (("web", "h", 1), ("web", "g", 2))), "'web' appears twice"),
         (lambda: Assign(SID, "d", "c", (("web", "h\ud800", 1),)), "lone UTF-16 surrogate"),
-        (lambda: Assign(SID, "d", "c", (), ({"url": "stun:h"},)), "must be an IceServerSpec"),  # type: ignore[arg-type]
+        (lambda: Assign(SID, "d", "c", (), ({"url": "stun:h"},)), "must be an IceServer"),  # type: ignore[arg-type]
+        (lambda: Assign(SID, "d", "c", (), (), (), "none"), "assign.ice_policy"),  # type: ignore[arg-type]
+        (lambda: IceUpdate((), (), "udp"), "ice.ice_policy"),  # type: ignore[arg-type]
+        (lambda: StateReport(SID, "connected", "relay", "host/host"), "does not match pair"),
+        (lambda: StateReport(SID, "connected", "direct", "host"), "state.pair"),
+        (lambda: StateReport(SID, "connected", "direct"), "must be given with path"),
+        (lambda: StateReport(SID, "connected", "relay", "srflx/relay", "udp"), "this side's relay"),
+        (lambda: StateReport(SID, "connected", "relay", "relay/host", "sctp"), "relay_transport"),
         (lambda: Assign(SID, "d", "c", (), (), ["::1"]), "assign.ice_hosts: must be a tuple"),  # type: ignore[arg-type]
         (lambda: Assign("x", "d", "c", ()), "assign.session"),
-        (lambda: IceServerSpec("turn:h", "u", ""), "needs username and credential"),
-        (lambda: IceServerSpec("stun:h", "\udc00"), "lone UTF-16 surrogate"),
         (lambda: Relay(SID, "\ud800"), "lone UTF-16 surrogate"),
         (lambda: Relay(SID, "€" * 21846), "longer than 65536 bytes"),
         (lambda: StateReport(SID, "CONNECTED"), "state.state"),
@@ -640,7 +690,7 @@ def test_boundaries_that_are_valid() -> None:
 
 def test_encoders_reject_what_they_do_not_encode() -> None:
     with pytest.raises(LocalProtocolError, match="not an IPC message"):
-        encode_ipc(IceServerSpec("stun:h"))  # type: ignore[arg-type]
+        encode_ipc(IceServer("stun:h"))  # type: ignore[arg-type]
     with pytest.raises(LocalProtocolError, match="not a ControlRequest"):
         encode_control_request(Stop("r"))  # type: ignore[arg-type]
     with pytest.raises(LocalProtocolError, match="not a ControlReply"):
@@ -736,17 +786,20 @@ seconds = st.floats(min_value=0, exclude_min=True, allow_nan=False, allow_infini
 
 ice_urls = st.builds(
     lambda scheme, host, port, transport: f"{scheme}:{host}{port}{transport}",
-    st.sampled_from(["stun", "stuns", "turn", "turns"]),
+    st.sampled_from(["stun", "turn", "turns"]),
     st.sampled_from(["127.0.0.1", "[::1]", "turn.example.org", "h"]),
     st.sampled_from(["", ":3478", ":1"]),
     st.sampled_from(["", "?transport=udp", "?transport=tcp"]),
+).filter(lambda url: not url.startswith("stun:") or "?" not in url)
+ice_urls = ice_urls.filter(lambda url: not (url.startswith("turns:") and url.endswith("udp")))
+credentials = st.text(
+    alphabet=st.characters(exclude_categories=["Cs", "Cc"]), min_size=1, max_size=200
 )
-credentials = texts.filter(bool)
 ice_servers = ice_urls.flatmap(
     lambda url: (
-        st.builds(IceServerSpec, st.just(url), credentials, credentials)
+        st.builds(IceServer, st.just(url), credentials, credentials)
         if url.startswith("turn")
-        else st.builds(IceServerSpec, st.just(url), st.none() | texts, st.none() | texts)
+        else st.builds(IceServer, st.just(url), st.none() | credentials, st.none() | credentials)
     )
 )
 ice_hosts = st.ip_addresses().map(str) | st.sampled_from(["10.0.0.0/8", "fe80::/10", "::1/128"])
@@ -770,13 +823,27 @@ messages: st.SearchStrategy[IpcMessage] = st.one_of(
         services,
         st.lists(ice_servers, max_size=3).map(tuple),
         st.lists(ice_hosts, max_size=3).map(tuple),
+        st.sampled_from(["all", "relay"]),
+    ),
+    st.builds(
+        IceUpdate,
+        st.lists(ice_servers, max_size=3).map(tuple),
+        st.lists(ice_hosts, max_size=3).map(tuple),
+        st.sampled_from(["all", "relay"]),
     ),
     st.builds(Relay, session_ids, texts.filter(bool)),
     st.builds(
-        StateReport,
+        lambda session, state, types, tls: StateReport(
+            session,
+            state,
+            None if types is None else ("relay" if "relay" in types else "direct"),
+            None if types is None else "/".join(types),
+            tls if types is not None and types[0] == "relay" else None,
+        ),
         session_ids,
         st.sampled_from(["new", "connecting", "connected", "disconnected", "failed", "closed"]),
-        st.none() | st.sampled_from(["host", "srflx", "prflx", "relay"]),
+        st.none() | st.tuples(*[st.sampled_from(["host", "srflx", "prflx", "relay"])] * 2),
+        st.sampled_from([None, "udp", "tcp", "tls"]),
     ),
     st.builds(Heartbeat, counters, counters, counters),
     st.builds(Ended, session_ids, texts, st.booleans()),
@@ -888,7 +955,7 @@ def _near(valid: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
     return st.one_of(valid, valid, msgpack_values)
 
 
-def wire_server(spec: IceServerSpec) -> dict[str, object]:
+def wire_server(spec: IceServer) -> dict[str, object]:
     return server(url=spec.url, username=spec.username, credential=spec.credential)
 
 
@@ -907,7 +974,10 @@ _FIELD_VALUES: dict[str, st.SearchStrategy[object]] = {
     "ice_hosts": _near(st.lists(_near(ice_hosts))),
     "message": _near(texts),
     "state": _near(st.sampled_from(["new", "connected", "up"])),
-    "path": _near(st.sampled_from(["host", "relay", "tcp"])),
+    "path": _near(st.sampled_from(["direct", "relay", "host"])),
+    "pair": _near(st.sampled_from(["host/host", "srflx/relay", "relay", "a/b"])),
+    "relay_transport": _near(st.sampled_from(["udp", "tcp", "tls", "sctp"])),
+    "ice_policy": _near(st.sampled_from(["all", "relay", "none"])),
     "bytes_in": _near(counters),
     "bytes_out": _near(counters),
     "streams": _near(counters),

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import LocalProtocolError, SignalingError
+from protocol.ice import IceServer
 from protocol.signaling import (
     MAX_FRAME_SIZE,
     MAX_REASON_LEN,
@@ -20,6 +21,7 @@ from protocol.signaling import (
     Error,
     ErrorCode,
     IceCandidate,
+    IceServers,
     Offer,
     PeerLeft,
     Register,
@@ -38,7 +40,21 @@ from protocol.signaling import (
 SID = "s-0123456789ab"
 
 # §1.7, verbatim.
+TURN_USER, TURN_PASSWORD = "1767229200:dev1", "jBoj99fqlCVTD9RPT7tQFgVFQaM="
 VECTORS: list[tuple[str, SignalingMessage]] = [
+    (
+        '{"v":1,"type":"ice_servers","ice_servers":[{"urls":"stun:127.0.0.1:3478"},'
+        '{"urls":"turn:127.0.0.1:3478","username":"1767229200:dev1",'
+        '"credential":"jBoj99fqlCVTD9RPT7tQFgVFQaM="}],"ttl":3600}',
+        IceServers(
+            (
+                IceServer("stun:127.0.0.1:3478"),
+                IceServer("turn:127.0.0.1:3478", TURN_USER, TURN_PASSWORD),
+            ),
+            3600,
+        ),
+    ),
+    ('{"v":1,"type":"ice_servers","ice_servers":[],"ttl":null}', IceServers(())),
     ('{"v":1,"type":"register","device":"local-device-1"}', Register("local-device-1")),
     (
         '{"v":1,"type":"session_request","session":"s-0123456789ab","device":"dev1"}',
@@ -131,6 +147,16 @@ REJECTED: list[tuple[str | bytes, str]] = [
     (ice('"candidate":"c","sdpMid":0,"sdpMLineIndex":0'), "bad_message"),
     (ice('"candidate":null,"sdpMid":"0","sdpMLineIndex":0'), "bad_message"),
     ('{"v":1,"type":"welcome","peer":"p","role":"admin"}', "bad_message"),
+    ('{"v":1,"type":"ice_servers","ice_servers":[]}', "bad_message"),
+    ('{"v":1,"type":"ice_servers","ice_servers":{},"ttl":null}', "bad_message"),
+    ('{"v":1,"type":"ice_servers","ice_servers":[],"ttl":0}', "bad_message"),
+    ('{"v":1,"type":"ice_servers","ice_servers":[],"ttl":true}', "bad_message"),
+    ('{"v":1,"type":"ice_servers","ice_servers":[{"url":"stun:h"}],"ttl":null}', "bad_message"),
+    ('{"v":1,"type":"ice_servers","ice_servers":[{"urls":["stun:h"]}],"ttl":null}', "bad_message"),
+    ('{"v":1,"type":"ice_servers","ice_servers":[{"urls":"stuns:h"}],"ttl":null}', "bad_message"),
+    ('{"v":1,"type":"ice_servers","ice_servers":[{"urls":"turn:h"}],"ttl":null}', "bad_message"),
+    ('{"v":1,"type":"ice_servers","ice_servers":[' + ",".join(['{"urls":"stun:h"}'] * 17)
+     + '],"ttl":null}', "bad_message"),
     ('{"v":1,"type":"auth","token":""}', "bad_message"),
     ('{"v":1,"type":"auth","token":null}', "bad_message"),
     ('{"v":1,"type":"error","code":"device_offline","message":"m"}', "bad_message"),
@@ -231,6 +257,7 @@ def test_every_type_is_registered() -> None:
     assert set(MESSAGE_TYPES) == {
         "auth",
         "welcome",
+        "ice_servers",
         "register",
         "registered",
         "session_request",
@@ -278,7 +305,21 @@ ice_candidates = st.builds(
     st.none() | texts,
     st.none() | st.integers(min_value=0, max_value=65535),
 )
+ice_server_entries = st.one_of(
+    st.builds(IceServer, st.sampled_from(["stun:h", "stun:[::1]:3478", "stun:127.0.0.1:1"])),
+    st.builds(
+        IceServer,
+        st.sampled_from(["turn:h", "turn:h:3478?transport=tcp", "turns:[::1]"]),
+        st.text(alphabet="abc:0123", min_size=1, max_size=30),
+        st.text(alphabet="abcABC+/=", min_size=1, max_size=40),
+    ),
+)
 messages: st.SearchStrategy[SignalingMessage] = st.one_of(
+    st.builds(
+        IceServers,
+        st.lists(ice_server_entries, max_size=16).map(tuple),
+        st.none() | st.integers(min_value=1, max_value=7 * 86400),
+    ),
     st.builds(Auth, texts.filter(bool)),
     st.builds(Welcome, ids, st.sampled_from(["device", "client"])),
     st.builds(Register, ids),

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from protocol.ice import IceServer
 from supervisor.config import (
     TUNING_KEYS,
     DeviceConfig,
-    IceServerConfig,
     Service,
     SupervisorConfig,
     config_from_flags,
@@ -126,8 +126,8 @@ services = { db = "127.0.0.1:5432", v6 = "tcp://[::1]:9000" }
     assert config.signal_url == "wss://signal.example.net:8443/signal"
     assert config.ice_hosts == ("127.0.0.1", "10.0.0.0/8", "::1")
     assert config.ice_servers == (
-        IceServerConfig("stun:127.0.0.1:3478"),
-        IceServerConfig("turns:[::1]:5349?transport=tcp", "u", "p"),
+        IceServer("stun:127.0.0.1:3478"),
+        IceServer("turns:[::1]:5349?transport=tcp", "u", "p"),
     )
     assert (config.pool_size, config.max_restarts, config.max_sessions) == (0, 0, 1024)
     assert config.heartbeat_interval == 2.0 and isinstance(config.heartbeat_interval, float)
@@ -152,8 +152,8 @@ def test_the_example_file_loads_and_shows_the_defaults(tmp_path: Path) -> None:
     assert config.signal_url == "wss://signal.example.net/signal"
     assert config.ice_hosts == ()
     assert config.ice_servers == (
-        IceServerConfig("stun:stun.example.net:3478"),
-        IceServerConfig("turn:turn.example.net:3478?transport=udp", "tunnel", "turn-secret"),
+        IceServer("stun:stun.example.net:3478"),
+        IceServer("turn:turn.example.net:3478?transport=udp", "tunnel", "turn-secret"),
     )
     assert [(d.id, d.token) for d in config.devices] == [
         ("laptop", "laptop-token"),
@@ -405,17 +405,26 @@ def test_a_huge_token_file_is_not_read_whole(tmp_path: Path) -> None:
         (
             MINIMAL + '[[ice_servers]]\nurl = "http://127.0.0.1:3478"\n',
             "ice_servers[0].url: bad ICE server URL 'http://127.0.0.1:3478': expected "
-            "stun:HOST[:PORT] or turn:HOST[:PORT][?transport=udp|tcp] (or stuns:, turns:)",
+            "stun:HOST[:PORT], turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT]",
         ),
         (
             MINIMAL + '[[ice_servers]]\nurl = "stun:h"\n[[ice_servers]]\nurl = "stun:h:70000"\n',
-            "ice_servers[1].url: bad ICE server URL 'stun:h:70000': expected "
-            "stun:HOST[:PORT] or turn:HOST[:PORT][?transport=udp|tcp] (or stuns:, turns:)",
+            "ice_servers[1].url: bad ICE server URL 'stun:h:70000': "
+            "port 70000 out of range 1-65535",
         ),
         (
             MINIMAL + '[[ice_servers]]\nurl = "stun:h?transport=sctp"\n',
             "ice_servers[0].url: bad ICE server URL 'stun:h?transport=sctp': expected "
-            "stun:HOST[:PORT] or turn:HOST[:PORT][?transport=udp|tcp] (or stuns:, turns:)",
+            "stun:HOST[:PORT], turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT]",
+        ),
+        (
+            MINIMAL + '[[ice_servers]]\nurl = "stuns:h"\n',
+            "ice_servers[0].url: ICE server URL 'stuns:h': stuns: (STUN over TLS) is not "
+            "supported; use stun:, or turns: for TLS to a relay",
+        ),
+        (
+            'ice_policy = "direct"\n' + MINIMAL,
+            "ice_policy: 'direct' is not one of all, relay",
         ),
         (
             MINIMAL + '[[ice_servers]]\nurl = "turn:127.0.0.1:3478"\nusername = "u"\n',
@@ -620,9 +629,9 @@ def test_values_check_themselves_on_construction() -> None:
     with pytest.raises(ValueError, match="bad service host"):
         Service("web", "", 80)
     with pytest.raises(ValueError, match="bad ICE server URL"):
-        IceServerConfig("stun://127.0.0.1")
+        IceServer("stun://127.0.0.1")
     with pytest.raises(ValueError, match="needs a username and a credential"):
-        IceServerConfig("turn:127.0.0.1", "u", "")
+        IceServer("turn:127.0.0.1", "u", "")
     web = (Service("web", "127.0.0.1", 80),)
     with pytest.raises(ConfigError) as info:
         DeviceConfig("laptop", "t", web + web)
@@ -644,7 +653,7 @@ def test_flags_and_file_give_the_same_config(tmp_path: Path) -> None:
         device="laptop",
         token="device-token",
         exposes=["web=http://127.0.0.1:8080", "ssh=127.0.0.1:22"],
-        ice_servers=[IceServerConfig("turn:127.0.0.1:3478", "u", "p")],
+        ice_servers=[IceServer("turn:127.0.0.1:3478", "u", "p")],
         ice_hosts=["127.0.0.1, ::1", "10.0.0.0/8"],
     )
     text = """

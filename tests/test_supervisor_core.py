@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from protocol.ipc import Drain, Heartbeat, Relay, Stop, encode_ipc
-from protocol.signaling import Answer, Candidate, Offer, encode_signaling
+from protocol.ice import IceConfig, IceServer
+from protocol.ipc import Assign, Drain, Heartbeat, IceUpdate, Relay, Stop, encode_ipc
+from protocol.signaling import Answer, Candidate, IceServers, Offer, encode_signaling
 from protocol.supervision import SessionState
 from supervisor.core import EXIT_REPORT_WAIT, SPAWN_TIMEOUT, STOP_GRACE
 from supervisor.events import (
+    ConfigureForkServer,
     ForkServerDown,
     ForkServerUp,
     ForkWorker,
     Ready,
+    SendToWorker,
+    SignalReceived,
     StartForkServer,
     Stopped,
     Stopping,
@@ -30,6 +34,7 @@ from supervisor.pool import (
     worker_transition,
 )
 from tests.supervisor_harness import (
+    DEVICE,
     T0,
     ForgetWorker,
     KillProcess,
@@ -450,3 +455,22 @@ def test_describe_exit() -> None:
     assert describe_exit(3) == "exit code 3"
     assert describe_exit(-9) == "killed by SIGKILL"
     assert describe_exit(-64) == "killed by signal 64"
+
+
+def test_ice_servers_from_signaling_reach_the_fork_server_idle_workers_and_sessions() -> None:
+    stage = Stage(pool_size=2)
+    stage.boot()
+    assert of(ConfigureForkServer, stage.out) == [ConfigureForkServer(IceConfig())]
+    turn = IceServer("turn:198.51.100.7:3478", "1700000000:dev-a", "secret")
+    actions = stage.feed(SignalReceived(DEVICE, IceServers((turn,), ttl=600)))
+    assert of(ConfigureForkServer, actions) == [ConfigureForkServer(IceConfig((turn,)))]
+    updates = [a for a in of(SendToWorker, actions) if isinstance(a.message, IceUpdate)]
+    assert sorted(a.worker for a in updates) == sorted(stage.pids)
+    assert stage.feed(SignalReceived(DEVICE, IceServers((turn,), ttl=600))) == []  # unchanged
+    stage.request(session_id(1))
+    (refill,) = stage.forked()
+    stage.spawn(refill)
+    hello = stage.hello(refill)  # forked before? it is told anyway, and ignores equal settings
+    assert [a.message for a in of(SendToWorker, hello)] == [IceUpdate((turn,))]
+    (assign,) = [a.message for a in of(SendToWorker, stage.out) if isinstance(a.message, Assign)]
+    assert assign.ice_servers == (turn,)

@@ -97,6 +97,13 @@ def main() -> None:
 
 def ice_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option(
+        "--ice-policy",
+        type=click.Choice(["all", "relay"]),
+        default=None,
+        help="relay: use only TURN-relayed candidates (hides this host's addresses) "
+        "[default: all, or the config's ice_policy].",
+    )(f)
+    f = click.option(
         "--ice-host",
         "ice_hosts",
         multiple=True,
@@ -118,7 +125,8 @@ def ice_options(f: Callable[..., Any]) -> Callable[..., Any]:
         "turn_urls",
         multiple=True,
         metavar="URL",
-        help="TURN server, turn:HOST:PORT[?transport=udp|tcp] (repeatable).",
+        help="TURN server, turn:HOST:PORT[?transport=udp|tcp] or turns:HOST:PORT "
+        "(repeatable; all are used, with the signaling server's).",
     )(f)
     f = click.option(
         "--stun",
@@ -126,7 +134,7 @@ def ice_options(f: Callable[..., Any]) -> Callable[..., Any]:
         multiple=True,
         metavar="URL",
         help="STUN server, stun:HOST:PORT (repeatable). None by default: "
-        "no lookup is made unless you name one.",
+        "no lookup is made unless you name one or the signaling server hands one out.",
     )(f)
     return f
 
@@ -138,7 +146,8 @@ def build_ice(
     turn_password: str | None,
     ice_hosts: Sequence[str],
 ) -> list[Any]:
-    from workers.ice import IceServer, parse_networks, restrict_host_addresses
+    from protocol.ice import IceServer
+    from workers.ice import parse_networks, restrict_host_addresses
 
     hosts = [h for spec in ice_hosts for h in spec.split(",") if h.strip()]
     try:
@@ -212,16 +221,54 @@ def load_secret_or_fail(secret_file: str | None) -> str:
 @click.option(
     "--secret-file", metavar="FILE", help="File holding the JWT secret (else TUNNEL_SECRET)."
 )
-def signal_cmd(host: str, port: int, secret_file: str | None) -> None:
+@click.option(
+    "--ice-server",
+    "ice_servers",
+    multiple=True,
+    metavar="URL",
+    help="STUN/TURN server handed to every device and client: stun:HOST[:PORT], "
+    "turn:HOST[:PORT][?transport=udp|tcp], turns:HOST[:PORT] (repeatable).",
+)
+@click.option(
+    "--turn-secret-file",
+    metavar="FILE",
+    help="coturn's static-auth-secret (use-auth-secret): TURN servers get "
+    "short-lived credentials minted with it.",
+)
+@click.option(
+    "--turn-ttl",
+    default=3600,
+    show_default=True,
+    type=click.IntRange(60, 7 * 86400),
+    help="Lifetime of TURN credentials in seconds; fresh ones are sent at half of it.",
+)
+def signal_cmd(
+    host: str,
+    port: int,
+    secret_file: str | None,
+    ice_servers: tuple[str, ...],
+    turn_secret_file: str | None,
+    turn_ttl: int,
+) -> None:
     """Run the signaling server (ws://HOST:PORT/signal)."""
     from signaling.errors import ConfigError
     from signaling.server import run_server
+    from signaling.turn import IceIssuer, load_turn_secret
 
     secret = load_secret_or_fail(secret_file)
+    issuer = None
+    if ice_servers or turn_secret_file:
+        try:
+            turn_secret = load_turn_secret(turn_secret_file) if turn_secret_file else None
+            issuer = IceIssuer(ice_servers, turn_secret, turn_ttl)
+        except ConfigError as exc:
+            raise click.UsageError(str(exc)) from None
 
     async def serve() -> int:
         try:
-            await run_server(secret, host, port, on_ready=lambda url: ready(f"listening {url}"))
+            await run_server(
+                secret, host, port, on_ready=lambda url: ready(f"listening {url}"), ice=issuer
+            )
         except ConfigError as exc:
             return error_line(str(exc))
         return 0
@@ -328,6 +375,7 @@ def start(
     turn_user: str | None,
     turn_password: str | None,
     ice_hosts: tuple[str, ...],
+    ice_policy: str | None,
     pool_size: int | None,
     runtime_dir: str | None,
     detach: bool,
@@ -338,7 +386,8 @@ def start(
     """
     import dataclasses
 
-    from supervisor.config import IceServerConfig, config_from_flags, load_config
+    from protocol.ice import IceServer
+    from supervisor.config import config_from_flags, load_config
     from supervisor.errors import ConfigError, SupervisorError
 
     if config_path:
@@ -360,10 +409,10 @@ def start(
         if missing:
             raise click.UsageError(f"missing {', '.join(missing)} (or use --config FILE)")
         assert signal_url is not None and device is not None
-        ice = [IceServerConfig(url) for url in stun_urls]
-        ice += [IceServerConfig(url, turn_user, turn_password) for url in turn_urls]
         hosts = [h.strip() for spec in ice_hosts for h in spec.split(",") if h.strip()]
         try:
+            ice = [IceServer(url) for url in stun_urls]
+            ice += [IceServer(url, turn_user, turn_password) for url in turn_urls]
             config = config_from_flags(
                 signal_url=signal_url,
                 device=device,
@@ -374,6 +423,8 @@ def start(
             )
         except (ConfigError, ValueError) as exc:
             raise click.UsageError(str(exc)) from None
+    if ice_policy is not None:
+        config = dataclasses.replace(config, ice_policy=ice_policy)  # type: ignore[arg-type]
     if pool_size is not None:
         config = dataclasses.replace(config, pool_size=pool_size)
     where = resolve_runtime_dir(runtime_dir)
@@ -498,8 +549,16 @@ def sessions(as_json: bool, runtime_dir: str | None) -> None:
             f"{r['id'][:24]:<24} {r['device'][:12]:<12} {r['client'][:12]:<12} "
             f"{r['state']:<9} {r['worker_pid'] or '-':>7} {r['age_s']:>6.0f}s "
             f"{r['bytes_in']:>10} {r['bytes_out']:>10} {r['streams']:>4} {r['restarts']:>3} "
-            f"{r['path'] or '-'}"
+            f"{_path_text(r)}"
         )
+
+
+def _path_text(row: dict[str, Any]) -> str:
+    """``relay (srflx/relay, udp)``, ``direct (host/host)`` or ``-``."""
+    if not row.get("path"):
+        return "-"
+    details = ", ".join(str(v) for v in (row.get("pair"), row.get("relay_transport")) if v)
+    return f"{row['path']} ({details})" if details else str(row["path"])
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
@@ -563,6 +622,7 @@ def connect(
     turn_user: str | None,
     turn_password: str | None,
     ice_hosts: tuple[str, ...],
+    ice_policy: str | None,
 ) -> None:
     """Forward a local TCP port to SERVICE on DEVICE (like ssh -L)."""
     from protocol.frames import is_valid_service_name
@@ -579,16 +639,22 @@ def connect(
     ice = build_ice(stun_urls, turn_urls, turn_user, turn_password, ice_hosts)
 
     async def serve() -> int:
-        tunnel = ClientTunnel(signal_url=signal_url, device=device, token=jwt, ice_servers=ice)
+        tunnel = ClientTunnel(
+            signal_url=signal_url,
+            device=device,
+            token=jwt,
+            ice_servers=ice,
+            ice_policy="relay" if ice_policy == "relay" else "all",
+        )
         forward = PortForward(tunnel, service, listen_host, int(port_text))
         try:
             await tunnel.open()
             host, port = await forward.start()
             opened = (tunnel.open_seconds or 0) * 1000
-            pair = tunnel.peer.candidate_pair_type() if tunnel.peer else None
+            path = tunnel.peer.nominated_path() if tunnel.peer else None
             ready(
                 f"forwarding {host}:{port} -> {device}/{service} "
-                f"(DataChannel open in {opened:.0f} ms, {pair or 'unknown'} path)"
+                f"(DataChannel open in {opened:.0f} ms, {path or 'unknown path'})"
             )
             tunnel.keep_alive()
             return error_line(str(await tunnel.wait_fatal()))

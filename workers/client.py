@@ -26,10 +26,12 @@ from aiortc import RTCDataChannel
 
 from protocol.backoff import Backoff
 from protocol.frames import ResetCode
+from protocol.ice import IcePolicy, IceServer
 from protocol.mux import Role
 from protocol.signaling import (
     Candidate,
     Error,
+    IceServers,
     Offer,
     PeerLeft,
     SessionEnd,
@@ -48,7 +50,6 @@ from workers.errors import (
     SignalingRejected,
     TunnelError,
 )
-from workers.ice import IceServer
 from workers.peer import PeerSession, warm_up_crypto
 from workers.tasks import TaskSet
 
@@ -70,9 +71,13 @@ class ClientTunnel:
         device: str,
         token: str,
         ice_servers: Sequence[IceServer] = (),
+        ice_policy: IcePolicy = "all",
     ) -> None:
         self.device = device
         self.ice_servers = tuple(ice_servers)
+        self.ice_policy: IcePolicy = ice_policy
+        # From the signaling server (fresh TURN credentials), used after ours.
+        self.issued_ice_servers: tuple[IceServer, ...] = ()
         self.link = SignalingLink(signal_url, token, self._on_signal, fail_fast=True)
         self.bridge: TunnelBridge | None = None
         self.peer: PeerSession | None = None
@@ -148,7 +153,13 @@ class ClientTunnel:
     async def _establish(self, timeout: float) -> None:
         started = time.perf_counter()
         session_id = new_session_id()
-        peer = PeerSession(session_id, self.link.send, ice_servers=self.ice_servers)
+        peer = PeerSession(
+            session_id,
+            self.link.send,
+            ice_servers=self.ice_servers + self.issued_ice_servers,
+            ice_policy=self.ice_policy,
+            on_relay_lost=self._relay_lost,
+        )
         self.peer = peer
         self._pending = asyncio.get_running_loop().create_future()
         try:
@@ -176,11 +187,11 @@ class ClientTunnel:
         )
         self._ready.set()
         log.info(
-            "session %s with %s open in %.0f ms (%s)",
+            "session %s with %s open in %.0f ms, %s",
             session_id,
             self.device,
             self.open_seconds * 1000,
-            peer.candidate_pair_type(),
+            peer.nominated_path() or "unknown path",
         )
 
     async def _maintain(self) -> None:
@@ -229,9 +240,19 @@ class ClientTunnel:
         else:
             log.warning("device %s refused a connection to %r: %s", self.device, service, reason)
 
+    def _relay_lost(self, url: str, reason: str) -> None:
+        peer, bridge = self.peer, self.bridge
+        if peer is not None and bridge is not None and peer.relay_in_use(url):
+            bridge.close(f"TURN allocation on {url} lost: {reason}")
+
     def _on_signal(self, message: SignalingMessage) -> None:
         peer = self.peer
         session = getattr(message, "session", None)
+        if isinstance(message, IceServers):
+            # Sent before welcome, so the first session already has them.
+            self.issued_ice_servers = message.ice_servers
+            log.debug("%d ICE server(s) from the signaling server", len(message.ice_servers))
+            return
         if isinstance(message, Error):
             self._on_error(message, peer)
             return

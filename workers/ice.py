@@ -11,7 +11,9 @@ module-level function; every PeerConnection a process makes shares it. That
 matches the process model: one worker process per session, one CLI per forward.
 
 With no ICE servers configured we pass an empty list to aiortc: given ``None``
-it would try a public STUN server and stall about five seconds offline.
+it would try a public STUN server and stall about five seconds offline. The
+servers themselves are :class:`protocol.ice.IceServer`; how aiortc gathers with
+several of them is :mod:`workers.aiortc_tuning`.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import aioice.ice
 import ifaddr
-from aiortc import RTCConfiguration, RTCIceServer
+from aiortc import RTCConfiguration, RTCIceServer, RTCIceTransportPolicy
 
-from protocol.ice import check_ice_server
+from protocol.ice import IcePolicy, IceServer
+from workers import aiortc_tuning
 
 log = logging.getLogger("tunnelctl.ice")
 
@@ -33,24 +35,21 @@ log = logging.getLogger("tunnelctl.ice")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-@dataclass(frozen=True, slots=True)
-class IceServer:
-    """One STUN or TURN server, in the shape of the W3C ``RTCIceServer``."""
-
-    url: str
-    username: str | None = None
-    credential: str | None = None
-
-    def __post_init__(self) -> None:
-        check_ice_server(self.url, self.username, self.credential)
-
-    def to_aiortc(self) -> RTCIceServer:
-        return RTCIceServer(urls=[self.url], username=self.username, credential=self.credential)
+_POLICIES = {"all": RTCIceTransportPolicy.ALL, "relay": RTCIceTransportPolicy.RELAY}
 
 
-def rtc_configuration(servers: Sequence[IceServer]) -> RTCConfiguration:
+def rtc_configuration(servers: Sequence[IceServer], policy: IcePolicy = "all") -> RTCConfiguration:
     """An aiortc configuration that never falls back to aiortc's default STUN server."""
-    return RTCConfiguration(iceServers=[s.to_aiortc() for s in servers])
+    ignored = aiortc_tuning.stock_limits(servers)
+    if ignored:
+        log.warning("ICE servers ignored by this aiortc: %s", ", ".join(ignored))
+    return RTCConfiguration(
+        iceServers=[
+            RTCIceServer(urls=[s.url], username=s.username, credential=s.credential)
+            for s in servers
+        ],
+        iceTransportPolicy=_POLICIES[policy],
+    )
 
 
 def parse_networks(specs: Iterable[str]) -> tuple[Network, ...]:

@@ -22,15 +22,18 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
 
+from protocol.ice import IcePolicy, IceServer
 from protocol.signaling import Answer, Candidate, IceCandidate, Offer, SignalingMessage
 from signaling.errors import LinkError
+from workers.aiortc_tuning import relay_transport
 from workers.errors import SessionFailed, TunnelUsageError
-from workers.ice import IceServer, rtc_configuration
+from workers.ice import rtc_configuration
 
 log = logging.getLogger("tunnelctl.peer")
 
@@ -103,6 +106,37 @@ def warm_up_crypto() -> None:
     RTCCertificate.generateCertificate()._create_ssl_context(srtp_profiles=SRTP_PROFILES)
 
 
+@dataclass(frozen=True, slots=True)
+class NominatedPath:
+    """The path of the nominated candidate pair, from both of its candidates.
+
+    ``local``/``remote`` are candidate types (``host``, ``srflx``, ``prflx``,
+    ``relay``); ``relay_transport`` is how this side reaches its own relay
+    (``udp``, ``tcp``, ``tls``), ``None`` when the relay, if any, is the peer's.
+    """
+
+    local: str
+    remote: str
+    relay_transport: str | None = None
+
+    @property
+    def path(self) -> str:
+        """``relay`` when either candidate is a relay, else ``direct``."""
+        return "relay" if "relay" in (self.local, self.remote) else "direct"
+
+    @property
+    def pair(self) -> str:
+        return f"{self.local}/{self.remote}"
+
+    def __str__(self) -> str:
+        via = f" over {self.relay_transport}" if self.relay_transport else ""
+        return f"{self.path} path ({self.pair}{via})"
+
+
+#: Called with the TURN server's URL and why its allocation is gone.
+RelayLost = Callable[[str, str], None]
+
+
 class PeerSession:
     """One peer connection, offering (device) or answering (client)."""
 
@@ -112,14 +146,18 @@ class PeerSession:
         send: SendSignal,
         *,
         ice_servers: Sequence[IceServer] = (),
+        ice_policy: IcePolicy = "all",
         on_state: Callable[[str], None] | None = None,
+        on_relay_lost: RelayLost | None = None,
         channel_protocol: str = CHANNEL_PROTOCOL,
     ) -> None:
         self.session_id = session_id
         self.channel_protocol = channel_protocol
         self._send_signal = send
         self._on_state = on_state
-        self.pc = RTCPeerConnection(rtc_configuration(ice_servers))
+        self._on_relay_lost = on_relay_lost
+        self.relay_lost: str | None = None
+        self.pc = RTCPeerConnection(rtc_configuration(ice_servers, ice_policy))
         self.state = "new"
         self._channel: asyncio.Future[RTCDataChannel] = asyncio.get_running_loop().create_future()
         self._remote_set = False
@@ -152,6 +190,7 @@ class PeerSession:
             self.create_channel()
         if self.pc.localDescription is None:
             await self.pc.setLocalDescription(await self.pc.createOffer())
+            self._watch_relays()
         return str(self.pc.localDescription.sdp)
 
     async def send_offer(self) -> None:
@@ -178,6 +217,7 @@ class PeerSession:
             raise SessionFailed("invalid offer: it has no DataChannel (m=application) section")
         await self._set_remote(RTCSessionDescription(sdp=sdp, type="offer"))
         await self.pc.setLocalDescription(await self.pc.createAnswer())
+        self._watch_relays()
         answer = self.pc.localDescription.sdp
         await self._send(Answer(session=self.session_id, sdp=answer))
         await self._send(Candidate(session=self.session_id, candidate=None))
@@ -209,14 +249,55 @@ class PeerSession:
             return self._channel.result()
         return None
 
-    def candidate_pair_type(self) -> str | None:
-        """``host``, ``srflx``, ``prflx`` or ``relay`` of the nominated local candidate."""
+    def nominated_path(self) -> NominatedPath | None:
+        """The nominated pair's path, or ``None`` before ICE has nominated one."""
+        pair = self._nominated_pair()
+        if pair is None:
+            return None
+        local = str(pair.local_candidate.type)
+        return NominatedPath(
+            local,
+            str(pair.remote_candidate.type),
+            relay_transport(pair.protocol) if local == "relay" else None,
+        )
+
+    def _nominated_pair(self) -> Any:
+        connection = self._ice_connection()
+        return None if connection is None else connection._nominated.get(1)
+
+    def _ice_connection(self) -> Any:
         sctp = self.pc.sctp
         if sctp is None:
             return None
-        ice = sctp.transport.transport
-        pair = ice._connection._nominated.get(1)  # aioice keeps no public accessor
-        return None if pair is None else str(pair.local_candidate.type)
+        return sctp.transport.transport._connection  # aioice keeps no public accessor
+
+    def _watch_relays(self) -> None:
+        connection = self._ice_connection()
+        if connection is not None:
+            connection.tunnelctl_on_relay_lost = self._relay_lost
+
+    def relay_in_use(self, url: str) -> bool:
+        """Whether the nominated pair goes through our relay on TURN server ``url``."""
+        pair = self._nominated_pair()
+        return pair is not None and getattr(pair.protocol, "tunnelctl_url", None) == url
+
+    def _relay_lost(self, url: str, reason: str) -> None:
+        """A TURN allocation of ours is gone (workers.aiortc_tuning noticed)."""
+        in_use = self.relay_in_use(url)
+        log.warning(
+            "session %s: TURN allocation on %s lost%s: %s",
+            self.session_id or "(idle)",
+            url,
+            " (the path in use)" if in_use else "",
+            reason,
+        )
+        if self.relay_lost is None:
+            self.relay_lost = f"TURN allocation on {url} lost: {reason}"
+        if in_use and not self._channel.done():
+            self._channel.set_exception(SessionFailed(self.relay_lost))
+            self._channel.exception()
+        if self._on_relay_lost is not None:
+            self._on_relay_lost(url, reason)
 
     async def close(self) -> None:
         if self._closed:

@@ -25,13 +25,14 @@ import zmq
 import zmq.asyncio
 
 from protocol.errors import SignalingError
+from protocol.ice import IceConfig
 from protocol.ipc import (
     Assign,
     Drain,
     Ended,
     Heartbeat,
     Hello,
-    IceServerSpec,
+    IceUpdate,
     IpcError,
     IpcMessage,
     Relay,
@@ -53,16 +54,14 @@ from protocol.signaling import (
 from protocol.supervision import HeartbeatMonitor
 from workers.bridge import ServiceAddress, TunnelBridge
 from workers.errors import SessionFailed
-from workers.ice import IceServer, parse_networks, restrict_host_addresses
+from workers.ice import parse_networks, restrict_host_addresses
 from workers.peer import PeerSession
+from workers.tasks import TaskSet
 
 log = logging.getLogger("tunnelctl.worker")
 
 OPEN_TIMEOUT = 30.0
 HWM = 1000
-
-#: ICE settings every session of this worker will use: servers and host allowlist.
-IceConfig = tuple[tuple[IceServerSpec, ...], tuple[str, ...]]
 
 
 class SessionWorker:
@@ -83,6 +82,7 @@ class SessionWorker:
         # PeerConnection and offer before any session asks for one.
         self.ice = ice
         self._prepared: asyncio.Task[tuple[PeerSession, TunnelBridge]] | None = None
+        self._background = TaskSet(log)
         self.endpoint = endpoint
         self.supervisor_pid = supervisor_pid
         self.heartbeat_interval = heartbeat_interval
@@ -171,6 +171,8 @@ class SessionWorker:
                 return
             with contextlib.suppress(asyncio.QueueFull):
                 self._inbox.put_nowait(signal)
+        elif isinstance(message, IceUpdate):
+            self._ice_changed(message.ice)
         elif isinstance(message, Drain):
             asyncio.get_running_loop().create_task(self._drain(message.timeout), name="drain")
         elif isinstance(message, Stop):
@@ -203,28 +205,76 @@ class SessionWorker:
         first OPEN in the same instant, and aiortc hands a message to whoever
         listens at that moment, or to nobody.
         """
-        servers, hosts = ice
-        restrict_host_addresses(parse_networks(hosts))
+        restrict_host_addresses(parse_networks(ice.hosts))
         peer = PeerSession(
             "",
             self._relay_out,
-            ice_servers=[IceServer(s.url, s.username, s.credential) for s in servers],
+            ice_servers=ice.servers,
+            ice_policy=ice.policy,
             on_state=self._state,
+            on_relay_lost=self._relay_lost,
         )
         bridge = TunnelBridge(peer.create_channel(), Role.DEVICE, services={})
         await peer.prepare_offer()
         return peer, bridge
 
+    def _ice_changed(self, ice: IceConfig) -> None:
+        """New ICE settings (fresh TURN credentials): prepare again, in the background."""
+        if self.session_id is not None or ice == self.ice:
+            return
+        log.debug("worker %s: ICE settings changed; preparing a new offer", self.worker_id)
+        self.ice = ice
+        self._discard_prepared()
+        self._prepared = asyncio.get_running_loop().create_task(self._prepare(ice), name="prepare")
+
+    def _relay_lost(self, url: str, reason: str) -> None:
+        loop = asyncio.get_running_loop()
+        prepared = self._prepared
+        if self.session_id is None and self.ice is not None and prepared is not None:
+            stale = (
+                prepared.done()
+                and not prepared.cancelled()
+                and prepared.exception() is None
+                and prepared.result()[0].relay_lost is not None
+            )
+            if stale:  # the idle offer names a relay that no longer exists
+                self._discard_prepared()
+                self._prepared = loop.create_task(self._prepare(self.ice), name="prepare")
+            return
+        peer = self.peer
+        if peer is not None and peer.relay_in_use(url):
+            self._background.spawn(
+                self._end(f"TURN allocation on {url} lost", clean=False, tell_client=True)
+            )
+
+    def _discard_prepared(self) -> None:
+        prepared, self._prepared = self._prepared, None
+        if prepared is None:
+            return
+        if not prepared.done():
+            prepared.cancel()
+        elif not prepared.cancelled() and prepared.exception() is None:
+            peer, bridge = prepared.result()
+            bridge.close("ICE settings changed")
+            self._background.spawn(peer.close(), name="close stale offer")
+
     async def _take_prepared(self, assign: Assign) -> tuple[PeerSession, TunnelBridge]:
         prepared = self._prepared
-        wanted: IceConfig = (assign.ice_servers, assign.ice_hosts)
+        wanted = assign.ice
         if prepared is not None and self.ice == wanted:
             try:
-                return await prepared
+                peer, bridge = await prepared
+                if peer.relay_lost is None:
+                    return peer, bridge
+                log.warning(
+                    "worker %s: prepared offer is stale: %s", self.worker_id, peer.relay_lost
+                )
+                bridge.close("stale")
+                await peer.close()
             except SessionFailed as exc:
                 log.warning("worker %s: prepared offer failed: %s", self.worker_id, exc)
-        elif prepared is not None:
-            prepared.cancel()  # prepared for other ICE settings: start over
+        else:
+            self._discard_prepared()  # prepared for other ICE settings: start over
         return await self._prepare(wanted)
 
     async def _run_session(self, assign: Assign) -> None:
@@ -247,9 +297,15 @@ class SessionWorker:
             pump.cancel()
             await self._end(str(exc), clean=False, tell_client=True)
             return
+        path = peer.nominated_path()
+        log.info("session %s: connected, %s", assign.session, path or "unknown path")
         await self._send(
             StateReport(
-                session=assign.session, state="connected", path=_path(peer.candidate_pair_type())
+                session=assign.session,
+                state="connected",
+                path=path.path if path else None,
+                pair=path.pair if path else None,
+                relay_transport=path.relay_transport if path else None,
             )
         )
         reason = await self.bridge.wait_closed()
@@ -319,10 +375,6 @@ class SessionWorker:
             self._done.set_result(reason)
 
 
-def _path(kind: str | None) -> str | None:
-    return kind if kind in ("host", "srflx", "prflx", "relay") else None
-
-
 def worker_main(
     worker_id: str,
     endpoint: str,
@@ -331,6 +383,7 @@ def worker_main(
     heartbeat_timeout: float,
     log_level: int = logging.INFO,
     ice: IceConfig | None = None,
+    stack_log_level: int = logging.WARNING,
 ) -> int:
     """Entry point of a forked worker; returns the process exit code."""
     logging.basicConfig(
@@ -339,8 +392,9 @@ def worker_main(
         format=f"%(asctime)s.%(msecs)03d worker[{os.getpid()}] %(name)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
-    logging.getLogger("aiortc").setLevel(logging.WARNING)
-    logging.getLogger("aioice").setLevel(logging.WARNING)
+    # aiortc/aioice (and websockets) as verbose as in the supervisor: debug at -vv.
+    for name in ("aiortc", "aioice"):
+        logging.getLogger(name).setLevel(stack_log_level)
 
     async def main() -> str:
         worker = SessionWorker(

@@ -37,6 +37,7 @@ from typing import Any
 
 from aiortc import RTCDataChannel, RTCSessionDescription
 
+from protocol.ice import IceServer
 from protocol.signaling import (
     Answer,
     Candidate,
@@ -49,7 +50,6 @@ from protocol.signaling import (
 from signaling.errors import LinkDown, LinkRejected
 from signaling.link import SignalingLink
 from workers.errors import SessionFailed, SignalingRejected, TunnelUsageError
-from workers.ice import IceServer
 from workers.peer import PeerSession
 from workers.tasks import TaskSet
 

@@ -18,9 +18,11 @@ to it over its stdin/stdout, one ASCII line per message::
                           error TEXT
 
 ``config`` carries ``{"ice_servers": [{"url", "username", "credential"}],
-"ice_hosts": [...]}`` — on stdin, not on the command line, because TURN
-credentials must not show in ``ps``. With it, each idle worker prepares its
-PeerConnection and offer before any session asks (see ``session_worker``).
+"ice_hosts": [...], "ice_policy": "all"|"relay"}`` — on stdin, not on the
+command line, because TURN credentials must not show in ``ps``. With it, each
+idle worker prepares its PeerConnection and offer before any session asks (see
+``session_worker``). It may be sent again (fresh TURN credentials): workers
+forked after it use the new settings.
 
 The zygote holds no event loop, thread or ZeroMQ context when it forks, so each
 child starts clean and makes its own. It dies with the supervisor (parent-death
@@ -43,7 +45,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from workers.session_worker import IceConfig
+    from protocol.ice import IceConfig
 
 PR_SET_PDEATHSIG = 1
 _WORKER_ID = re.compile(r"w-[0-9a-f]{16}")
@@ -64,21 +66,18 @@ def _say(line: str) -> None:
 
 def _parse_config(text: str) -> IceConfig:
     """The ``config`` line's JSON, validated as the supervisor's ``assign`` would be."""
-    from protocol.errors import LocalProtocolError
-    from protocol.ipc import IceServerSpec
-    from workers.ice import parse_networks
+    from protocol.ice import IceConfig, IceServer
 
     try:
         data = json.loads(text)
         servers = tuple(
-            IceServerSpec(s["url"], s.get("username"), s.get("credential"))
-            for s in data["ice_servers"]
+            IceServer(s["url"], s.get("username"), s.get("credential")) for s in data["ice_servers"]
         )
         hosts = tuple(str(h) for h in data["ice_hosts"])
-        parse_networks(hosts)
-    except (ValueError, KeyError, TypeError, AttributeError, LocalProtocolError) as exc:
+        return IceConfig(servers, hosts, data.get("ice_policy", "all"))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        # Not the message: it could quote a credential.
         raise ValueError(f"bad config: {type(exc).__name__}") from None
-    return servers, hosts
 
 
 def _fork_worker(worker_id: str, args: argparse.Namespace, ice: IceConfig | None) -> int:
@@ -105,6 +104,7 @@ def _fork_worker(worker_id: str, args: argparse.Namespace, ice: IceConfig | None
             args.heartbeat_timeout,
             args.log_level,
             ice,
+            args.stack_log_level,
         )
     except BaseException as exc:  # a worker must never return into the zygote's loop
         with contextlib.suppress(Exception):
@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat-interval", type=float, default=1.0)
     parser.add_argument("--heartbeat-timeout", type=float, default=5.0)
     parser.add_argument("--log-level", type=int, default=20, help="workers' (logging levels)")
+    parser.add_argument("--stack-log-level", type=int, default=30, help="aiortc's and aioice's")
     args = parser.parse_args(argv)
 
     die_with_parent()
