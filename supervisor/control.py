@@ -2,7 +2,7 @@
 
 The supervisor serves ``ipc://RUNTIME_DIR/control.sock`` (a ROUTER); a request
 is one REQ round trip with a deadline. No supervisor (no socket file, or no
-answer in time) is a :class:`ControlError` whose message says which directory
+answer in time) is a :class:`NotRunning` whose message says which directory
 was tried, so scripts get a clear line and a non-zero exit.
 """
 
@@ -20,7 +20,7 @@ from protocol.ipc import (
     decode_control_reply,
     encode_control_request,
 )
-from supervisor.errors import ControlError
+from supervisor.errors import ControlError, NotRunning
 from supervisor.runtime import CONTROL_SOCKET, check_private, ipc_endpoint
 
 
@@ -29,7 +29,7 @@ def request(
 ) -> object:
     """Send one control request; return its result or raise :class:`ControlError`."""
     if not (runtime_dir / CONTROL_SOCKET).exists():
-        raise ControlError(f"no supervisor running (nothing listens in {runtime_dir})")
+        raise NotRunning(f"no supervisor running (nothing listens in {runtime_dir})")
     try:
         check_private(runtime_dir)
     except Exception as exc:
@@ -47,7 +47,7 @@ def request(
         try:
             data = sock.recv()
         except zmq.Again:
-            raise ControlError(
+            raise NotRunning(
                 f"no answer from the supervisor in {runtime_dir} within {timeout:g} s"
             ) from None
     finally:

@@ -489,12 +489,12 @@ def control_request(
 ) -> object:
     """One control round trip; exit with a clear line if no supervisor answers."""
     from supervisor.control import request
-    from supervisor.errors import ControlError
+    from supervisor.errors import ControlError, NotRunning
 
     try:
         return request(resolve_runtime_dir(runtime_dir), cmd, args, timeout=timeout)
     except ControlError as exc:
-        code = EXIT_NOT_RUNNING if "no supervisor" in str(exc) or "no answer" in str(exc) else 1
+        code = EXIT_NOT_RUNNING if isinstance(exc, NotRunning) else 1
         error_line(str(exc))
         sys.exit(code)
 
