@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from protocol.backoff import Backoff
+from protocol.forkserver import describe_exit
 from protocol.ice import IceConfig, IceServer
 from protocol.ipc import (
     Drain,
@@ -60,10 +61,10 @@ from supervisor.events import (
     KillProcess,
     LinkChanged,
     LinkRejected,
-    Ready,
     SendSignal,
     SendToWorker,
     SignalReceived,
+    Started,
     StartForkServer,
     Stopped,
     Stopping,
@@ -74,7 +75,7 @@ from supervisor.events import (
     WorkerGone,
     WorkerSpawned,
 )
-from supervisor.pool import Pool, Worker, WorkerEvent, WorkerState, describe_exit
+from supervisor.pool import Pool, Worker, WorkerEvent, WorkerState
 from supervisor.sessions import SessionRow, Sessions
 from supervisor.signal_messages import on_signal
 from supervisor.worker_messages import assign_message, on_worker_frames
@@ -171,7 +172,7 @@ class SupervisorCore:
         elif isinstance(event, LinkRejected):
             self.rejected[event.device] = event.reason
             log.error("device %s: %s", event.device, event.reason)
-        elif isinstance(event, Ready):
+        elif isinstance(event, Started):
             self.ready = True
         elif isinstance(event, StopRequested):
             self.stop(now, event.drain_timeout)

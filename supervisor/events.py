@@ -102,7 +102,7 @@ class ControlFrames:
 
 
 @dataclass(frozen=True, slots=True)
-class Ready:
+class Started:
     """Every device's link came up (or is still trying): start-up is over."""
 
 
@@ -124,7 +124,7 @@ Event = (
     | LinkChanged
     | LinkRejected
     | ControlFrames
-    | Ready
+    | Started
     | StopRequested
 )
 

@@ -72,22 +72,6 @@ SHOWN_AS: dict[WorkerState, str] = {
 }
 
 
-def describe_exit(code: int) -> str:
-    """``exit code N``, or ``killed by SIGNAME`` for a negative ``returncode``."""
-    if code < 0:
-        name = _SIGNAL_NAMES.get(-code)
-        return f"killed by {name}" if name else f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
-# Linux's numbers (signal(7)); the core may not import `signal`.
-_SIGNAL_NAMES = {
-    1: "SIGHUP", 2: "SIGINT", 3: "SIGQUIT", 4: "SIGILL", 5: "SIGTRAP", 6: "SIGABRT",
-    7: "SIGBUS", 8: "SIGFPE", 9: "SIGKILL", 10: "SIGUSR1", 11: "SIGSEGV", 12: "SIGUSR2",
-    13: "SIGPIPE", 14: "SIGALRM", 15: "SIGTERM", 24: "SIGXCPU", 25: "SIGXFSZ", 31: "SIGSYS",
-}  # fmt: skip
-
-
 class IllegalWorkerTransition(LocalProtocolError):
     """The supervisor tried a worker transition the table does not allow."""
 

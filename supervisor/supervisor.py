@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -32,7 +31,17 @@ import zmq
 import zmq.asyncio
 
 from protocol.errors import LocalProtocolError
-from protocol.ice import IceConfig
+from protocol.forkserver import (
+    Command,
+    Configure,
+    Exited,
+    ForkServerLineError,
+    Ready,
+    Spawn,
+    Spawned,
+    decode_report,
+    encode_command,
+)
 from protocol.ipc import encode_ipc
 from protocol.signaling import SignalingMessage
 from signaling.errors import LinkDown, LinkRejected
@@ -51,11 +60,11 @@ from supervisor.events import (
     ForkWorker,
     KillProcess,
     LinkChanged,
-    Ready,
     ReplyControl,
     SendSignal,
     SendToWorker,
     SignalReceived,
+    Started,
     StartForkServer,
     Stopped,
     Stopping,
@@ -185,7 +194,7 @@ class Supervisor:
             if isinstance(result, BaseException):
                 raise result
         names = ",".join(self._links)
-        self._feed(Ready())
+        self._feed(Started())
         if self.on_ready is not None:
             self.on_ready(f"ready pid={os.getpid()} devices={names} runtime={self.runtime_dir}")
         sd_notify(f"READY=1\nSTATUS=serving {names}")
@@ -304,7 +313,7 @@ class Supervisor:
             elif isinstance(action, ReplyControl):
                 self._send(self.control_sock, [action.identity, b"", action.payload])
             elif isinstance(action, ForkWorker):
-                self._ask_zygote(f"spawn {action.worker}")
+                self._ask_zygote(Spawn(action.worker))
             elif isinstance(action, WatchWorker):
                 self._watch_exit(action.worker, action.pid)
             elif isinstance(action, KillProcess):
@@ -313,7 +322,7 @@ class Supervisor:
             elif isinstance(action, ForgetWorker):
                 self._unwatch(action.worker)
             elif isinstance(action, ConfigureForkServer):
-                self._configure_zygote(action.ice)
+                self._ask_zygote(Configure(action.ice))
             elif isinstance(action, StartForkServer):
                 self._spawn_task(self._start_zygote(), "fork server")
             elif isinstance(action, Stopping):
@@ -437,24 +446,12 @@ class Supervisor:
         log.info("worker fork server ready (pid %d)", pid)
         self._feed(ForkServerUp(pid))
 
-    def _configure_zygote(self, ice: IceConfig) -> None:
-        """ICE settings for the workers forked from now on; on stdin, since TURN
-        credentials must not show in `ps`."""
-        config = {
-            "ice_servers": [
-                {"url": s.url, "username": s.username, "credential": s.credential}
-                for s in ice.servers
-            ],
-            "ice_hosts": list(ice.hosts),
-            "ice_policy": ice.policy,
-        }
-        self._ask_zygote("config " + json.dumps(config))
-
-    def _ask_zygote(self, line: str) -> None:
+    def _ask_zygote(self, command: Command) -> None:
+        """On its stdin (so TURN credentials in ``config`` never show in ``ps``)."""
         zygote = self._zygote
         if zygote is None or zygote.stdin is None or zygote.returncode is not None:
             return  # the core knows it is down; a spawn asked meanwhile times out
-        zygote.stdin.write(line.encode() + b"\n")
+        zygote.stdin.write(encode_command(command))
 
     async def _stop_zygote(self) -> None:
         zygote = self._zygote
@@ -472,18 +469,25 @@ class Supervisor:
         assert zygote.stdout is not None
         ready = self._zygote_ready
         while True:
-            raw = await zygote.stdout.readline()
-            if not raw:
-                break
-            verb, _, rest = raw.decode("ascii", "replace").strip().partition(" ")
-            args = rest.split()
-            if verb == "ready" and ready and not ready.done():
-                ready.set_result(int(args[0]))
-            elif verb == "spawned" and len(args) == 2:
-                self._feed(WorkerSpawned(args[0], int(args[1])))
-            elif verb == "exited" and len(args) == 2:
+            try:
+                raw = await zygote.stdout.readuntil(b"\n")
+            except asyncio.IncompleteReadError:
+                break  # end of file
+            except asyncio.LimitOverrunError as exc:
+                await zygote.stdout.readexactly(exc.consumed)  # skip it; the rest is lines
+                log.warning("fork server: line too long")
+                continue
+            try:
+                report = decode_report(raw)
+            except ForkServerLineError:
+                report = None
+            if isinstance(report, Ready) and ready and not ready.done():
+                ready.set_result(report.pid)
+            elif isinstance(report, Spawned):
+                self._feed(WorkerSpawned(report.worker, report.pid))
+            elif isinstance(report, Exited):
                 self._drain_worker_messages()
-                self._feed(WorkerExitCode(int(args[0]), int(args[1])))
+                self._feed(WorkerExitCode(report.pid, report.code))
             else:
                 log.warning("fork server: %s", raw.decode("ascii", "replace").strip())
         code = await zygote.wait()

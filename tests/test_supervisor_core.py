@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from protocol.forkserver import describe_exit
 from protocol.ice import IceConfig, IceServer
 from protocol.ipc import Assign, Drain, Heartbeat, IceUpdate, Relay, Stop, encode_ipc
 from protocol.signaling import Answer, Candidate, IceServers, Offer, encode_signaling
@@ -14,9 +15,9 @@ from supervisor.events import (
     ForkServerDown,
     ForkServerUp,
     ForkWorker,
-    Ready,
     SendToWorker,
     SignalReceived,
+    Started,
     StartForkServer,
     Stopped,
     Stopping,
@@ -30,7 +31,6 @@ from supervisor.pool import (
     IllegalWorkerTransition,
     WorkerEvent,
     WorkerState,
-    describe_exit,
     worker_transition,
 )
 from tests.supervisor_harness import (
@@ -98,7 +98,7 @@ def busy_stage(**tuning: object) -> tuple[Stage, str, str]:
 def test_boot_fills_the_pool_and_watches_each_worker() -> None:
     stage = Stage(pool_size=3)
     assert stage.core.next_deadline() == T0 + 1.0  # the heartbeat tick
-    stage.feed(Ready())
+    stage.feed(Started())
     assert stage.forked() == []  # no fork server yet: nothing asked
     stage.boot()
     workers = list(stage.pids)
@@ -454,7 +454,7 @@ def test_ended_rows_are_pruned_after_their_retention() -> None:
 def test_describe_exit() -> None:
     assert describe_exit(3) == "exit code 3"
     assert describe_exit(-9) == "killed by SIGKILL"
-    assert describe_exit(-64) == "killed by signal 64"
+    assert describe_exit(-200) == "killed by signal 200"
 
 
 def test_ice_servers_from_signaling_reach_the_fork_server_idle_workers_and_sessions() -> None:
