@@ -34,6 +34,7 @@ from typing import Final
 
 from protocol.errors import RemoteProtocolError
 from protocol.ice import IceConfig, IceServer
+from protocol.ipc import WORKER_ID_RE as _WORKER_ID
 
 __all__ = [
     "MAX_LINE",
@@ -55,7 +56,6 @@ __all__ = [
 
 #: The longest line either side accepts, LF included.
 MAX_LINE: Final = 65536
-_WORKER_ID: Final = re.compile(r"w-[0-9a-f]{16}")
 _NUMBER: Final = re.compile(r"-?[0-9]{1,10}")
 _MAX_PID: Final = 2**31 - 1
 

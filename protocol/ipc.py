@@ -57,7 +57,11 @@ __all__ = [
     "IPC_VERSION",
     "MAX_CONTROL_MESSAGE",
     "MAX_IPC_MESSAGE",
+    "MAX_REASON_LEN",
     "WORKER_ID_RE",
+    "ZMQ_CONTROL_CLIENT_MAX_MSG_SIZE",
+    "ZMQ_HWM",
+    "ZMQ_MAX_MSG_SIZE",
     "Assign",
     "ControlReply",
     "ControlRequest",
@@ -86,6 +90,18 @@ MAX_IPC_MESSAGE: Final = 262144
 #: Largest control request or reply, in bytes (§4): a ``sessions`` reply lists up
 #: to 1024 sessions (§1.5), which does not fit in :data:`MAX_IPC_MESSAGE`.
 MAX_CONTROL_MESSAGE: Final = 1048576
+
+#: ZeroMQ high-water mark (``SNDHWM``, ``RCVHWM``) of the worker and control
+#: sockets, at both ends: messages queued per peer each way before sends fail
+#: (ROUTER_MANDATORY) or wait; finite, so a wedged peer cannot eat memory.
+#: Also how many queued messages the supervisor reads when a worker exits.
+ZMQ_HWM: Final = 1000
+#: ZeroMQ ``MAXMSGSIZE`` of the worker and control sockets: one message of
+#: :data:`MAX_IPC_MESSAGE` with room for framing; a larger one drops the peer.
+ZMQ_MAX_MSG_SIZE: Final = MAX_IPC_MESSAGE + 64
+#: ``MAXMSGSIZE`` of the CLI's control socket: far above :data:`MAX_CONTROL_MESSAGE`,
+#: so an oversized reply is reported as a bad reply, not as a silent supervisor.
+ZMQ_CONTROL_CLIENT_MAX_MSG_SIZE: Final = 16 * 1024 * 1024
 
 #: Worker ids, also the worker's ZeroMQ routing identity. Use ``fullmatch``.
 WORKER_ID_RE: Final = re.compile(r"w-[0-9a-f]{16}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import zmq
 
 from protocol.ipc import (
+    ZMQ_CONTROL_CLIENT_MAX_MSG_SIZE,
     ControlReply,
     ControlRequest,
     IpcError,
@@ -41,7 +42,7 @@ def request(
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
         sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
-        sock.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
+        sock.setsockopt(zmq.MAXMSGSIZE, ZMQ_CONTROL_CLIENT_MAX_MSG_SIZE)
         sock.connect(ipc_endpoint(runtime_dir, CONTROL_SOCKET))
         sock.send(payload)
         try:

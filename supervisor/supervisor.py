@@ -42,7 +42,7 @@ from protocol.forkserver import (
     decode_report,
     encode_command,
 )
-from protocol.ipc import encode_ipc
+from protocol.ipc import ZMQ_HWM, ZMQ_MAX_MSG_SIZE, encode_ipc
 from protocol.signaling import SignalingMessage
 from signaling.errors import LinkDown, LinkRejected
 from signaling.link import LinkState, SignalingLink
@@ -86,8 +86,6 @@ from supervisor.runtime import (
 )
 
 log = logging.getLogger("tunnelctl.supervisor")
-
-HWM = 1000
 
 
 class Supervisor:
@@ -152,9 +150,9 @@ class Supervisor:
         self.control_sock = self.ctx.socket(zmq.ROUTER)
         for sock in (self.workers_sock, self.control_sock):
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, HWM)
-            sock.setsockopt(zmq.RCVHWM, HWM)
-            sock.setsockopt(zmq.MAXMSGSIZE, 262144 + 64)
+            sock.setsockopt(zmq.SNDHWM, ZMQ_HWM)
+            sock.setsockopt(zmq.RCVHWM, ZMQ_HWM)
+            sock.setsockopt(zmq.MAXMSGSIZE, ZMQ_MAX_MSG_SIZE)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A blocking twin of the worker socket, to empty it when a worker exits.
         self._workers_sync: zmq.Socket[bytes] = zmq.Socket.shadow(self.workers_sock.underlying)
@@ -374,7 +372,7 @@ class Supervisor:
         ("ended") must count before its exit is judged."""
         if self.ctx is None:
             return
-        for _ in range(HWM):
+        for _ in range(ZMQ_HWM):
             try:
                 frames = self._workers_sync.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.ZMQError:  # zmq.Again included: nothing left

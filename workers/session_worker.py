@@ -27,6 +27,9 @@ import zmq.asyncio
 from protocol.errors import SignalingError
 from protocol.ice import IceConfig
 from protocol.ipc import (
+    MAX_REASON_LEN,
+    ZMQ_HWM,
+    ZMQ_MAX_MSG_SIZE,
     Assign,
     Drain,
     Ended,
@@ -61,7 +64,6 @@ from workers.tasks import TaskSet
 log = logging.getLogger("tunnelctl.worker")
 
 OPEN_TIMEOUT = 30.0
-HWM = 1000
 
 
 class SessionWorker:
@@ -98,9 +100,9 @@ class SessionWorker:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, HWM)
-        self.sock.setsockopt(zmq.RCVHWM, HWM)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, 262144 + 64)
+        self.sock.setsockopt(zmq.SNDHWM, ZMQ_HWM)
+        self.sock.setsockopt(zmq.RCVHWM, ZMQ_HWM)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, ZMQ_MAX_MSG_SIZE)
 
     async def run(self) -> str:
         """Serve until the session ends or the supervisor goes away; return why."""
@@ -357,7 +359,7 @@ class SessionWorker:
         if self._ended_sent or self.session_id is None:
             return
         self._ended_sent = True
-        reason = reason[:200]
+        reason = reason[:MAX_REASON_LEN]
         if tell_client:
             with contextlib.suppress(SessionFailed):
                 await self._relay_out(SessionEnd(session=self.session_id, reason=reason))
