@@ -48,8 +48,8 @@ __all__ = [
     "MAX_REASON_LEN",
     "MAX_SDP_LEN",
     "MESSAGE_TYPES",
+    "PEER_ROLES",
     "PROTOCOL_VERSION",
-    "ROLES",
     "SESSION_ID_PATTERN",
     "Answer",
     "Auth",
@@ -61,9 +61,9 @@ __all__ = [
     "IceServers",
     "Offer",
     "PeerLeft",
+    "PeerRole",
     "Register",
     "Registered",
-    "Role",
     "SessionEnd",
     "SessionRequest",
     "SignalingMessage",
@@ -104,8 +104,8 @@ _ERROR_CODE_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 # encoded as UTF-8, so a message carrying one could never be forwarded.
 _SURROGATE_RE: Final = re.compile("[\ud800-\udfff]")
 
-Role: TypeAlias = Literal["device", "client"]
-ROLES: Final[tuple[Role, ...]] = ("device", "client")
+PeerRole: TypeAlias = Literal["device", "client"]
+PEER_ROLES: Final[tuple[PeerRole, ...]] = ("device", "client")
 
 
 class ErrorCode(enum.StrEnum):
@@ -236,13 +236,13 @@ class Welcome:
     """``welcome`` (S→ any): authentication succeeded."""
 
     peer: str
-    role: Role
+    role: PeerRole
 
     TYPE: ClassVar[str] = "welcome"
 
     def __post_init__(self) -> None:
         _check_id("welcome.peer", self.peer)
-        if self.role not in ROLES:
+        if self.role not in PEER_ROLES:
             _invalid("welcome.role", 'must be "device" or "client"')
 
 

@@ -33,7 +33,7 @@ from typing import Any, Final
 
 import jwt
 
-from protocol.signaling import ROLES, Role, is_valid_id
+from protocol.signaling import PEER_ROLES, PeerRole, is_valid_id
 from signaling.errors import AuthError, ServerConfigError
 
 __all__ = [
@@ -68,13 +68,13 @@ class Identity:
     """
 
     sub: str
-    role: Role
+    role: PeerRole
     devices: frozenset[str] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
         if not is_valid_id(self.sub):
             raise ValueError(f"bad sub {self.sub!r}: not a valid id")
-        if self.role not in ROLES:
+        if self.role not in PEER_ROLES:
             raise ValueError(f"bad role {self.role!r}: must be 'device' or 'client'")
         if self.role == "device" and self.devices:
             raise ValueError("a device identity grants no devices")
@@ -120,7 +120,7 @@ def issue_token(
         raise ValueError(problem)
     if not is_valid_id(sub):
         raise ValueError(f"bad sub {sub!r}: an id is 1-64 of A-Z a-z 0-9 . _ - (not first)")
-    if role not in ROLES:
+    if role not in PEER_ROLES:
         raise ValueError(f"bad role {role!r}: must be 'device' or 'client'")
     if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
         raise ValueError(f"bad ttl {ttl!r}: must be a positive number of seconds")
