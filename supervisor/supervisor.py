@@ -23,13 +23,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import zmq
 import zmq.asyncio
 
+from aio.tasks import TaskSet
 from protocol.errors import LocalProtocolError
 from protocol.forkserver import (
     Command,
@@ -108,7 +109,7 @@ class Supervisor:
         self._links: dict[str, SignalingLink] = {}
         self._outboxes: dict[str, asyncio.Queue[SignalingMessage]] = {}
         self._pidfds: dict[str, int] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(log)
         self._zygote: asyncio.subprocess.Process | None = None
         self._zygote_ready: asyncio.Future[int] | None = None
         self._stopped: asyncio.Future[None] | None = None
@@ -179,8 +180,8 @@ class Supervisor:
                 (self.runtime_dir / name).unlink()
 
     async def _start(self) -> None:
-        self._spawn_task(self._worker_loop(), "worker-messages")
-        self._spawn_task(self._control_loop(), "control")
+        self._tasks.spawn(self._worker_loop(), "worker-messages")
+        self._tasks.spawn(self._control_loop(), "control")
         self._arm()
         await self._start_zygote()
         for device_config in self.config.devices:
@@ -222,10 +223,10 @@ class Supervisor:
         )
         self._links[config.id] = link
         link.start()
-        self._spawn_task(self._watch_link(config.id, link), f"link {config.id}")
+        self._tasks.spawn(self._watch_link(config.id, link), f"link {config.id}")
         outbox: asyncio.Queue[SignalingMessage] = asyncio.Queue(maxsize=4096)
         self._outboxes[config.id] = outbox
-        self._spawn_task(self._outbox_loop(link, outbox), f"outbox {config.id}")
+        self._tasks.spawn(self._outbox_loop(link, outbox), f"outbox {config.id}")
 
     async def _watch_link(self, device: str, link: SignalingLink) -> None:
         try:
@@ -255,12 +256,7 @@ class Supervisor:
             asyncio.get_running_loop().remove_reader(fd)
             os.close(fd)
         self._pidfds.clear()
-        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._tasks.cancel_all()
 
     # -- the core: events in, actions out, one timer ------------------------------------------
 
@@ -322,7 +318,7 @@ class Supervisor:
             elif isinstance(action, ConfigureForkServer):
                 self._ask_zygote(Configure(action.ice))
             elif isinstance(action, StartForkServer):
-                self._spawn_task(self._start_zygote(), "fork server")
+                self._tasks.spawn(self._start_zygote(), "fork server")
             elif isinstance(action, Stopping):
                 self._drain_timeout = action.drain_timeout
                 sd_notify("STOPPING=1")
@@ -436,7 +432,7 @@ class Supervisor:
             # Only the supervisor talks to systemd (NotifyAccess=main).
             env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
         )
-        self._spawn_task(self._zygote_reader(self._zygote), "zygote")
+        self._tasks.spawn(self._zygote_reader(self._zygote), "zygote")
         try:
             pid = await asyncio.wait_for(asyncio.shield(self._zygote_ready), SPAWN_TIMEOUT)
         except TimeoutError:
@@ -492,19 +488,6 @@ class Supervisor:
         if ready and not ready.done():
             ready.set_exception(SupervisorError(f"fork server exited with {code}"))
         self._feed(ForkServerDown(code))
-
-    # -- tasks -------------------------------------------------------------------------------
-
-    def _spawn_task(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("supervisor task %s failed: %s", task.get_name(), exc, exc_info=exc)
 
 
 def _consume(future: asyncio.Future[object]) -> None:

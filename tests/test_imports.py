@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("protocol", "signaling", "supervisor", "workers", "tunnelctl")
+PACKAGES = ("aio", "protocol", "signaling", "supervisor", "workers", "tunnelctl")
 FORBIDDEN = {
+    "aio": {"protocol", "signaling", "supervisor", "workers", "tunnelctl", "aiortc", "zmq"},
     "protocol": {"signaling", "supervisor", "workers", "tunnelctl", "aiortc", "websockets", "zmq"},
     "signaling": {"supervisor", "workers", "tunnelctl", "aiortc"},
     "supervisor": {"workers", "tunnelctl", "aiortc", "aioice"},

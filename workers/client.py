@@ -24,6 +24,7 @@ from typing import Any
 
 from aiortc import RTCDataChannel
 
+from aio.tasks import TaskSet
 from protocol.backoff import Backoff
 from protocol.frames import ResetCode
 from protocol.ice import IcePolicy, IceServer
@@ -51,7 +52,6 @@ from workers.errors import (
     TunnelError,
 )
 from workers.peer import PeerSession, warm_up_crypto
-from workers.tasks import TaskSet
 
 log = logging.getLogger("tunnelctl.client")
 

@@ -24,6 +24,7 @@ import time
 import zmq
 import zmq.asyncio
 
+from aio.tasks import TaskSet
 from protocol.errors import SignalingError
 from protocol.ice import IceConfig
 from protocol.ipc import (
@@ -59,7 +60,6 @@ from workers.bridge import ServiceAddress, TunnelBridge
 from workers.errors import SessionFailed
 from workers.ice import parse_networks, restrict_host_addresses
 from workers.peer import PeerSession
-from workers.tasks import TaskSet
 
 log = logging.getLogger("tunnelctl.worker")
 

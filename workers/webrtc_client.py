@@ -37,6 +37,7 @@ from typing import Any
 
 from aiortc import RTCDataChannel, RTCSessionDescription
 
+from aio.tasks import TaskSet
 from protocol.ice import IceServer
 from protocol.signaling import (
     Answer,
@@ -51,7 +52,6 @@ from signaling.errors import LinkDown, LinkRejected
 from signaling.link import SignalingLink
 from workers.errors import SessionFailed, SignalingRejected, TunnelUsageError
 from workers.peer import PeerSession
-from workers.tasks import TaskSet
 
 log = logging.getLogger("tunnelctl.agent")
 
