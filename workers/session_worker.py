@@ -92,7 +92,6 @@ class SessionWorker:
         self.session_id: str | None = None
         self.peer: PeerSession | None = None
         self.bridge: TunnelBridge | None = None
-        self.bad_messages = 0
         self._done = asyncio.get_running_loop().create_future()
         self._ended_sent = False
         self._inbox: asyncio.Queue[SignalingMessage] = asyncio.Queue(maxsize=256)
@@ -149,7 +148,6 @@ class SessionWorker:
             try:
                 message = decode_ipc(data)
             except IpcError as exc:
-                self.bad_messages += 1
                 log.warning("worker %s: bad message from the supervisor: %s", self.worker_id, exc)
                 continue
             await self._handle(message)
@@ -163,12 +161,10 @@ class SessionWorker:
             asyncio.get_running_loop().create_task(self._run_session(message), name="session")
         elif isinstance(message, Relay):
             if message.session != self.session_id:
-                self.bad_messages += 1
                 return
             try:
                 signal = decode_signaling(message.message)
             except SignalingError as exc:
-                self.bad_messages += 1
                 log.warning("worker %s: bad relayed message: %s", self.worker_id, exc)
                 return
             with contextlib.suppress(asyncio.QueueFull):
