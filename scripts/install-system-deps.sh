@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Installs the Debian packages that the end-to-end HTTP tests drive as real,
-# independent programs: nginx (the web server behind the tunnel) and curl (the
-# client in front of it). scripts/test.sh calls it before pytest.
+# Installs the Debian packages that the end-to-end tests drive as real,
+# independent programs: nginx (the web server behind the tunnel), curl (the
+# client in front of it), coturn (the STUN/TURN server of tests/e2e/test_turn.py
+# and of the NAT lab, scripts/natlab), iptables (the NAT routers) and iproute2
+# (`ip netns`). scripts/test.sh calls it before pytest.
 #
 #   install-system-deps.sh
 #
@@ -13,14 +15,15 @@
 #
 # `nginx` is the package with the server binary on Debian 12 and later
 # (`nginx-light` on Debian 12 only adds the echo module, which the tests do not
-# use). Installing it never starts a system nginx on port 80: while apt runs, a
-# temporary policy-rc.d refuses service starts (unless the machine has one).
+# use). Installing it never starts a system nginx on port 80, nor coturn on
+# 3478: while apt runs, a temporary policy-rc.d refuses service starts (unless
+# the machine has one).
 set -euo pipefail
 
 # program on PATH -> Debian package that provides it
-declare -A PACKAGE_OF=([nginx]=nginx [curl]=curl)
+declare -A PACKAGE_OF=([nginx]=nginx [curl]=curl [turnserver]=coturn [iptables]=iptables [ip]=iproute2)
 
-# Debian puts nginx in /usr/sbin, which a non-root PATH may lack.
+# Debian puts nginx, iptables and ip in /usr/sbin, which a non-root PATH may lack.
 PATH="$PATH:/usr/sbin:/sbin"
 
 missing=()

@@ -51,3 +51,24 @@ def test_host_allowlist_keeps_only_matching_addresses_loopback_included() -> Non
 def test_bad_networks_are_reported() -> None:
     with pytest.raises(ValueError, match="bad ICE host address 'not-an-ip'"):
         parse_networks(["not-an-ip"])
+
+
+def test_aiortc_tuning_applies_only_to_the_verified_versions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from workers import aiortc_tuning
+
+    assert aiortc_tuning.versions_verified()  # the locked versions
+    assert aiortc_tuning.install()
+    servers = [
+        IceServer("stun:127.0.0.1:1"),
+        IceServer("stun:127.0.0.1:2"),
+        IceServer("turn:127.0.0.1:3", "u", "p"),
+        IceServer("turns:127.0.0.1:4", "u", "p"),
+    ]
+    assert aiortc_tuning.stock_limits(servers) == []
+    monkeypatch.setattr(aiortc_tuning, "version", lambda name: "9.9.9")
+    assert not aiortc_tuning.versions_verified()
+    # Stock aiortc keeps the first STUN and the first TURN server: the rest is named.
+    monkeypatch.setattr(aiortc_tuning, "_installed", False)
+    assert aiortc_tuning.stock_limits(servers) == ["stun:127.0.0.1:2", "turns:127.0.0.1:4"]

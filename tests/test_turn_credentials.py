@@ -212,3 +212,24 @@ async def test_server_sends_ice_servers_before_welcome_and_refuses_them_from_pee
             await ws.send(encode_signaling(first))  # a peer may not hand out servers
             reply = decode_signaling(await asyncio.wait_for(ws.recv(), TIMEOUT))
             assert isinstance(reply, Error) and reply.code == "forbidden"
+
+
+class _QuickIssuer(IceIssuer):
+    """Refreshes every 50 ms instead of every half hour, to watch the refresh happen."""
+
+    @property
+    def refresh_interval(self) -> float | None:
+        return 0.05
+
+
+async def test_server_sends_fresh_credentials_while_the_connection_lasts() -> None:
+    issuer = _QuickIssuer(["turn:127.0.0.1:3478"], TURN_SECRET, 3600)
+    async with SignalingServer(SECRET, port=0, ice=issuer) as server:
+        jwt = issue_token(SECRET, sub="dev1", role="device")
+        async with connect(f"{server.url}?token={jwt}", open_timeout=TIMEOUT) as ws:
+            received = [decode_signaling(await asyncio.wait_for(ws.recv(), TIMEOUT))]
+            while len(received) < 4:
+                received.append(decode_signaling(await asyncio.wait_for(ws.recv(), TIMEOUT)))
+            assert isinstance(received[0], IceServers)
+            assert received[1] == Welcome("dev1", "device")
+            assert all(isinstance(m, IceServers) and m.ttl == 3600 for m in received[2:])

@@ -16,7 +16,8 @@ aioice also keeps using a TURN allocation that the server closed or refused
 client's NAT mapping changed): every channel bind fails, silently. Here a
 relay whose refresh or channel bind fails, or whose connection to the server
 is lost, is reported to ``Connection.tunnelctl_on_relay_lost(url, reason)``
-when set, so the session can fail or re-gather visibly (:mod:`workers.peer`).
+when set, so the session can fail or re-gather visibly (:mod:`workers.peer`);
+:func:`failed_servers` lists the servers a gathering got nothing from.
 
 With other aiortc/aioice versions nothing is patched: :func:`install` logs a
 warning once, and :func:`stock_limits` tells the caller what stock aiortc
@@ -153,14 +154,18 @@ def _patch_gathering() -> None:
         if not labels:
             return candidates
         done, pending = await asyncio.wait(labels, timeout=min(timeout, GATHER_TIMEOUT))
+        failed: list[str] = getattr(self, "tunnelctl_failed", [])
+        self.tunnelctl_failed = failed  # type: ignore[attr-defined]
         for task in pending:
             task.cancel()
             log.warning("%s: no answer in %g s", labels[task], min(timeout, GATHER_TIMEOUT))
+            failed.append(labels[task])
         seen = {(c.type, c.host, c.port) for c in candidates}
         for task in done:
             exc = task.exception()
             if exc is not None:
                 log.warning("%s: %s", labels[task], _describe(exc))
+                failed.append(labels[task])
                 continue
             candidate, relay_protocol = task.result()
             if relay_protocol is not None:
@@ -199,6 +204,12 @@ async def _relay(
 # --- a lost allocation is noticed ------------------------------------------------
 
 
+def failed_servers(connection: object) -> list[str]:
+    """The servers (``"TURN server URL"``, ``"STUN server URL"``) that failed to gather."""
+    failed = getattr(connection, "tunnelctl_failed", [])
+    return list(failed) if isinstance(failed, list) else []
+
+
 def relay_transport(protocol: object) -> str | None:
     """``udp``, ``tcp`` or ``tls`` for a relay protocol gathered here, else ``None``."""
     value = getattr(protocol, "tunnelctl_relay_transport", None)
@@ -226,7 +237,8 @@ def _patch_relay_loss() -> None:
         stock_error(self, exc)
         # TurnTransport reports a failed channel bind here; for a relay that
         # means the server no longer knows or accepts the allocation.
-        if relay_transport(self) is not None and isinstance(exc, stun.TransactionError):
+        closing = getattr(self.receiver, "_closing", False)
+        if relay_transport(self) and not closing and isinstance(exc, stun.TransactionError):
             _report_relay_lost(self, f"channel bind failed: {_describe(exc)}")
 
     def connection_lost(self: aioice.ice.StunProtocol, exc: Exception | None) -> None:

@@ -31,7 +31,7 @@ from aiortc.sdp import candidate_from_sdp
 from protocol.ice import IcePolicy, IceServer
 from protocol.signaling import Answer, Candidate, IceCandidate, Offer, SignalingMessage
 from signaling.errors import LinkError
-from workers.aiortc_tuning import relay_transport
+from workers.aiortc_tuning import failed_servers, relay_transport
 from workers.errors import SessionFailed, TunnelUsageError
 from workers.ice import rtc_configuration
 
@@ -255,10 +255,18 @@ class PeerSession:
         if pair is None:
             return None
         local = str(pair.local_candidate.type)
+        remote = str(pair.remote_candidate.type)
+        if remote == "prflx":
+            # A check can overtake the description that announces its source:
+            # aioice then keeps a peer-reflexive candidate for what the peer
+            # signals later as, say, its relay. The signaled type is the truth.
+            address = (pair.remote_candidate.host, pair.remote_candidate.port)
+            for candidate in self._ice_connection().remote_candidates:
+                if (candidate.host, candidate.port) == address and candidate.type != "prflx":
+                    remote = str(candidate.type)
+                    break
         return NominatedPath(
-            local,
-            str(pair.remote_candidate.type),
-            relay_transport(pair.protocol) if local == "relay" else None,
+            local, remote, relay_transport(pair.protocol) if local == "relay" else None
         )
 
     def _nominated_pair(self) -> Any:
@@ -275,6 +283,10 @@ class PeerSession:
         connection = self._ice_connection()
         if connection is not None:
             connection.tunnelctl_on_relay_lost = self._relay_lost
+
+    def failed_turn_servers(self) -> list[str]:
+        """TURN servers this peer's gathering got no relayed candidate from."""
+        return [s for s in failed_servers(self._ice_connection()) if s.startswith("TURN")]
 
     def relay_in_use(self, url: str) -> bool:
         """Whether the nominated pair goes through our relay on TURN server ``url``."""

@@ -85,6 +85,7 @@ class SessionWorker:
         self.ice = ice
         self._prepared: asyncio.Task[tuple[PeerSession, TunnelBridge]] | None = None
         self._background = TaskSet(log)
+        self._session_waiting = asyncio.Event()  # set once assigned: stop retrying
         self.endpoint = endpoint
         self.supervisor_pid = supervisor_pid
         self.heartbeat_interval = heartbeat_interval
@@ -237,13 +238,43 @@ class SessionWorker:
             )
             if stale:  # the idle offer names a relay that no longer exists
                 self._discard_prepared()
-                self._prepared = loop.create_task(self._prepare(self.ice), name="prepare")
+                self._prepared = loop.create_task(
+                    self._prepare_until_relayed(self.ice), name="prepare"
+                )
             return
         peer = self.peer
         if peer is not None and peer.relay_in_use(url):
             self._background.spawn(
                 self._end(f"TURN allocation on {url} lost", clean=False, tell_client=True)
             )
+
+    async def _prepare_until_relayed(self, ice: IceConfig) -> tuple[PeerSession, TunnelBridge]:
+        """Prepare again after a lost allocation, retrying while a TURN server fails.
+
+        In the background, with capped backoff, so that an idle device gets its
+        relay back once the server does; a session that arrives meanwhile
+        takes the next attempt's offer at once, relay or not.
+        """
+        delay = 1.0
+        while True:
+            peer, bridge = await self._prepare(ice)
+            failed = peer.failed_turn_servers()
+            if not failed:
+                log.info("worker %s: offer prepared again with a fresh relay", self.worker_id)
+                return peer, bridge
+            if self._session_waiting.is_set():
+                return peer, bridge
+            log.warning(
+                "worker %s: %s failed; gathering again in %.0f s",
+                self.worker_id,
+                ", ".join(failed),
+                delay,
+            )
+            bridge.close("TURN server failed")
+            await peer.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._session_waiting.wait(), delay)
+            delay = min(delay * 2, 15.0)
 
     def _discard_prepared(self) -> None:
         prepared, self._prepared = self._prepared, None
@@ -257,6 +288,7 @@ class SessionWorker:
             self._background.spawn(peer.close(), name="close stale offer")
 
     async def _take_prepared(self, assign: Assign) -> tuple[PeerSession, TunnelBridge]:
+        self._session_waiting.set()
         prepared = self._prepared
         wanted = assign.ice
         if prepared is not None and self.ice == wanted:
@@ -272,6 +304,12 @@ class SessionWorker:
             except SessionFailed as exc:
                 log.warning("worker %s: prepared offer failed: %s", self.worker_id, exc)
         else:
+            if prepared is not None:
+                log.info(
+                    "worker %s: offer prepared for other ICE settings; "
+                    "preparing on the session path",
+                    self.worker_id,
+                )
             self._discard_prepared()  # prepared for other ICE settings: start over
         return await self._prepare(wanted)
 

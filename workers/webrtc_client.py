@@ -43,6 +43,7 @@ from protocol.signaling import (
     Answer,
     Candidate,
     Error,
+    IceServers,
     PeerLeft,
     SessionEnd,
     SessionRequest,
@@ -63,6 +64,7 @@ class TunnelAgent:
         self, ice_servers: Sequence[IceServer] = (), *, channel_protocol: str = ""
     ) -> None:
         self.ice_servers = tuple(ice_servers)
+        self._issued_ice_servers: tuple[IceServer, ...] = ()  # from the signaling server
         self.channel_protocol = channel_protocol
         self.on_state_change: Callable[[str], None] | None = None
         self.on_message: Callable[[bytes | str], None] | None = None
@@ -102,7 +104,7 @@ class TunnelAgent:
         self._peer = PeerSession(
             "",
             link.send,
-            ice_servers=self.ice_servers,
+            ice_servers=self.ice_servers + self._issued_ice_servers,
             on_state=self._on_peer_state,
             channel_protocol=self.channel_protocol,
         )
@@ -177,6 +179,9 @@ class TunnelAgent:
             self._set_state(state)
 
     def _on_signal(self, message: SignalingMessage) -> None:
+        if isinstance(message, IceServers):
+            self._issued_ice_servers = message.ice_servers
+            return
         if isinstance(message, SessionRequest):
             if self.session_id is None:
                 with contextlib.suppress(asyncio.QueueFull):
