@@ -48,6 +48,18 @@ def test_nothing_imports_the_cli() -> None:
             assert "tunnelctl" not in imported_roots(path), path
 
 
+#: The one module of the CLI package that scripts still import: the child-process
+#: harness that ``tunnelctl demo``, the benchmark and the e2e tests share.
+CLI_HARNESS = frozenset({"tunnelctl.children"})
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "scripts").glob("*.py")))
+def test_scripts_do_not_import_the_cli(script: str) -> None:
+    """Scripts are clients of the packages, like the CLI, never of the CLI."""
+    bad = imported_roots(ROOT / "scripts" / script, CLI_HARNESS) & {"tunnelctl"}
+    assert not bad, f"scripts/{script} imports {sorted(bad)}"
+
+
 def test_every_package_is_typed() -> None:
     for package in PACKAGES:
         assert (ROOT / package / "py.typed").exists(), package
