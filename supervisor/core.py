@@ -2,7 +2,10 @@
 
 :class:`SupervisorCore` holds the worker pool (:mod:`supervisor.pool`, whose
 :class:`~supervisor.pool.WorkerState` table is the worker lifecycle), the
-session table and the restart lineages (:mod:`supervisor.sessions`). The shell
+session table and the restart lineages (:mod:`supervisor.sessions`); what it
+does with each worker message, signaling message and control request is in
+:mod:`supervisor.worker_messages`, :mod:`supervisor.signal_messages` and
+:mod:`supervisor.commands`. The shell
 (:mod:`supervisor.supervisor`) owns every socket, pid and signal; it calls
 :meth:`SupervisorCore.handle` with each event (:mod:`supervisor.events`) and the
 time, carries out the actions returned, in order, and calls
