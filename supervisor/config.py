@@ -40,7 +40,14 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from protocol.frames import MAX_SERVICE_LEN, is_valid_service_name
-from protocol.ice import ICE_POLICIES, IcePolicy, IceServer, parse_ice_url
+from protocol.ice import (
+    DEFAULT_KEEPALIVE,
+    ICE_POLICIES,
+    IcePolicy,
+    IceServer,
+    check_keepalive,
+    parse_ice_url,
+)
 from protocol.signaling import ID_PATTERN, is_valid_id
 from supervisor.errors import ConfigError
 from supervisor.toml_keys import (
@@ -93,7 +100,15 @@ TUNING_KEYS: Final = (
     "max_sessions",
 )
 _INTEGER_TUNING: Final = frozenset({"pool_size", "max_restarts", "max_sessions"})
-_TOP_KEYS: Final = ("signal", "ice_hosts", "ice_servers", "ice_policy", "supervisor", "devices")
+_TOP_KEYS: Final = (
+    "signal",
+    "ice_hosts",
+    "ice_servers",
+    "ice_policy",
+    "keepalive",
+    "supervisor",
+    "devices",
+)
 _TOKEN_SOURCES: Final = ("token", "token_file", "token_env")
 _DEVICE_KEYS: Final = ("id", *_TOKEN_SOURCES, "services")
 _ICE_SERVER_KEYS: Final = ("url", "username", "credential", "credential_env")
@@ -159,13 +174,16 @@ class SupervisorConfig:
     waits for an interpreter; ``heartbeat_*``, ``max_restarts`` within
     ``restart_window`` and ``backoff_*`` drive liveness and the restart policy
     (ARCHITECTURE.md, "Process model rules"); ``drain_timeout`` bounds a graceful
-    stop; ``max_sessions`` is per device. Times are in seconds.
+    stop; ``max_sessions`` is per device. ``keepalive`` (a top-level key) is how
+    long a session's path may go unanswered before it counts as dead. Times are
+    in seconds.
     """
 
     signal_url: str
     devices: tuple[DeviceConfig, ...]
     ice_servers: tuple[IceServer, ...] = ()
     ice_hosts: tuple[str, ...] = ()
+    keepalive: float = DEFAULT_KEEPALIVE
     ice_policy: IcePolicy = "all"
     pool_size: int = 2
     heartbeat_interval: float = 1.0
@@ -191,6 +209,10 @@ class SupervisorConfig:
             first_seen[device.id] = index
         for index, network in enumerate(self.ice_hosts):
             _check_network(network, f"ice_hosts[{index}]")
+        try:
+            check_keepalive(self.keepalive)
+        except ValueError as exc:
+            raise ConfigError("keepalive", str(exc)) from None
         if self.ice_policy not in ICE_POLICIES:
             raise ConfigError(
                 "ice_policy", f"{self.ice_policy!r} is not one of {', '.join(ICE_POLICIES)}"
@@ -344,6 +366,7 @@ def load_config(path: str, env: Mapping[str, str]) -> SupervisorConfig:
     ice_servers = tuple(
         _ice_server(table, at, env) for at, table in get_tables(data, None, "ice_servers")
     )
+    keepalive = get_number(data, "", "keepalive") if "keepalive" in data else DEFAULT_KEEPALIVE
     tuning = _tuning(data)
     device_tables = get_tables(data, None, "devices")
     if not device_tables:
@@ -354,6 +377,7 @@ def load_config(path: str, env: Mapping[str, str]) -> SupervisorConfig:
         devices=devices,
         ice_servers=ice_servers,
         ice_hosts=ice_hosts,
+        keepalive=keepalive,
         ice_policy=ice_policy,  # type: ignore[arg-type]  # checked by SupervisorConfig
         **tuning,
     )

@@ -422,6 +422,8 @@ class Supervisor:
             str(self.config.heartbeat_interval),
             "--heartbeat-timeout",
             str(self.config.heartbeat_timeout),
+            "--keepalive",
+            str(self.config.keepalive),
             "--log-level",  # workers log as verbosely as the supervisor (-v)
             str(logging.getLogger("tunnelctl").getEffectiveLevel()),
             "--stack-log-level",  # and aiortc/aioice too (-vv)

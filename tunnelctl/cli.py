@@ -139,6 +139,19 @@ def ice_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def keepalive_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    from protocol.ice import DEFAULT_KEEPALIVE, MAX_KEEPALIVE, MIN_KEEPALIVE
+
+    return click.option(
+        "--keepalive",
+        type=click.FloatRange(MIN_KEEPALIVE, MAX_KEEPALIVE),
+        default=None,
+        metavar="SECONDS",
+        help="A session whose path goes unanswered this long is dead: it is reported, "
+        f"and the client builds a new one [default: {DEFAULT_KEEPALIVE:g}, or the config's].",
+    )(f)
+
+
 def build_ice(
     stun_urls: Sequence[str],
     turn_urls: Sequence[str],
@@ -353,6 +366,7 @@ EXIT_NOT_RUNNING = 3
     "(repeatable). Clients reach these and nothing else.",
 )
 @ice_options
+@keepalive_option
 @click.option(
     "--pool-size",
     type=click.IntRange(0, 32),
@@ -375,6 +389,7 @@ def start(
     turn_user: str | None,
     turn_password: str | None,
     ice_hosts: tuple[str, ...],
+    keepalive: float | None,
     ice_policy: str | None,
     pool_size: int | None,
     runtime_dir: str | None,
@@ -427,6 +442,8 @@ def start(
         config = dataclasses.replace(config, ice_policy=ice_policy)  # type: ignore[arg-type]
     if pool_size is not None:
         config = dataclasses.replace(config, pool_size=pool_size)
+    if keepalive is not None:
+        config = dataclasses.replace(config, keepalive=keepalive)
     where = resolve_runtime_dir(runtime_dir)
     if detach:
         sys.exit(detach_supervisor(where))
@@ -610,6 +627,7 @@ def stop(drain_timeout: float | None, runtime_dir: str | None) -> None:
     help="Local address to forward from (port 0 picks a free one).",
 )
 @ice_options
+@keepalive_option
 def connect(
     signal_url: str,
     device: str,
@@ -622,10 +640,12 @@ def connect(
     turn_user: str | None,
     turn_password: str | None,
     ice_hosts: tuple[str, ...],
+    keepalive: float | None,
     ice_policy: str | None,
 ) -> None:
     """Forward a local TCP port to SERVICE on DEVICE (like ssh -L)."""
     from protocol.frames import is_valid_service_name
+    from protocol.ice import DEFAULT_KEEPALIVE
     from workers.client import ClientTunnel, PortForward
     from workers.errors import TunnelError
 
@@ -644,6 +664,7 @@ def connect(
             device=device,
             token=jwt,
             ice_servers=ice,
+            keepalive=DEFAULT_KEEPALIVE if keepalive is None else keepalive,
             ice_policy="relay" if ice_policy == "relay" else "all",
         )
         forward = PortForward(tunnel, service, listen_host, int(port_text))

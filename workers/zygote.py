@@ -44,6 +44,7 @@ from protocol.forkserver import (
     decode_command,
     encode_report,
 )
+from protocol.ice import DEFAULT_KEEPALIVE
 
 if TYPE_CHECKING:
     from protocol.ice import IceConfig
@@ -88,6 +89,7 @@ def _fork_worker(worker_id: str, args: argparse.Namespace, ice: IceConfig | None
             args.log_level,
             ice,
             args.stack_log_level,
+            args.keepalive,
         )
     except BaseException as exc:  # a worker must never return into the zygote's loop
         with contextlib.suppress(Exception):
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--supervisor-pid", type=int, required=True)
     parser.add_argument("--heartbeat-interval", type=float, default=1.0)
     parser.add_argument("--heartbeat-timeout", type=float, default=5.0)
+    parser.add_argument("--keepalive", type=float, default=DEFAULT_KEEPALIVE)
     parser.add_argument("--log-level", type=int, default=20, help="workers' (logging levels)")
     parser.add_argument("--stack-log-level", type=int, default=30, help="aiortc's and aioice's")
     args = parser.parse_args(argv)
