@@ -24,9 +24,13 @@ import time
 import zmq
 import zmq.asyncio
 
+from aio.tasks import TaskSet
 from protocol.errors import SignalingError
 from protocol.ice import DEFAULT_KEEPALIVE, IceConfig
 from protocol.ipc import (
+    MAX_REASON_LEN,
+    ZMQ_HWM,
+    ZMQ_MAX_MSG_SIZE,
     Assign,
     Drain,
     Ended,
@@ -56,12 +60,10 @@ from workers.bridge import ServiceAddress, TunnelBridge
 from workers.errors import SessionFailed
 from workers.ice import parse_networks, restrict_host_addresses
 from workers.peer import PeerSession
-from workers.tasks import TaskSet
 
 log = logging.getLogger("tunnelctl.worker")
 
 OPEN_TIMEOUT = 30.0
-HWM = 1000
 #: An idle worker makes its prepared offer again when it is this old (seconds):
 #: its server-reflexive candidates and TURN allocation ride on NAT mappings,
 #: which commonly expire after 30 s without traffic, and a TURN server's
@@ -103,7 +105,6 @@ class SessionWorker:
         self.session_id: str | None = None
         self.peer: PeerSession | None = None
         self.bridge: TunnelBridge | None = None
-        self.bad_messages = 0
         self._done = asyncio.get_running_loop().create_future()
         self._ended_sent = False
         self._inbox: asyncio.Queue[SignalingMessage] = asyncio.Queue(maxsize=256)
@@ -111,9 +112,9 @@ class SessionWorker:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, HWM)
-        self.sock.setsockopt(zmq.RCVHWM, HWM)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, 262144 + 64)
+        self.sock.setsockopt(zmq.SNDHWM, ZMQ_HWM)
+        self.sock.setsockopt(zmq.RCVHWM, ZMQ_HWM)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, ZMQ_MAX_MSG_SIZE)
 
     async def run(self) -> str:
         """Serve until the session ends or the supervisor goes away; return why."""
@@ -161,7 +162,6 @@ class SessionWorker:
             try:
                 message = decode_ipc(data)
             except IpcError as exc:
-                self.bad_messages += 1
                 log.warning("worker %s: bad message from the supervisor: %s", self.worker_id, exc)
                 continue
             await self._handle(message)
@@ -175,12 +175,10 @@ class SessionWorker:
             asyncio.get_running_loop().create_task(self._run_session(message), name="session")
         elif isinstance(message, Relay):
             if message.session != self.session_id:
-                self.bad_messages += 1
                 return
             try:
                 signal = decode_signaling(message.message)
             except SignalingError as exc:
-                self.bad_messages += 1
                 log.warning("worker %s: bad relayed message: %s", self.worker_id, exc)
                 return
             with contextlib.suppress(asyncio.QueueFull):
@@ -464,7 +462,7 @@ class SessionWorker:
         if self._ended_sent or self.session_id is None:
             return
         self._ended_sent = True
-        reason = reason[:200]
+        reason = reason[:MAX_REASON_LEN]
         if tell_client:
             with contextlib.suppress(SessionFailed):
                 await self._relay_out(SessionEnd(session=self.session_id, reason=reason))
