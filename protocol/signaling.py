@@ -269,6 +269,11 @@ class Registered:
         check_id("registered.device", self.device)
 
 
+def _check_client(name: str, client: str | None) -> None:
+    if client is not None:
+        check_id(name, client)
+
+
 @dataclass(frozen=True, slots=True)
 class SessionRequest:
     """``session_request`` (client →S, S→ device).
@@ -286,8 +291,7 @@ class SessionRequest:
     def __post_init__(self) -> None:
         check_session("session_request.session", self.session)
         check_id("session_request.device", self.device)
-        if self.client is not None:
-            check_id("session_request.client", self.client)
+        _check_client("session_request.client", self.client)
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,24 +310,34 @@ class Offer:
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """``answer`` (client →S, S→ device): the SDP answer."""
+    """``answer`` (client →S, S→ device): the SDP answer.
+
+    ``client``: set by the server on the way to the device (§1.3), as for
+    :class:`SessionRequest`.
+    """
 
     session: str
     sdp: str
+    client: str | None = None
 
     TYPE: ClassVar[str] = "answer"
 
     def __post_init__(self) -> None:
         check_session("answer.session", self.session)
         check_str("answer.sdp", self.sdp, max_chars=MAX_SDP_LEN)
+        _check_client("answer.client", self.client)
 
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """``candidate`` (both ways): a trickled candidate, ``None`` = end-of-candidates."""
+    """``candidate`` (both ways): a trickled candidate, ``None`` = end-of-candidates.
+
+    ``client``: set by the server on the way to the device only (§1.3).
+    """
 
     session: str
     candidate: IceCandidate | None
+    client: str | None = None
 
     TYPE: ClassVar[str] = "candidate"
 
@@ -331,32 +345,43 @@ class Candidate:
         check_session("candidate.session", self.session)
         if self.candidate is not None and not isinstance(self.candidate, IceCandidate):
             invalid("candidate.candidate", "must be an IceCandidate or None")
+        _check_client("candidate.client", self.client)
 
 
 @dataclass(frozen=True, slots=True)
 class SessionEnd:
-    """``session_end`` (both ways): either party ends the session."""
+    """``session_end`` (both ways): either party ends the session.
+
+    ``client``: set by the server on the way to the device only (§1.3).
+    """
 
     session: str
     reason: str
+    client: str | None = None
 
     TYPE: ClassVar[str] = "session_end"
 
     def __post_init__(self) -> None:
         check_session("session_end.session", self.session)
         check_str("session_end.reason", self.reason, max_chars=MAX_REASON_LEN)
+        _check_client("session_end.client", self.client)
 
 
 @dataclass(frozen=True, slots=True)
 class PeerLeft:
-    """``peer_left`` (S→ any): the other party's signaling link closed."""
+    """``peer_left`` (S→ any): the other party's signaling link closed.
+
+    ``client``: to a device, the client whose link closed (§1.3).
+    """
 
     session: str
+    client: str | None = None
 
     TYPE: ClassVar[str] = "peer_left"
 
     def __post_init__(self) -> None:
         check_session("peer_left.session", self.session)
+        _check_client("peer_left.client", self.client)
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,9 +438,10 @@ MESSAGE_TYPES: Final[Mapping[str, type[SignalingMessage]]] = {
 }
 
 # Optional fields that are left out of the wire form when None (instead of
-# being sent as null). Only the server sets session_request.client (§1.3).
+# being sent as null). Only the server sets ``client``, on what it sends a
+# device (§1.3): the device checks every message against the session's owner.
 _OMITTED_WHEN_NONE: Final[Mapping[type[SignalingMessage], frozenset[str]]] = {
-    SessionRequest: frozenset({"client"}),
+    cls: frozenset({"client"}) for cls in (SessionRequest, Answer, Candidate, SessionEnd, PeerLeft)
 }
 
 _FIELD_NAMES: Final[Mapping[type[SignalingMessage], tuple[str, ...]]] = {
@@ -581,9 +607,9 @@ def decode_signaling(data: str | bytes) -> SignalingMessage:
         fields["candidate"] = _decode_ice_candidate(fields["candidate"])
     elif cls is IceServers:
         fields["ice_servers"] = _decode_ice_servers(fields["ice_servers"])
-    elif cls is SessionRequest and "client" in fields and fields["client"] is None:
+    if "client" in fields and fields["client"] is None:
         # Omitted, not null, is how "no client" is written (one way to say it).
-        raise _bad("session_request.client: must be an id when present")
+        raise _bad(f"{type_}.client: must be an id when present")
     try:
         return cls(**fields)
     except LocalProtocolError as exc:

@@ -34,6 +34,7 @@ adapter), never the frames that came in.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from collections import Counter
@@ -277,6 +278,11 @@ class Router:
                 )
             ]
 
+        if isinstance(msg, SessionRequest | Answer | Candidate | SessionEnd) and msg.client:
+            return [
+                self._error(c, ErrorCode.BAD_MESSAGE, "client is set by the server", msg.session)
+            ]
+
         match msg:
             case Auth():
                 return [self._error(c, ErrorCode.BAD_STATE, "already authenticated")]
@@ -351,8 +357,6 @@ class Router:
 
     def _request_session(self, c: _Conn, msg: SessionRequest) -> list[Action]:
         sid = msg.session
-        if msg.client is not None:
-            return [self._error(c, ErrorCode.BAD_MESSAGE, "client is set by the server", sid)]
         # Grant before presence: a client learns nothing about devices it may
         # not reach, not even whether they are online.
         if not c.identity.may_reach(msg.device):
@@ -418,6 +422,10 @@ class Router:
             self._end_session(session)
         else:
             session.state = next_state
+        if isinstance(msg, Answer | Candidate | SessionEnd) and other is session.device:
+            # The device checks every message against the session's owner: the
+            # server's table does not survive a restart, the device's does.
+            msg = dataclasses.replace(msg, client=c.identity.sub)
         return [self._forward(other, msg)]
 
     # --- helpers -------------------------------------------------------------
@@ -446,7 +454,8 @@ class Router:
             session = self._sessions[sid]
             other = session.other(c)
             self._end_session(session)
-            actions.append(Send(other.conn, PeerLeft(sid)))
+            owner = session.client.identity.sub if other is session.device else None
+            actions.append(Send(other.conn, PeerLeft(sid, client=owner)))
         return actions
 
     def _end_session(self, session: _Session) -> None:

@@ -3,8 +3,11 @@
 A ``session_request`` is admitted (or refused: stopping, the device's session
 limit, a FATAL lineage), started now or after its lineage's backoff; the
 session's ``answer``, ``candidate``, ``session_end`` and ``peer_left`` go to its
-worker (held until it has one); ``ice_servers`` changes the ICE settings of
-sessions to come.
+worker (held until it has one) when they come from the client that owns it
+(their ``client``, stamped by the server, PROTOCOL.md §1.4), and are dropped
+like messages for no session otherwise; a second request for a session id is
+refused, never merged; ``ice_servers`` changes the ICE settings of sessions to
+come.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ if TYPE_CHECKING:
     from supervisor.core import SupervisorCore
 
 log = logging.getLogger("tunnelctl.supervisor")
+
+DUPLICATE = "session id in use: ask with a new one"
 
 
 def _ice_servers_issued(core: SupervisorCore, device: str, message: IceServers) -> None:
@@ -62,14 +67,15 @@ def on_signal(core: SupervisorCore, now: float, device: str, message: SignalingM
         level = logging.DEBUG if message.code == "unknown_session" else logging.WARNING
         log.log(level, "device %s: signaling error %s: %s", device, message.code, message.message)
         return
-    session = getattr(message, "session", None)
-    row = core.sessions.get(session) if isinstance(session, str) else None
-    if row is None or row.device != device:
+    if not isinstance(message, (Answer, Candidate, SessionEnd, PeerLeft)):
+        return
+    row = core.sessions.get(message.session)
+    # A session is its client's (the server stamps the sender's identity): a
+    # message from anyone else is dropped exactly like one for no session.
+    if row is None or row.device != device or message.client != row.client:
         return
     if row.state is SessionState.BACKOFF and isinstance(message, (SessionEnd, PeerLeft)):
         row.move(now, SessionEvent.STOP, reason="client left while backing off")
-        return
-    if not isinstance(message, (Answer, Candidate, SessionEnd, PeerLeft)):
         return
     if row.state not in (SessionState.STARTING, SessionState.RUNNING, SessionState.BACKOFF):
         return
@@ -86,6 +92,10 @@ def _on_session_request(
 ) -> None:
     client = request.client or "?"
     if request.session in core.sessions:
+        # Never merged into the running session, whoever asks: the same answer
+        # for its owner and for anyone else who learnt the id.
+        log.info("session %s: refused a second request for it (from %s)", request.session, client)
+        core.emit(SendSignal(device, SessionEnd(session=request.session, reason=DUPLICATE)))
         return
     refusal = None
     if core.stopping:

@@ -154,11 +154,14 @@ class Stage:
     def request(self, session: str, client: str = "c1") -> list[Action]:
         return self.feed(SignalReceived(DEVICE, SessionRequest(session, DEVICE, client)))
 
-    def answer(self, session: str) -> list[Action]:
-        return self.feed(SignalReceived(DEVICE, Answer(session, "v=0 answer")))
+    def answer(self, session: str, client: str = "c1") -> list[Action]:
+        return self.feed(SignalReceived(DEVICE, Answer(session, "v=0 answer", client)))
 
-    def client_left(self, session: str) -> list[Action]:
-        return self.feed(SignalReceived(DEVICE, PeerLeft(session)))
+    def client_left(self, session: str, client: str = "c1") -> list[Action]:
+        return self.feed(SignalReceived(DEVICE, PeerLeft(session, client)))
+
+    def end(self, session: str, client: str = "c1", reason: str = "bye") -> list[Action]:
+        return self.feed(SignalReceived(DEVICE, SessionEnd(session, reason, client)))
 
     def connected(self, worker: str, session: str) -> list[Action]:
         return self.send(worker, StateReport(session, "connected", "direct", "host/srflx"))

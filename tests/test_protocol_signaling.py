@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -77,6 +78,10 @@ VECTORS: list[tuple[str, SignalingMessage]] = [
         '"session":"s-0123456789ab"}',
         Error("device_offline", "device dev1 is offline", SID),
     ),
+    (
+        '{"v":1,"type":"session_end","session":"s-0123456789ab","reason":"bye","client":"alice"}',
+        SessionEnd(SID, "bye", "alice"),
+    ),
 ]
 
 _SESSION = '"session":"s-0123456789ab"'
@@ -128,6 +133,9 @@ REJECTED: list[tuple[str | bytes, str]] = [
     ('{"v":1,"type":"session_request","session":"s.0123456789","device":"d"}', "bad_message"),
     ('{"v":1,"type":"session_request","session":"' + "s" * 65 + '","device":"d"}', "bad_message"),
     ('{"v":1,"type":"session_request",' + _SESSION + ',"device":"d","client":null}', "bad_message"),
+    ('{"v":1,"type":"answer",' + _SESSION + ',"sdp":"v=0","client":null}', "bad_message"),
+    ('{"v":1,"type":"peer_left",' + _SESSION + ',"client":"../x"}', "bad_message"),
+    ('{"v":1,"type":"offer",' + _SESSION + ',"sdp":"v=0","client":"alice"}', "bad_message"),
     ('{"v":1,"type":"offer",' + _SESSION + "}", "bad_message"),
     ('{"v":1,"type":"offer",' + _SESSION + ',"sdp":["v=0"]}', "bad_message"),
     ('{"v":1,"type":"offer",' + _SESSION + ',"sdp":"' + "x" * (MAX_SDP_LEN + 1) + '"}',
@@ -208,6 +216,23 @@ def test_forwarded_session_request_carries_client_last() -> None:
     assert encode_signaling(SessionRequest(SID, "dev1", client="alice")) == (
         '{"v":1,"type":"session_request","session":"s-0123456789ab","device":"dev1","client":"alice"}'
     )
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Answer(SID, "v=0", "alice"),
+        Candidate(SID, None, "alice"),
+        SessionEnd(SID, "bye", "alice"),
+        PeerLeft(SID, "alice"),
+    ],
+)
+def test_what_the_server_sends_a_device_carries_the_client_last(message: SignalingMessage) -> None:
+    wire = encode_signaling(message)
+    assert wire.endswith(',"client":"alice"}')
+    assert decode_signaling(wire) == message
+    without = encode_signaling(dataclasses.replace(message, client=None))
+    assert '"client"' not in without
 
 
 def test_key_order_and_whitespace_of_input_do_not_matter() -> None:

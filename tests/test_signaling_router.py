@@ -109,7 +109,7 @@ def offered(net: Net, session: str = S1, client: str = "alice") -> None:
 def active(net: Net, session: str = S1, client: str = "alice") -> None:
     offered(net, session, client)
     net.send(client, Answer(session, "v=0 answer"))
-    assert net.take("dev1") == [Answer(session, "v=0 answer")]
+    assert net.take("dev1") == [Answer(session, "v=0 answer", client)]
 
 
 # --- the happy path ---------------------------------------------------------------
@@ -124,14 +124,14 @@ def test_full_session() -> None:
     net.send("dev1", Offer(S1, "v=0 offer"))
     assert net.take("alice") == [Offer(S1, "v=0 offer")]
     net.send("alice", Answer(S1, "v=0 answer"))
-    assert net.take("dev1") == [Answer(S1, "v=0 answer")]
+    assert net.take("dev1") == [Answer(S1, "v=0 answer", "alice")]
     net.send("alice", Candidate(S1, ICE))
     net.send("alice", Candidate(S1, None))
-    assert net.take("dev1") == [Candidate(S1, ICE), Candidate(S1, None)]
+    assert net.take("dev1") == [Candidate(S1, ICE, "alice"), Candidate(S1, None, "alice")]
     net.send("dev1", Candidate(S1, None))
     assert net.take("alice") == [Candidate(S1, None)]
     net.send("alice", SessionEnd(S1, "user closed the tunnel"))
-    assert net.take("dev1") == [SessionEnd(S1, "user closed the tunnel")]
+    assert net.take("dev1") == [SessionEnd(S1, "user closed the tunnel", "alice")]
     assert net.quiet("alice", "bob", "dev1")
     assert net.router.stats()["sessions"] == 0
     # The session is gone for both parties.
@@ -162,7 +162,7 @@ def test_two_sessions_are_routed_independently() -> None:
     offered(net, S1, "alice")
     offered(net, S2, "bob")
     net.send("bob", Answer(S2, "bob's answer"))
-    assert net.take("dev1") == [Answer(S2, "bob's answer")]
+    assert net.take("dev1") == [Answer(S2, "bob's answer", "bob")]
     assert net.quiet("alice")
 
 
@@ -225,7 +225,7 @@ def test_peer_left_when_the_client_disconnects() -> None:
     active(net)
     offered(net, S2, "bob")
     net.disconnect("alice")
-    assert net.take("dev1") == [PeerLeft(S1)]
+    assert net.take("dev1") == [PeerLeft(S1, "alice")]
     assert net.quiet("bob")
     net.send("dev1", Candidate(S1, None))
     assert net.error("dev1").code == "unknown_session"
@@ -291,10 +291,59 @@ def test_grant_is_checked_before_presence() -> None:
     assert online_answer.code == offline_answer.code == "forbidden"
 
 
-def test_client_may_not_name_itself() -> None:
+@pytest.mark.parametrize(
+    ("sender", "message"),
+    [
+        ("alice", SessionRequest(S1, "dev1", client="bob")),
+        ("alice", Answer(S1, "sdp", client="bob")),
+        ("alice", Candidate(S1, None, client="bob")),
+        ("alice", SessionEnd(S1, "bye", client="bob")),
+        ("dev1", Candidate(S1, None, client="alice")),
+        ("dev1", SessionEnd(S1, "bye", client="alice")),
+    ],
+)
+def test_only_the_server_stamps_the_client(sender: str, message: SignalingMessage) -> None:
     net = online()
-    net.send("alice", SessionRequest(S1, "dev1", client="bob"))
-    assert net.error("alice").code == "bad_message"
+    offered(net)
+    net.send(sender, message)
+    assert net.error(sender).code == "bad_message"
+    assert net.quiet("alice", "dev1")
+
+
+def test_the_device_learns_who_sent_each_message_of_a_session() -> None:
+    """The device checks ownership itself (its table outlives a server restart)."""
+    net = online()
+    active(net, S1, "alice")
+    net.send("alice", Candidate(S1, None))
+    net.send("alice", SessionEnd(S1, "bye"))
+    assert net.take("dev1") == [Candidate(S1, None, "alice"), SessionEnd(S1, "bye", "alice")]
+    requested(net, S2, "bob")
+    net.disconnect("bob")
+    assert net.take("dev1") == [PeerLeft(S2, "bob")]
+
+
+def test_a_dropped_client_s_session_id_is_not_handed_to_another() -> None:
+    """Issue 9's hijack, server side: B's link drops, X asks for B's session id.
+
+    The server forgot the session with B's link, so it forwards X's request
+    stamped with X: the device (which still runs B's session) refuses it.
+    """
+    net = online()
+    active(net, S1, "bob")
+    net.disconnect("bob")
+    assert net.take("dev1") == [PeerLeft(S1, "bob")]
+    net.send("alice", SessionRequest(S1, "dev1"))
+    assert net.take("dev1") == [SessionRequest(S1, "dev1", client="alice")]
+    net.send("alice", SessionEnd(S1, "hijacked"))
+    assert net.take("dev1") == [SessionEnd(S1, "hijacked", "alice")]
+
+
+def test_a_duplicate_request_is_refused() -> None:
+    net = online()
+    requested(net, S1, "alice")
+    for client in ("alice", "bob"):
+        net.send(client, SessionRequest(S1, "dev1"))
+        assert net.error(client).code == "session_exists"
     assert net.quiet("dev1")
 
 
@@ -436,7 +485,7 @@ def test_rate_limit_burst_then_recovery() -> None:
     net.now += 0.0625  # 20/s: 1.25 tokens, one more message
     net.send("alice", Candidate(S1, None))
     net.send("alice", Candidate(S1, None))
-    assert net.take("dev1") == [Candidate(S1, None)]
+    assert net.take("dev1") == [Candidate(S1, None, "alice")]
     assert net.error("alice").code == "rate_limited"
 
     net.now += 60  # refills up to the burst, not beyond
@@ -494,7 +543,7 @@ def test_200_drops_in_a_row_close_4429() -> None:
     assert "alice" not in net.closed
     net.send("alice", Candidate(S1, None))
     assert net.closed == {"alice": (4429, "rate limit exceeded")}
-    assert net.take("dev1") == [PeerLeft(S1)]
+    assert net.take("dev1") == [PeerLeft(S1, "alice")]
     assert net.quiet("alice")
     net.now += 100
     net.send("alice", Candidate(S1, None))  # closing: ignored

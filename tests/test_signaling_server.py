@@ -243,11 +243,11 @@ async def test_full_relay(server: SignalingServer) -> None:
     assert await recv(alice) == Candidate(S1, ICE)
     assert await recv(alice) == Candidate(S1, None)
     await send(alice, Answer(S1, "v=0 answer"))
-    assert await recv(dev) == Answer(S1, "v=0 answer")
+    assert await recv(dev) == Answer(S1, "v=0 answer", "alice")
     await send(alice, Candidate(S1, ICE))
-    assert await recv(dev) == Candidate(S1, ICE)
+    assert await recv(dev) == Candidate(S1, ICE, "alice")
     await send(alice, SessionEnd(S1, "bye"))
-    assert await recv(dev) == SessionEnd(S1, "bye")
+    assert await recv(dev) == SessionEnd(S1, "bye", "alice")
     stats = server.stats()
     assert stats["messages_routed"] == 7
     assert stats["sessions"] == 0
@@ -256,7 +256,7 @@ async def test_full_relay(server: SignalingServer) -> None:
     await send(alice, SessionRequest(S2, "dev1"))
     assert await recv(dev) == SessionRequest(S2, "dev1", client="alice")
     await alice.close()
-    assert await recv(dev) == PeerLeft(S2)
+    assert await recv(dev) == PeerLeft(S2, "alice")
     await dev.close()
 
 
@@ -311,7 +311,7 @@ async def test_a_client_that_does_not_read_stalls_only_itself() -> None:
             while True:
                 await recv(slow)
         assert slow.close_code == 1008
-        assert await recv(dev) == PeerLeft(S1)
+        assert await recv(dev) == PeerLeft(S1, "slow")
         await dev.close()
         await alice.close()
 

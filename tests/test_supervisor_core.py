@@ -7,7 +7,14 @@ import pytest
 from protocol.forkserver import describe_exit
 from protocol.ice import IceConfig, IceServer
 from protocol.ipc import Assign, Drain, Heartbeat, IceUpdate, Relay, Stop, encode_ipc
-from protocol.signaling import Answer, Candidate, IceServers, Offer, encode_signaling
+from protocol.signaling import (
+    Answer,
+    Candidate,
+    IceServers,
+    Offer,
+    SessionEnd,
+    encode_signaling,
+)
 from protocol.supervision import SessionState
 from supervisor.core import EXIT_REPORT_WAIT, SPAWN_TIMEOUT, STOP_GRACE
 from supervisor.events import (
@@ -33,6 +40,7 @@ from supervisor.pool import (
     WorkerState,
     worker_transition,
 )
+from supervisor.signal_messages import DUPLICATE
 from tests.supervisor_harness import (
     DEVICE,
     T0,
@@ -90,6 +98,36 @@ def busy_stage(**tuning: object) -> tuple[Stage, str, str]:
     worker = stage.worker_of(session)
     stage.connected(worker, session)
     return stage, session, worker
+
+
+# -- session ownership (PROTOCOL.md §1.4) ------------------------------------------------------
+
+
+def test_only_the_owner_of_a_session_reaches_its_worker() -> None:
+    """The hijack of issue 9: X re-requests B's session id, then ends it."""
+    stage, session, worker = busy_stage()
+    assert session_ends(stage.request(session, client="x")) == {session: DUPLICATE}
+    for_x = [
+        stage.end(session, client="x"),
+        stage.answer(session, client="x"),
+        stage.feed(SignalReceived(DEVICE, Candidate(session, None, "x"))),
+        stage.client_left(session, client="x"),
+        # No client stamped (a server older than ownership): not the owner either.
+        stage.feed(SignalReceived(DEVICE, SessionEnd(session, "bye"))),
+    ]
+    # Exactly what a message for a session that does not exist gets.
+    assert stage.end(session_id(99), client="x") == []
+    assert for_x == [[]] * 5
+    row = stage.row(session)
+    assert (row["state"], row["client"], row["reason"]) == ("running", "c1", None)
+    assert stage.worker(worker).state is WorkerState.BUSY
+    assert [type(a).__name__ for a in stage.end(session, client="c1")] == ["SendToWorker"]
+
+
+def test_a_duplicate_request_from_the_owner_is_refused_too() -> None:
+    stage, session, _ = busy_stage()
+    assert session_ends(stage.request(session)) == {session: DUPLICATE}
+    assert stage.row(session)["state"] == "running"
 
 
 # -- the pool -----------------------------------------------------------------------------------
@@ -150,7 +188,7 @@ def test_signaling_before_the_worker_is_ready_is_relayed_after_assign_in_order()
     actions = stage.hello(worker)
     sent = [a.message for a in actions if hasattr(a, "message")]
     assert [type(m).__name__ for m in sent] == ["Assign", "Relay"]
-    assert relayed(actions) == [(worker, encode_signaling(Answer(session, "v=0 answer")))]
+    assert relayed(actions) == [(worker, encode_signaling(Answer(session, "v=0 answer", "c1")))]
 
 
 def test_a_worker_relays_only_its_own_sessions_offer_and_candidates() -> None:
@@ -387,10 +425,10 @@ def test_a_flood_of_requests_beyond_the_limit_is_refused_and_forks_are_bounded()
     stage.boot()
     for n in range(50):
         stage.request(session_id(n))
-    stage.request(session_id(0))  # a duplicate is ignored
     refused = session_ends(stage.out)
     assert len(refused) == 47
     assert set(refused.values()) == {"device is at its session limit"}
+    assert session_ends(stage.request(session_id(0))) == {session_id(0): DUPLICATE}
     assert stage.core.sessions.active("dev-a") == 3
     assert len(of(ForkWorker, stage.out)) == 1 + 1 + 2  # pool, its refill, two cold starts
     assert stage.core.counters["sessions_total"] == 50
