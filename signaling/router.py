@@ -110,6 +110,9 @@ class Limits:
     device_burst: int = 1000
     max_drops_in_row: int = 200
     max_negotiating_per_device: int = 16
+    # Per device and client identity, however many connections it uses: well
+    # below the device's total, so one client cannot hold every slot.
+    max_negotiating_per_client: int = 4
     max_sessions_per_client: int = 64
     max_sessions_per_device: int = 1024
 
@@ -122,6 +125,7 @@ class Limits:
             "device_burst",
             "max_drops_in_row",
             "max_negotiating_per_device",
+            "max_negotiating_per_client",
             "max_sessions_per_client",
             "max_sessions_per_device",
         ):
@@ -388,10 +392,20 @@ class Router:
             return f"at most {limits.max_sessions_per_client} sessions per client connection"
         if len(device.sessions) >= limits.max_sessions_per_device:
             return f"at most {limits.max_sessions_per_device} sessions per device"
-        negotiating = sum(1 for sid in device.sessions if self._sessions[sid].state in _NEGOTIATING)
-        if negotiating >= limits.max_negotiating_per_device:
+        negotiating = [
+            s for sid in device.sessions if (s := self._sessions[sid]).state in _NEGOTIATING
+        ]
+        if len(negotiating) >= limits.max_negotiating_per_device:
             return (
                 f"at most {limits.max_negotiating_per_device} sessions "
+                "may be negotiating with a device"
+            )
+        sub = client.identity.sub
+        if sum(1 for s in negotiating if s.client.identity.sub == sub) >= (
+            limits.max_negotiating_per_client
+        ):
+            return (
+                f"at most {limits.max_negotiating_per_client} sessions of one client "
                 "may be negotiating with a device"
             )
         return None

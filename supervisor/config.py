@@ -87,6 +87,7 @@ SERVICE_SCHEMES: Final[Mapping[str, int | None]] = {
 }
 MAX_POOL_SIZE: Final = 32
 MAX_SESSIONS_PER_DEVICE: Final = 1024
+MAX_WORKERS: Final = 4096
 #: The keys of the ``[supervisor]`` table, each a :class:`SupervisorConfig` field.
 TUNING_KEYS: Final = (
     "pool_size",
@@ -98,8 +99,13 @@ TUNING_KEYS: Final = (
     "backoff_cap",
     "drain_timeout",
     "max_sessions",
+    "max_negotiating_per_client",
+    "negotiation_timeout",
+    "max_workers",
 )
-_INTEGER_TUNING: Final = frozenset({"pool_size", "max_restarts", "max_sessions"})
+_INTEGER_TUNING: Final = frozenset(
+    {"pool_size", "max_restarts", "max_sessions", "max_negotiating_per_client", "max_workers"}
+)
 _TOP_KEYS: Final = (
     "signal",
     "ice_hosts",
@@ -174,9 +180,13 @@ class SupervisorConfig:
     waits for an interpreter; ``heartbeat_*``, ``max_restarts`` within
     ``restart_window`` and ``backoff_*`` drive liveness and the restart policy
     (ARCHITECTURE.md, "Process model rules"); ``drain_timeout`` bounds a graceful
-    stop; ``max_sessions`` is per device. ``keepalive`` (a top-level key) is how
-    long a session's path may go unanswered before it counts as dead. Times are
-    in seconds.
+    stop; ``max_sessions`` is per device. Admission (README, "Admission"): at
+    most ``max_negotiating_per_client`` sessions of one client may be
+    negotiating with a device at once; a negotiation not done within
+    ``negotiation_timeout`` is given up; at most ``max_workers`` worker processes
+    (idle and busy) live at once. ``keepalive`` (a top-level key) is how long a
+    session's path may go unanswered before it counts as dead. Times are in
+    seconds.
     """
 
     signal_url: str
@@ -194,6 +204,9 @@ class SupervisorConfig:
     backoff_cap: float = 30.0
     drain_timeout: float = 10.0
     max_sessions: int = 64
+    max_negotiating_per_client: int = 4
+    negotiation_timeout: float = 10.0
+    max_workers: int = 80
 
     def __post_init__(self) -> None:
         _check_signal_url(self.signal_url, "signal")
@@ -252,6 +265,20 @@ class SupervisorConfig:
         if not 1 <= self.max_sessions <= MAX_SESSIONS_PER_DEVICE:
             raise invalid(
                 "max_sessions", f"must be 1-{MAX_SESSIONS_PER_DEVICE}, got {self.max_sessions}"
+            )
+        if not 1 <= self.max_negotiating_per_client <= MAX_SESSIONS_PER_DEVICE:
+            raise invalid(
+                "max_negotiating_per_client",
+                f"must be 1-{MAX_SESSIONS_PER_DEVICE}, got {self.max_negotiating_per_client}",
+            )
+        if self.negotiation_timeout <= 0:
+            raise invalid("negotiation_timeout", f"must be > 0, got {self.negotiation_timeout}")
+        # One more than the pool: a session can always get a worker of its own.
+        if not self.pool_size + 1 <= self.max_workers <= MAX_WORKERS:
+            raise invalid(
+                "max_workers",
+                f"must be pool_size + 1 ({self.pool_size + 1})-{MAX_WORKERS}, "
+                f"got {self.max_workers}",
             )
 
 

@@ -198,6 +198,12 @@ class SupervisorCore:
                 self._kill(worker, hard=True)
         for row in self.sessions:
             if (
+                row.state is SessionState.STARTING
+                and row.give_up_at is not None
+                and now >= row.give_up_at
+            ):
+                self._give_up(now, row)
+            if (
                 row.state is SessionState.BACKOFF
                 and row.start_at is not None
                 and now >= row.start_at
@@ -221,6 +227,7 @@ class SupervisorCore:
         if self.stopped:
             return None
         times = [self._next_tick, self.sessions.next_start()]
+        times += [r.give_up_at for r in self.sessions if r.state is SessionState.STARTING]
         times += [self._pool_retry_at, self._fork_server_restart_at]
         for worker in self.pool:
             times += [worker.deadline, worker.kill_at]
@@ -235,11 +242,12 @@ class SupervisorCore:
             return
         for _ in range(self.config.pool_size - self.pool.available()):
             if not self._fork(now, reserved_for=None):
-                log.warning("%s", _NO_FORK_SERVER)
-                return
+                if not self.fork_server_up:
+                    log.warning("%s", _NO_FORK_SERVER)
+                return  # else at max_workers: refilled as busy workers exit
 
     def _fork(self, now: float, *, reserved_for: str | None) -> Worker | None:
-        if not self.fork_server_up:
+        if not self.fork_server_up or self.pool.alive() >= self.config.max_workers:
             return None
         worker = self.pool.add(now, now + SPAWN_TIMEOUT, reserved_for=reserved_for)
         self._out.append(ForkWorker(worker.id))
@@ -360,14 +368,16 @@ class SupervisorCore:
         )
 
     def assign(self, now: float, row: SessionRow) -> None:
+        row.give_up_at = now + self.config.negotiation_timeout
         worker = self.pool.take_idle()
         if worker is None:
             log.info("session %s: no idle worker, forking one (cold start)", row.id)
             if self._fork(now, reserved_for=row.id) is None:
-                row.move(now, SessionEvent.ENDED, reason=_NO_FORK_SERVER)
-                self._out.append(
-                    SendSignal(row.device, SessionEnd(session=row.id, reason=_NO_FORK_SERVER))
-                )
+                reason = _NO_FORK_SERVER
+                if self.fork_server_up:
+                    reason = f"device is busy: {self.config.max_workers} worker processes"
+                row.move(now, SessionEvent.ENDED, reason=reason)
+                self._out.append(SendSignal(row.device, SessionEnd(session=row.id, reason=reason)))
             self._fill_pool(now)
             return
         self._fill_pool(now)
@@ -393,6 +403,18 @@ class SupervisorCore:
         if row.state in (SessionState.EXITED, SessionState.FATAL):
             raise SupervisorError(f"session {session} is already {row.state.value}")
         reason = "session killed by the operator"
+        row.move(now, SessionEvent.STOP, reason=reason)
+        self._out.append(SendSignal(row.device, SessionEnd(session=row.id, reason=reason)))
+        worker = self.pool.get(row.worker) if row.worker is not None else None
+        if worker is not None:
+            self._out.append(SendToWorker(worker.id, Stop(reason=reason)))
+            worker.kill_at = now + STOP_GRACE
+
+    def _give_up(self, now: float, row: SessionRow) -> None:
+        """A negotiation not done in time (an offer nobody answers holds a worker)."""
+        reason = f"negotiation not done in {self.config.negotiation_timeout:g} s; given up"
+        log.info("session %s (client %s): %s", row.id, row.client, reason)
+        row.give_up_at = None
         row.move(now, SessionEvent.STOP, reason=reason)
         self._out.append(SendSignal(row.device, SessionEnd(session=row.id, reason=reason)))
         worker = self.pool.get(row.worker) if row.worker is not None else None

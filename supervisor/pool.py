@@ -155,6 +155,10 @@ class Pool:
             worker.move(WE.TAKE)
         return worker
 
+    def alive(self) -> int:
+        """Workers whose process may still run (every state but ``gone``)."""
+        return sum(1 for w in self._workers.values() if w.state is not W.GONE)
+
     def available(self) -> int:
         """Idle workers and pool workers on their way, not given up on."""
         return sum(

@@ -48,6 +48,7 @@ class SessionRow:
     reason: str | None = None
     ended_at: float | None = None
     start_at: float | None = None  # backoff: when to start
+    give_up_at: float | None = None  # starting: when an unfinished negotiation is given up
     pending: list[SignalingMessage] = field(default_factory=list)
 
     def to_json(self, now: float) -> dict[str, Any]:
@@ -110,6 +111,15 @@ class Sessions:
 
     def active(self, device: str) -> int:
         return sum(1 for r in self._rows.values() if r.device == device and r.state in ACTIVE)
+
+    def negotiating(self, device: str, client: str) -> int:
+        """Sessions of ``client`` with ``device`` not connected yet (or backing off to)."""
+        return sum(
+            1
+            for r in self._rows.values()
+            if (r.device, r.client) == (device, client)
+            and r.state in (SessionState.STARTING, SessionState.BACKOFF)
+        )
 
     def of_worker(self, worker: str) -> list[SessionRow]:
         """The rows whose worker is ``worker`` and still live."""

@@ -102,6 +102,12 @@ def _on_session_request(
         refusal = "device is shutting down"
     elif core.sessions.active(device) >= core.config.max_sessions:
         refusal = "device is at its session limit"
+    elif core.sessions.negotiating(device, client) >= core.config.max_negotiating_per_client:
+        # However many connections it uses: one client cannot hold every slot.
+        refusal = (
+            f"too many sessions of {client} negotiating "
+            f"(at most {core.config.max_negotiating_per_client})"
+        )
     lineage = core.sessions.lineage(device, client)
     decision = lineage.decide(now)
     row = SessionRow(

@@ -564,7 +564,7 @@ def test_an_accepted_message_resets_the_drop_count() -> None:
 
 
 def test_negotiating_sessions_per_device() -> None:
-    net = online()
+    net = online(Limits(max_negotiating_per_client=16))
     for i in range(16):
         requested(net, f"session-{i:04}")
     net.send("bob", SessionRequest("session-0100", "dev1"))
@@ -579,6 +579,32 @@ def test_negotiating_sessions_per_device() -> None:
     net.send("alice", Answer("session-0000", "sdp"))
     net.take("dev1")
     requested(net, "session-0100", "bob")
+
+
+def test_negotiating_sessions_per_client_identity_on_any_number_of_connections() -> None:
+    """Issue 9's slot hog: one client cannot fill a device's negotiation slots."""
+    net = online()
+    net.connect("hog-2", "client", ["dev1"], sub="hog")
+    net.connect("hog-1", "client", ["dev1"], sub="hog")
+    for i in range(4):
+        conn = f"hog-{i % 2 + 1}"
+        net.send(conn, SessionRequest(f"session-{i:04}", "dev1"))
+        assert net.take("dev1") == [SessionRequest(f"session-{i:04}", "dev1", client="hog")]
+    net.send("hog-2", SessionRequest("session-0100", "dev1"))
+    error = net.error("hog-2")
+    assert (error.code, error.session) == ("too_many_sessions", "session-0100")
+    assert "of one client" in error.message
+    requested(net, "session-0200", "alice")  # another client is not held up
+    # Answered no longer counts; ended frees the slot.
+    net.send("dev1", Offer("session-0000", "sdp"))
+    net.send("hog-1", Answer("session-0000", "sdp"))
+    net.send("dev1", SessionEnd("session-0001", "negotiation given up"))
+    net.take("hog-1"), net.take("hog-2"), net.take("dev1")
+    for sid in ("session-0101", "session-0102"):
+        net.send("hog-1", SessionRequest(sid, "dev1"))
+        assert net.take("dev1") == [SessionRequest(sid, "dev1", client="hog")]
+    net.send("hog-1", SessionRequest("session-0103", "dev1"))
+    assert net.error("hog-1").code == "too_many_sessions"
 
 
 def test_sessions_per_client_connection() -> None:

@@ -130,6 +130,58 @@ def test_a_duplicate_request_from_the_owner_is_refused_too() -> None:
     assert stage.row(session)["state"] == "running"
 
 
+# -- fair admission (README, "Admission") -------------------------------------------------------
+
+
+def test_one_client_may_hold_only_a_few_negotiations() -> None:
+    stage = Stage(pool_size=2, max_negotiating_per_client=2)
+    stage.boot()
+    for n in range(2):
+        assert session_ends(stage.request(session_id(n), client="hog")) == {}
+    refused = session_ends(stage.request(session_id(2), client="hog"))
+    assert refused == {session_id(2): "too many sessions of hog negotiating (at most 2)"}
+    assert session_ends(stage.request(session_id(3), client="alice")) == {}
+    stage.start_forked()
+    stage.connected(stage.worker_of(session_id(0)), session_id(0))
+    # Once one of its sessions runs, the client may start another.
+    assert session_ends(stage.request(session_id(4), client="hog")) == {}
+
+
+def test_an_unanswered_negotiation_is_given_up_and_frees_its_slot() -> None:
+    stage = Stage(pool_size=1, max_negotiating_per_client=1, negotiation_timeout=5.0)
+    stage.boot()
+    session = session_id(1)
+    stage.request(session, client="hog")
+    worker = stage.worker_of(session)
+    assert session_ends(stage.advance(4.9)) == {}
+    actions = stage.advance(0.2)
+    assert session_ends(actions) == {session: "negotiation not done in 5 s; given up"}
+    assert SendToWorker(worker, Stop("negotiation not done in 5 s; given up")) in actions
+    assert stage.row(session)["state"] == "stopping"
+    stage.ended(worker, session, "supervisor asked")
+    assert stage.row(session)["state"] == "exited"
+    assert session_ends(stage.request(session_id(2), client="hog")) == {}
+
+
+def test_a_session_that_connects_in_time_is_not_given_up() -> None:
+    stage, session, _ = busy_stage(negotiation_timeout=5.0)
+    assert session_ends(stage.advance(60.0)) == {}
+    assert stage.row(session)["state"] == "running"
+
+
+def test_never_more_workers_than_the_ceiling() -> None:
+    stage = Stage(pool_size=1, max_workers=3, max_negotiating_per_client=64)
+    stage.boot()
+    refused: dict[str, str] = {}
+    for n in range(10):
+        refused |= session_ends(stage.request(session_id(n), client="hog"))
+        stage.start_forked()
+        assert stage.core.pool.alive() <= 3
+    assert len(of(ForkWorker, stage.out)) == 3
+    assert set(refused.values()) == {"device is busy: 3 worker processes"}
+    assert len(refused) == 7
+
+
 # -- the pool -----------------------------------------------------------------------------------
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from protocol.signaling import (
     Candidate,
+    Error,
     Offer,
     SessionEnd,
     SessionRequest,
@@ -24,6 +26,8 @@ from protocol.signaling import (
 from signaling.link import SignalingLink
 from tests.e2e.conftest import PAGE, READY
 from tests.e2e.hostile_support import REPLY, HostileDevice, hostile_client, running_device
+from tests.e2e.test_supervisor import ctl_json
+from tests.e2e.test_tunnel import http_get
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("loopback_ice")]
 
@@ -88,3 +92,67 @@ async def test_a_session_is_not_hijacked_after_its_client_s_link_drops(
         assert (row["state"], row["client"], row["reason"]) == ("running", "bob", None)
         assert not bob.ended
     assert device.log_lines("hijacked") == []
+
+
+async def hog_slots(
+    device: HostileDevice, links: list[RawClient], stats: dict[str, int], asked: asyncio.Event
+) -> None:
+    """Issue 9's slot hog: 16 requests never answered, each re-asked when refused or ended.
+
+    ``asked`` is set once the first 16 requests are sent."""
+    mine: set[str] = set()
+
+    async def ask(link: RawClient) -> None:
+        sid = new_session_id()
+        mine.add(sid)
+        stats["requests"] += 1
+        await link.link.send(SessionRequest(session=sid, device=device.device_id))
+        if stats["requests"] >= 16:
+            asked.set()
+
+    async def keep_asking(link: RawClient) -> None:
+        for _ in range(8):
+            await ask(link)
+        while True:
+            message = await link.inbox.get()
+            session = getattr(message, "session", None)
+            if session not in mine:
+                continue
+            if isinstance(message, SessionEnd):
+                stats["ended"] += 1
+                await ask(link)
+            elif isinstance(message, Error):
+                stats[f"error {message.code}"] = stats.get(f"error {message.code}", 0) + 1
+                # Paced, as a script retrying would be; not a synchronisation.
+                await asyncio.sleep(0.5)
+                await ask(link)
+
+    await asyncio.gather(*(keep_asking(link) for link in links))
+
+
+@pytest.mark.slow
+async def test_a_slot_hog_does_not_keep_a_legitimate_client_out(device: HostileDevice) -> None:
+    stats = {"requests": 0, "ended": 0}
+    async with raw_client(device, "hog") as first, raw_client(device, "hog") as second:
+        asked = asyncio.Event()
+        hog = asyncio.create_task(hog_slots(device, [first, second], stats, asked))
+        try:
+            await asyncio.wait_for(asked.wait(), REPLY)
+            started = time.monotonic()
+            client = device.tunnel.start_client(device.device_id, token=device.token("alice"))
+            line = await asyncio.to_thread(client.wait_line, "forwarding ", READY)
+            took = time.monotonic() - started
+            address = line.split()[1]
+            assert await asyncio.to_thread(http_get, address, "/") == PAGE
+            status = await asyncio.to_thread(ctl_json, device.runtime, "status")
+        finally:
+            hog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await hog  # raises what the hog met, if anything
+    client.stop()  # else running_device stops it (by pid), with the other children
+    assert isinstance(status, dict)
+    workers = len(status["workers"])
+    print(
+        f"\nlegitimate connect next to a slot hog: forwarding after {took:.2f} s; "
+        f"hog: {stats}; device workers: {workers}"
+    )
