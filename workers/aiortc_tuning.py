@@ -281,12 +281,29 @@ def _report_relay_lost(protocol: aioice.ice.StunProtocol, reason: str) -> None:
     if getattr(protocol, "tunnelctl_lost", False):
         return
     protocol.tunnelctl_lost = True  # type: ignore[attr-defined]
-    url = getattr(protocol, "tunnelctl_url", "TURN server")
-    callback: RelayLost | None = getattr(protocol.receiver, "tunnelctl_on_relay_lost", None)
-    if callback is None:
-        log.warning("%s: allocation lost: %s", url, reason)
-    else:
+    url = _url(protocol)
+    connection = protocol.receiver
+    callback: RelayLost | None = getattr(connection, "tunnelctl_on_relay_lost", None)
+    if callback is not None:
         callback(url, reason)
+        return
+    log.warning("%s: allocation lost: %s", url, reason)
+    # Lost while still gathering, before anyone watches: kept for the watcher.
+    lost: list[tuple[str, str]] | None = getattr(connection, "tunnelctl_relays_lost", None)
+    if lost is None:
+        lost = []
+        connection.tunnelctl_relays_lost = lost  # type: ignore[attr-defined]
+    lost.append((url, reason))
+
+
+def watch_relays(connection: Any, on_lost: RelayLost) -> None:
+    """Call ``on_lost(url, reason)`` for each TURN allocation of ``connection`` that is
+    lost from now on, and at once for those lost before this call (while gathering)."""
+    connection.tunnelctl_on_relay_lost = on_lost
+    lost = getattr(connection, "tunnelctl_relays_lost", [])
+    connection.tunnelctl_relays_lost = []
+    for url, reason in lost:
+        on_lost(url, reason)
 
 
 def _patch_relay_loss() -> None:
@@ -300,6 +317,12 @@ def _patch_relay_loss() -> None:
         # means the server no longer knows or accepts the allocation.
         closing = getattr(self.receiver, "_closing", False)
         if relay_transport(self) and not closing and isinstance(exc, stun.TransactionError):
+            if _error_code(exc) == FORBIDDEN:
+                # RFC 8656 §12: the server refuses that one peer address (coturn's
+                # denied-peer-ip ranges, e.g. the peer's private host candidate);
+                # the allocation itself is fine.
+                log.debug("%s: peer address refused: %s", _url(self), _describe(exc))
+                return
             _report_relay_lost(self, f"channel bind failed: {_describe(exc)}")
 
     def connection_lost(self: aioice.ice.StunProtocol, exc: Exception | None) -> None:
@@ -311,6 +334,23 @@ def _patch_relay_loss() -> None:
 
     stun_protocol.error_received = error_received  # type: ignore[method-assign]
     stun_protocol.connection_lost = connection_lost  # type: ignore[method-assign]
+
+
+#: STUN error code 403 Forbidden (RFC 8656 §18): a permission or channel to
+#: that peer address is not allowed.
+FORBIDDEN = 403
+
+
+def _error_code(exc: BaseException) -> int | None:
+    if isinstance(exc, stun.TransactionFailed):
+        code = exc.response.attributes.get("ERROR-CODE")
+        if code:
+            return int(code[0])
+    return None
+
+
+def _url(protocol: object) -> str:
+    return str(getattr(protocol, "tunnelctl_url", "TURN server"))
 
 
 def _describe(exc: BaseException) -> str:

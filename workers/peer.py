@@ -239,7 +239,7 @@ class PeerSession:
     def _watch_relays(self) -> None:
         connection = self._ice_connection()
         if connection is not None:
-            connection.tunnelctl_on_relay_lost = self._relay_lost
+            aiortc_tuning.watch_relays(connection, self._relay_lost)
 
     def failed_turn_servers(self) -> list[str]:
         """TURN servers this peer's gathering got no relayed candidate from."""

@@ -293,6 +293,10 @@ class SessionWorker:
         loop = asyncio.get_running_loop()
         prepared = self._prepared
         if self.session_id is None and self.ice is not None and prepared is not None:
+            if not prepared.done():
+                # Lost while the offer was being made: judge it once it is.
+                prepared.add_done_callback(lambda _: self._relay_lost(url, reason))
+                return
             stale = (
                 prepared.done()
                 and not prepared.cancelled()

@@ -62,7 +62,11 @@ class LoggedChild(Child):
             if not self.logged.wait_for(
                 lambda: sum(fragment in line for line in self.stderr_lines) >= count, timeout
             ):
-                raise AssertionError(f"{self.name}: {fragment!r} not logged {count} times")
+                ours = [line for line in self.stderr_lines if " tunnelctl." in line]
+                raise AssertionError(
+                    f"{self.name}: {fragment!r} not logged {count} times; its last lines:\n"
+                    + "\n".join(ours[-15:])
+                )
 
 
 @dataclass
