@@ -462,7 +462,12 @@ def start(
 
 
 def detach_supervisor(runtime_dir: Path) -> int:
-    """Re-run this `start` in the background and return once its control endpoint answers."""
+    """Re-run this `start` in the background; return 0 once *that* child is ready.
+
+    Ready means the control endpoint answers with ``ready`` and the child's own
+    pid: a supervisor already running in the directory answers too, and the
+    child then exits with its error, which is printed (exit code 1).
+    """
     import subprocess
     import time
 
@@ -477,6 +482,7 @@ def detach_supervisor(runtime_dir: Path) -> int:
     argv = [a for a in sys.argv[1:] if a != "--detach"]
     log_path = runtime_dir / LOG_FILE
     with open(log_path, "ab") as log_file:
+        start_of_log = log_file.tell()
         child = subprocess.Popen(
             [sys.executable, "-m", "tunnelctl", *argv],
             stdin=subprocess.DEVNULL,
@@ -488,17 +494,31 @@ def detach_supervisor(runtime_dir: Path) -> int:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if child.poll() is not None:
-            return error_line(f"the supervisor exited with {child.returncode}; see {log_path}")
+            why = _child_error(log_path, start_of_log) or f"exited with {child.returncode}"
+            return error_line(f"the supervisor did not start: {why} (log: {log_path})")
         try:
             status = request(runtime_dir, "status", timeout=1.0)
         except ControlError:
             time.sleep(0.2)  # polling a process we just started: no event to wait on
             continue
-        if isinstance(status, dict) and status.get("ready"):
+        if isinstance(status, dict) and status.get("ready") and status.get("pid") == child.pid:
             click.echo(f"started pid={child.pid} runtime={runtime_dir} log={log_path}")
             return 0
         time.sleep(0.2)
     return error_line(f"the supervisor did not become ready in 60 s; see {log_path}")
+
+
+def _child_error(log_path: Path, offset: int) -> str | None:
+    """The last ``tunnelctl: error:`` line the detached child wrote, without the prefix."""
+    prefix = "tunnelctl: error: "
+    try:
+        with open(log_path, "rb") as log_file:
+            log_file.seek(offset)
+            written = log_file.read(1 << 20).decode("utf-8", "replace")
+    except OSError:
+        return None
+    errors = [line for line in written.splitlines() if line.startswith(prefix)]
+    return errors[-1].removeprefix(prefix) if errors else None
 
 
 def control_request(

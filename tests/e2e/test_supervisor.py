@@ -357,6 +357,15 @@ def test_detach_status_and_stop(tunnel: Tunnel, tmp_path: Path) -> None:
         assert status["pool"]["target"] == 2
         again = ctl(runtime, "start", "--config", str(config), check=False)
         assert again.returncode == 1 and "already runs" in again.stderr
+        # Issue 9: --detach next to a running supervisor read the old one's
+        # "ready" as its own child's and said "started".
+        detached = ctl(runtime, "start", "--config", str(config), "--detach", check=False)
+        assert (detached.returncode, detached.stdout) == (1, "")
+        (line,) = detached.stderr.splitlines()
+        assert line.startswith("tunnelctl: error: the supervisor did not start: ") and (
+            f"a supervisor (pid {pid}) already runs" in line
+        ), line
+        assert ctl_json(runtime, "status")["pid"] == pid  # type: ignore[index]
         assert ctl(runtime, "stop").returncode == 0
         assert wait_gone([pid], READY) == []
     finally:
