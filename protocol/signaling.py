@@ -129,6 +129,7 @@ class CloseCode(enum.IntEnum):
     AUTH_FAILED = 4401
     REPLACED = 4409
     RATE_LIMITED = 4429
+    TOO_MANY_CONNECTIONS = 4503
 
 
 # --- field validation (shared by construction and decoding) -------------------

@@ -8,14 +8,15 @@ rules live in the router.
 Public API:
 
 ``SignalingServer(secret, host="127.0.0.1", port=8000, limits=None, *, auth_timeout=10.0,
-max_outbox=1 << 20, ice=None)``
+max_outbox=1 << 20, ice=None, caps=None)``
     ``await start()`` binds (``port=0`` picks a free port; ``.port`` and
     ``.url`` are then the real ones), ``await close()`` closes every connection
     with 1001 and waits for the handlers. Also an async context manager.
     ``stats()`` returns the router's counters. Raises
     :class:`~signaling.errors.ServerConfigError` for a weak secret or an address it
     cannot listen on.
-``run_server(secret, host="127.0.0.1", port=8000, on_ready=None, *, limits=None, ice=None)``
+``run_server(secret, host="127.0.0.1", port=8000, on_ready=None, *, limits=None, ice=None,
+caps=None)``
     Serve until cancelled, SIGTERM or SIGINT, then close cleanly.
     ``on_ready(url)`` is called once listening.
 
@@ -29,6 +30,18 @@ connection has its own outbox drained by its own task, so a peer that does not
 read stalls only itself: once ``max_outbox`` characters (1 MiB) are queued
 for it, it is closed with 1008.
 Tokens are never logged: neither ours nor websockets' debug lines (redacted).
+
+Connection caps (:class:`ConnectionCaps`, README "Security"), counted from the
+moment a TCP connection is accepted: at most ``total`` connections (and never
+more than the file-descriptor limit leaves room for, so running out of
+descriptors is not how the server learns it is full); at most
+``unauthenticated`` not yet authenticated, each for at most ``auth_timeout``
+seconds from its accept, and when they are all taken the *oldest* is dropped
+for the newcomer (a flood of idle sockets cannot keep a real login out: it
+authenticates in milliseconds); at most ``per_identity`` authenticated
+connections of one token ``sub`` (more are closed with 4503). Lines that
+remote input causes (failed authentication, refused connections, closes for
+abuse) are rate-limited (:class:`~aio.logs.LogThrottle`).
 """
 
 from __future__ import annotations
@@ -38,8 +51,10 @@ import contextlib
 import http
 import itertools
 import logging
+import resource
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from types import TracebackType
@@ -50,6 +65,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from aio.logs import LogThrottle
 from protocol.errors import SignalingError
 from protocol.signaling import (
     MAX_FRAME_SIZE,
@@ -67,7 +83,7 @@ from signaling.link import RedactSecrets
 from signaling.router import Action, Limits, Router, Send
 from signaling.turn import IceIssuer
 
-__all__ = ["AUTH_TIMEOUT", "SIGNAL_PATH", "SignalingServer", "run_server"]
+__all__ = ["AUTH_TIMEOUT", "SIGNAL_PATH", "ConnectionCaps", "SignalingServer", "run_server"]
 
 SIGNAL_PATH: Final = "/signal"
 AUTH_TIMEOUT: Final = 10.0
@@ -77,6 +93,30 @@ MAX_OUTBOX_CHARS: Final = 1 << 20
 _MAX_CLOSE_REASON: Final = 123
 
 log = logging.getLogger("tunnelctl.signal")
+
+#: File descriptors kept free of connections: asyncio accepts up to its backlog
+#: (100) sockets before our code sees the first, plus the listening sockets,
+#: the event loop's and logging's own.
+FD_RESERVE: Final = 160
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionCaps:
+    """How many connections the server holds (module docstring; README "Security").
+
+    Measured: about 60 KB of server memory per idle authenticated connection
+    (websockets' own state is ~50 KB of it), so the defaults bound connection
+    memory to about 60 MB above the ~40 MB the server starts with.
+    """
+
+    total: int = 1024
+    unauthenticated: int = 128
+    per_identity: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("total", "unauthenticated", "per_identity"):
+            if getattr(self, name) < 1:
+                raise ServerConfigError(f"{name} connections must be at least 1")
 
 
 # websockets logs through this child; its INFO lines ("connection open") would
@@ -197,8 +237,10 @@ class SignalingServer:
         auth_timeout: float = AUTH_TIMEOUT,
         max_outbox: int = MAX_OUTBOX_CHARS,
         ice: IceIssuer | None = None,
+        caps: ConnectionCaps | None = None,
     ) -> None:
         check_secret(secret)
+        self.caps = caps if caps is not None else ConnectionCaps()
         self._ice = ice
         if auth_timeout <= 0:
             raise ServerConfigError("auth_timeout must be positive")
@@ -214,6 +256,13 @@ class SignalingServer:
         self._outboxes: dict[Hashable, _Outbox] = {}
         self._auth_failures = 0
         self._conn_ids = itertools.count(1)
+        self._tcp: set[ServerConnection] = set()
+        # Insertion-ordered: the oldest unauthenticated connection goes first.
+        self._unauthenticated: dict[ServerConnection, float] = {}
+        self._identities: Counter[str] = Counter()
+        self._refused: Counter[str] = Counter()
+        self._max_total = self.caps.total
+        self._throttle = LogThrottle(log)
 
     @property
     def host(self) -> str:
@@ -231,13 +280,29 @@ class SignalingServer:
         return f"ws://{host}:{self._port}{SIGNAL_PATH}"
 
     def stats(self) -> dict[str, int]:
-        """``auth_failures`` and the router's gauges and counters (see :meth:`Router.stats`)."""
-        return {"auth_failures": self._auth_failures, **self._router.stats()}
+        """``auth_failures``, ``tcp_connections``, ``unauthenticated``,
+        ``refused.<why>`` and the router's gauges and counters (see
+        :meth:`Router.stats`)."""
+        return {
+            "auth_failures": self._auth_failures,
+            "tcp_connections": len(self._tcp),
+            "unauthenticated": len(self._unauthenticated),
+            **{f"refused.{why}": n for why, n in self._refused.items()},
+            **self._router.stats(),
+        }
 
     async def start(self) -> None:
         """Listen. Raises :class:`ServerConfigError` if the address cannot be used."""
         if self._server is not None:
             raise UsageError("server already started")
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        room = soft - FD_RESERVE if soft != resource.RLIM_INFINITY else self.caps.total
+        if room < 1:
+            raise ServerConfigError(
+                f"the file descriptor limit ({soft}) leaves no room for connections; "
+                f"raise it (ulimit -n) above {FD_RESERVE}"
+            )
+        self._max_total = min(self.caps.total, room)
         try:
             self._server = await serve(
                 self._handle,
@@ -246,6 +311,8 @@ class SignalingServer:
                 process_request=self._check_path,
                 max_size=MAX_FRAME_SIZE,
                 logger=_wire_log,
+                open_timeout=self._auth_timeout,
+                create_connection=self._connection_class(),
             )
         except OSError as exc:
             raise ServerConfigError(
@@ -253,6 +320,14 @@ class SignalingServer:
             ) from None
         self._port = self._server.sockets[0].getsockname()[1]
         log.info("listening on %s", self.url)
+        log.info(
+            "connection caps: %d in all%s, %d unauthenticated for at most %g s, %d per identity",
+            self._max_total,
+            f" (file descriptor limit {soft})" if self._max_total < self.caps.total else "",
+            self.caps.unauthenticated,
+            self._auth_timeout,
+            self.caps.per_identity,
+        )
 
     async def close(self) -> None:
         """Stop listening, close all connections with 1001, wait for handlers."""
@@ -277,6 +352,54 @@ class SignalingServer:
 
     # --- connection handling ---------------------------------------------------
 
+    def _connection_class(self) -> type[ServerConnection]:
+        server = self
+
+        class CountedConnection(ServerConnection):
+            """Counted from its accept, before a byte of it is read."""
+
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                server._accepted(self)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                server._tcp.discard(self)
+                server._unauthenticated.pop(self, None)
+                super().connection_lost(exc)
+
+        return CountedConnection
+
+    def _accepted(self, ws: ServerConnection) -> None:
+        if len(self._unauthenticated) >= self.caps.unauthenticated:
+            self._evict_oldest("unauthenticated")
+        if len(self._tcp) >= self._max_total:
+            if not self._unauthenticated:
+                self._refuse(ws, "total", f"{self._max_total} connections")
+                return
+            self._evict_oldest("total")
+        self._tcp.add(ws)
+        self._unauthenticated[ws] = asyncio.get_running_loop().time()
+
+    def _evict_oldest(self, cap: str) -> None:
+        oldest = next(iter(self._unauthenticated))
+        self._unauthenticated.pop(oldest)
+        self._tcp.discard(oldest)
+        self._refused[f"evicted_{cap}"] += 1
+        self._throttle.warning(
+            "evicted",
+            "dropped the oldest unauthenticated connection, from %s: at the cap of %s",
+            _peer_name(oldest),
+            f"{self.caps.unauthenticated} unauthenticated"
+            if cap == "unauthenticated"
+            else f"{self._max_total} connections",
+        )
+        oldest.transport.abort()
+
+    def _refuse(self, ws: ServerConnection, cap: str, what: str) -> None:
+        self._refused[cap] += 1
+        self._throttle.warning("refused", "refused a connection from %s: %s", _peer_name(ws), what)
+        ws.transport.abort()
+
     def _check_path(self, ws: ServerConnection, request: Request) -> Response | None:
         if urlsplit(request.path).path != SIGNAL_PATH:
             return ws.respond(http.HTTPStatus.NOT_FOUND, f"Not Found: use {SIGNAL_PATH}\n")
@@ -289,12 +412,42 @@ class SignalingServer:
             identity = await self._authenticate(ws)
         except _AuthFailed as exc:
             self._auth_failures += 1
-            log.warning("conn %d from %s: authentication failed: %s", conn_id, peer, exc.reason)
+            self._throttle.warning(
+                "auth", "conn %d from %s: authentication failed: %s", conn_id, peer, exc.reason
+            )
             await ws.close(CloseCode.AUTH_FAILED, _clip_reason(exc.reason))
             return
         except ConnectionClosed:
-            log.info("conn %d from %s: closed before authenticating", conn_id, peer)
+            self._throttle.info(
+                "unauthenticated", "conn %d from %s: closed before authenticating", conn_id, peer
+            )
             return
+        if self._unauthenticated.pop(ws, None) is None:
+            return  # evicted while its token was being checked
+        if self._identities[identity.sub] >= self.caps.per_identity:
+            self._refused["per_identity"] += 1
+            self._throttle.warning(
+                "per_identity",
+                "conn %d from %s: refused, %s %s already has %d connections",
+                conn_id,
+                peer,
+                identity.role,
+                identity.sub,
+                self.caps.per_identity,
+            )
+            await ws.close(CloseCode.TOO_MANY_CONNECTIONS, "too many connections for this identity")
+            return
+        self._identities[identity.sub] += 1
+        try:
+            await self._serve(ws, conn_id, peer, identity)
+        finally:
+            self._identities[identity.sub] -= 1
+            if not self._identities[identity.sub]:
+                del self._identities[identity.sub]
+
+    async def _serve(
+        self, ws: ServerConnection, conn_id: int, peer: str, identity: Identity
+    ) -> None:
 
         loop = asyncio.get_running_loop()
         outbox = _Outbox(ws, conn_id, self._max_outbox)
@@ -356,8 +509,12 @@ class SignalingServer:
             raise _AuthFailed(f"invalid token: {exc.reason}") from None
 
     async def _receive_auth(self, ws: ServerConnection) -> str:
+        accepted = self._unauthenticated.get(ws)
+        loop = asyncio.get_running_loop()
+        # The time to authenticate counts from the accept, handshake included.
+        deadline = (accepted if accepted is not None else loop.time()) + self._auth_timeout
         try:
-            async with asyncio.timeout(self._auth_timeout):
+            async with asyncio.timeout_at(deadline):
                 data = await ws.recv()
         except TimeoutError:
             raise _AuthFailed("authentication timed out") from None
@@ -385,7 +542,13 @@ class SignalingServer:
                     log.info("conn %s: device %s registered", action.conn, action.message.device)
                 outbox.send(encode_signaling(action.message))
             else:
-                log.info("conn %s: closing with %d (%s)", action.conn, action.code, action.reason)
+                self._throttle.info(
+                    f"close {action.code}",
+                    "conn %s: closing with %d (%s)",
+                    action.conn,
+                    action.code,
+                    action.reason,
+                )
                 outbox.close(action.code, action.reason)
 
 
@@ -397,6 +560,8 @@ async def run_server(
     *,
     limits: Limits | None = None,
     ice: IceIssuer | None = None,
+    caps: ConnectionCaps | None = None,
+    auth_timeout: float = AUTH_TIMEOUT,
 ) -> None:
     """Serve until this task is cancelled or the process gets SIGTERM/SIGINT.
 
@@ -404,7 +569,9 @@ async def run_server(
     free port; ``url`` has the real one). On the way out every connection is
     closed with 1001. Raises :class:`ServerConfigError` as :class:`SignalingServer` does.
     """
-    server = SignalingServer(secret, host, port, limits, ice=ice)
+    server = SignalingServer(
+        secret, host, port, limits, ice=ice, caps=caps, auth_timeout=auth_timeout
+    )
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

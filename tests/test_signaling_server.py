@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterable
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from protocol.signaling import (
     Answer,
@@ -33,7 +33,7 @@ from protocol.signaling import (
 from signaling.auth import issue_token
 from signaling.errors import ServerConfigError
 from signaling.router import Limits
-from signaling.server import SignalingServer, run_server
+from signaling.server import ConnectionCaps, SignalingServer, run_server
 
 SECRET = "k" * 64
 TIMEOUT = 5.0  # generous upper bound for any single wait; tests finish far sooner
@@ -371,3 +371,60 @@ def test_the_client_ends_errors_have_a_root_of_their_own() -> None:
     assert issubclass(LinkDown, LinkError) and issubclass(LinkRejected, LinkError)
     assert not issubclass(LinkError, SignalingServerError)
     assert not issubclass(ServerConfigError, LinkError)
+
+
+# --- connection caps (issue 9) -------------------------------------------------------
+
+
+async def test_connections_per_identity_are_capped() -> None:
+    caps = ConnectionCaps(per_identity=2)
+    async with SignalingServer(SECRET, port=0, caps=caps) as srv:
+        first = await join(srv, "alice", "client", ["dev1"])
+        second = await join(srv, "alice", "client", ["dev1"])
+        third = await open_ws(f"{srv.url}?token={token('alice', 'client', ['dev1'])}")
+        assert await closed(third) == (4503, "too many connections for this identity")
+        other = await join(srv, "bob", "client", ["dev1"])  # another identity is not held up
+        assert srv.stats()["refused.per_identity"] == 1
+        for ws in (first, second, other):
+            await ws.close()
+
+
+async def test_a_flood_of_idle_sockets_does_not_keep_a_login_out() -> None:
+    """Unauthenticated slots are full: the oldest idle socket makes room for a newcomer."""
+    caps = ConnectionCaps(unauthenticated=4)
+    async with SignalingServer(SECRET, port=0, caps=caps) as srv:
+        idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(12)]
+        try:
+            ws = await join(srv, "alice", "client", ["dev1"])
+            stats = srv.stats()
+            assert stats["unauthenticated"] <= 4
+            assert stats["refused.evicted_unauthenticated"] >= 8 - 1
+            await ws.close()
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+async def test_total_connections_are_capped() -> None:
+    caps = ConnectionCaps(total=3, unauthenticated=3)
+    async with SignalingServer(SECRET, port=0, caps=caps) as srv:
+        held = [await join(srv, f"user{n}", "client", ["dev1"]) for n in range(3)]
+        with pytest.raises(InvalidHandshake):  # the TCP connection is dropped at once
+            late = await open_ws(f"{srv.url}?token={token('late', 'client', ['dev1'])}")
+            await recv(late)
+        assert srv.stats()["refused.total"] == 1
+        for ws in held:
+            await ws.close()
+
+
+async def test_refusals_are_logged_a_few_times_then_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="tunnelctl.signal")
+    async with SignalingServer(SECRET, port=0) as srv:
+        for _ in range(20):
+            ws = await open_ws(f"{srv.url}?token=forged")
+            assert (await closed(ws))[0] == 4401
+    failures = [r for r in server_records(caplog) if "authentication failed" in r.getMessage()]
+    assert len(failures) == 5  # LogThrottle's burst; the other 15 are counted
+    assert srv.stats()["auth_failures"] == 20

@@ -255,6 +255,34 @@ def load_secret_or_fail(secret_file: str | None) -> str:
     type=click.IntRange(60, 7 * 86400),
     help="Lifetime of TURN credentials in seconds; fresh ones are sent at half of it.",
 )
+@click.option(
+    "--max-connections",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Connections held at once (also kept below the file descriptor limit).",
+)
+@click.option(
+    "--max-unauthenticated",
+    default=128,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Connections not yet authenticated; when full, the oldest is dropped.",
+)
+@click.option(
+    "--max-per-identity",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Authenticated connections per token sub.",
+)
+@click.option(
+    "--auth-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 300),
+    help="Seconds from accept to authenticated, handshake included.",
+)
 def signal_cmd(
     host: str,
     port: int,
@@ -262,11 +290,17 @@ def signal_cmd(
     ice_servers: tuple[str, ...],
     turn_secret_file: str | None,
     turn_ttl: int,
+    max_connections: int,
+    max_unauthenticated: int,
+    max_per_identity: int,
+    auth_timeout: float,
 ) -> None:
     """Run the signaling server (ws://HOST:PORT/signal)."""
     from signaling.errors import ServerConfigError
-    from signaling.server import run_server
+    from signaling.server import ConnectionCaps, run_server
     from signaling.turn import IceIssuer, load_turn_secret
+
+    caps = ConnectionCaps(max_connections, max_unauthenticated, max_per_identity)
 
     secret = load_secret_or_fail(secret_file)
     issuer = None
@@ -280,7 +314,13 @@ def signal_cmd(
     async def serve() -> int:
         try:
             await run_server(
-                secret, host, port, on_ready=lambda url: ready(f"listening {url}"), ice=issuer
+                secret,
+                host,
+                port,
+                on_ready=lambda url: ready(f"listening {url}"),
+                ice=issuer,
+                caps=caps,
+                auth_timeout=auth_timeout,
             )
         except ServerConfigError as exc:
             return error_line(str(exc))
