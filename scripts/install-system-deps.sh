@@ -2,8 +2,10 @@
 # Installs the Debian packages that the end-to-end tests drive as real,
 # independent programs: nginx (the web server behind the tunnel), curl (the
 # client in front of it), coturn (the STUN/TURN server of tests/e2e/test_turn.py
-# and of the NAT lab, scripts/natlab), iptables (the NAT routers) and iproute2
-# (`ip netns`). scripts/test.sh calls it before pytest.
+# and of the NAT lab, scripts/natlab), iptables (the NAT routers), iproute2
+# (`ip netns`) and util-linux (`prlimit`: the signaling server under a low
+# descriptor limit, tests/e2e/test_signaling_flood.py). scripts/test.sh calls
+# it before pytest.
 #
 #   install-system-deps.sh
 #
@@ -21,7 +23,7 @@
 set -euo pipefail
 
 # program on PATH -> Debian package that provides it
-declare -A PACKAGE_OF=([nginx]=nginx [curl]=curl [turnserver]=coturn [iptables]=iptables [ip]=iproute2)
+declare -A PACKAGE_OF=([nginx]=nginx [curl]=curl [turnserver]=coturn [iptables]=iptables [ip]=iproute2 [prlimit]=util-linux)
 
 # Debian puts nginx, iptables and ip in /usr/sbin, which a non-root PATH may lack.
 PATH="$PATH:/usr/sbin:/sbin"
