@@ -6,9 +6,13 @@ and every other algorithm fail, whatever the signature), and the claims are
 typed and validated explicitly.
 
 Claims: ``sub`` (an id), ``role`` (``"device"`` or ``"client"``), ``exp``,
-``iat``; a client token also carries ``devices``, the list of device ids it may
-reach (a device token must not). ``exp``, ``nbf`` and ``iat`` are checked with
-a 30 s leeway against ``now`` (an argument, so tests need no clock).
+``iat``, ``jti`` (a random token id, so one token can be revoked); a client
+token also carries ``devices``, the list of device ids it may reach (a device
+token must not). ``exp``, ``nbf`` and ``iat`` are checked with a 30 s leeway
+(:data:`LEEWAY`, the most we allow) against ``now`` (an argument, so tests
+need no clock). A token's lifetime (``exp - iat``, or ``exp - now`` without
+``iat``) may not exceed :data:`MAX_LIFETIME` for its role: 30 days for a
+device, 7 days for a client (``tunnelctl token`` issues 1 day by default).
 
 Public API:
 
@@ -25,6 +29,7 @@ Public API:
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +45,7 @@ __all__ = [
     "ALGORITHM",
     "DEFAULT_TTL",
     "LEEWAY",
+    "MAX_LIFETIME",
     "MIN_SECRET_BYTES",
     "SECRET_ENV",
     "Identity",
@@ -51,6 +57,8 @@ __all__ = [
 ALGORITHM: Final = "HS256"
 LEEWAY: Final = 30
 DEFAULT_TTL: Final = 3600
+#: Longest token lifetime accepted, per role (seconds).
+MAX_LIFETIME: Final[Mapping[str, float]] = {"device": 30 * 86400.0, "client": 7 * 86400.0}
 #: RFC 7518 §3.2: an HS256 key must be at least as long as the hash output.
 MIN_SECRET_BYTES: Final = 32
 SECRET_ENV: Final = "TUNNEL_SECRET"
@@ -64,12 +72,16 @@ class Identity:
     """Who a verified token speaks for.
 
     ``devices`` is the set of devices a client may reach; always empty for a
-    device, whose only device is its own ``sub``.
+    device, whose only device is its own ``sub``. ``expires`` is the token's
+    ``exp`` (Unix time), ``jti`` its id if it has one.
     """
 
     sub: str
     role: PeerRole
     devices: frozenset[str] = field(default_factory=frozenset)
+    # Properties of the token that proved it, not of who it is.
+    expires: float = field(default=math.inf, compare=False)
+    jti: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not is_valid_id(self.sub):
@@ -140,6 +152,7 @@ def issue_token(
         claims["devices"] = granted
     claims["iat"] = issued_at
     claims["exp"] = issued_at + ttl
+    claims["jti"] = secrets.token_urlsafe(12)
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
@@ -190,7 +203,8 @@ def verify_token(secret: str, token: str, *, now: float | None = None) -> Identi
 
     Raises :class:`AuthError` whose ``reason`` is one of: ``malformed``,
     ``algorithm not allowed``, ``signature verification failed``, ``expired``,
-    ``not yet valid``, ``issued in the future``, ``missing claim 'NAME'``,
+    ``not yet valid``, ``issued in the future``, ``lifetime longer than N days``,
+    ``missing claim 'NAME'``,
     ``bad claim 'NAME'``, ``bad role``, ``unexpected claim 'NAME'``. Raises
     :class:`ValueError` if ``secret`` itself is unusable (a local mistake).
     """
@@ -221,18 +235,23 @@ def verify_token(secret: str, token: str, *, now: float | None = None) -> Identi
     if not is_valid_id(sub):
         raise AuthError("bad claim 'sub'")
     role = claims["role"]
+    if role not in PEER_ROLES:
+        raise AuthError("bad role")
+    if exp - (now if iat is None else iat) > MAX_LIFETIME[role]:
+        raise AuthError(f"lifetime longer than {MAX_LIFETIME[role] / 86400:g} days")
+    jti = claims.get("jti")
+    if jti is not None and (not isinstance(jti, str) or not 0 < len(jti) <= 128):
+        raise AuthError("bad claim 'jti'")
     if role == "device":
         if "devices" in claims:
             raise AuthError("unexpected claim 'devices'")
-        return Identity(sub, "device")
-    if role == "client":
-        devices = claims.get("devices")
-        if devices is None:
-            raise AuthError("missing claim 'devices'")
-        if not isinstance(devices, list) or not all(is_valid_id(d) for d in devices):
-            raise AuthError("bad claim 'devices'")
-        return Identity(sub, "client", frozenset(devices))
-    raise AuthError("bad role")
+        return Identity(sub, "device", expires=exp, jti=jti)
+    devices = claims.get("devices")
+    if devices is None:
+        raise AuthError("missing claim 'devices'")
+    if not isinstance(devices, list) or not all(is_valid_id(d) for d in devices):
+        raise AuthError("bad claim 'devices'")
+    return Identity(sub, "client", frozenset(devices), expires=exp, jti=jti)
 
 
 def load_secret(secret_file: str | None, env: Mapping[str, str]) -> str:

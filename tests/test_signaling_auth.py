@@ -66,6 +66,7 @@ def test_client_token_carries_its_devices() -> None:
         "devices": ["dev1", "dev2"],
         "iat": int(NOW),
         "exp": int(NOW) + 3600,
+        "jti": identity.jti,
     }
     assert jwt.get_unverified_header(token)["alg"] == "HS256"
 
@@ -247,3 +248,26 @@ def test_error_messages_never_contain_the_secret(tmp_path: Path) -> None:
     with pytest.raises(ServerConfigError) as info:
         load_secret(None, {"TUNNEL_SECRET": weak})
     assert weak not in str(info.value)
+
+
+# --- lifetime and token ids (issue 9) ------------------------------------------------
+
+
+def test_a_token_living_longer_than_its_role_allows_is_refused() -> None:
+    now = 1_700_000_000
+    client = jwt.encode(
+        {"sub": "c", "role": "client", "devices": [], "iat": now, "exp": 1e300}, SECRET
+    )
+    with pytest.raises(AuthError, match="lifetime longer than 7 days"):
+        verify_token(SECRET, client, now=now)
+    device = jwt.encode({"sub": "d", "role": "device", "exp": now + 31 * 86400}, SECRET)
+    with pytest.raises(AuthError, match="lifetime longer than 30 days"):
+        verify_token(SECRET, device, now=now)
+    ok = issue_token(SECRET, sub="d", role="device", ttl=30 * 86400, now=now)
+    assert verify_token(SECRET, ok, now=now).expires == now + 30 * 86400
+
+
+def test_each_token_has_its_own_id() -> None:
+    first, second = (issue_token(SECRET, sub="d", role="device") for _ in range(2))
+    ids = {verify_token(SECRET, t).jti for t in (first, second)}
+    assert len(ids) == 2 and None not in ids
