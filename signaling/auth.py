@@ -136,6 +136,9 @@ def issue_token(
         raise ValueError(f"bad role {role!r}: must be 'device' or 'client'")
     if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
         raise ValueError(f"bad ttl {ttl!r}: must be a positive number of seconds")
+    if ttl > MAX_LIFETIME[role]:
+        # The server would refuse it (verify_token): say so now.
+        raise ValueError(f"bad ttl {ttl}: a {role} token lives at most {MAX_LIFETIME[role]:.0f} s")
     if isinstance(devices, str | bytes):
         # A bare string is an Iterable[str] of characters: never what is meant.
         raise ValueError("devices must be a list of device ids, not a string")
