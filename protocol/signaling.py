@@ -71,6 +71,7 @@ __all__ = [
     "PeerRole",
     "Register",
     "Registered",
+    "Revoke",
     "SessionEnd",
     "SessionRequest",
     "SignalingMessage",
@@ -386,6 +387,20 @@ class PeerLeft:
 
 
 @dataclass(frozen=True, slots=True)
+class Revoke:
+    """``revoke`` (S→ device): end every session of ``client`` now (§1.4, "Revocation")."""
+
+    client: str
+    reason: str
+
+    TYPE: ClassVar[str] = "revoke"
+
+    def __post_init__(self) -> None:
+        check_id("revoke.client", self.client)
+        check_str("revoke.reason", self.reason, max_chars=MAX_REASON_LEN)
+
+
+@dataclass(frozen=True, slots=True)
 class Error:
     """``error`` (S→ any). ``session`` is always on the wire, ``null`` if unset."""
 
@@ -415,6 +430,7 @@ SignalingMessage: TypeAlias = (
     | Candidate
     | SessionEnd
     | PeerLeft
+    | Revoke
     | Error
 )
 
@@ -430,6 +446,7 @@ _MESSAGE_CLASSES: Final[tuple[type[SignalingMessage], ...]] = (
     Candidate,
     SessionEnd,
     PeerLeft,
+    Revoke,
     Error,
 )
 

@@ -56,6 +56,7 @@ from protocol.signaling import (
     PeerRole,
     Register,
     Registered,
+    Revoke,
     SessionEnd,
     SessionRequest,
     SignalingMessage,
@@ -308,6 +309,42 @@ class Router:
         if c is None:
             return []
         return [] if c.closing else self._teardown(c)
+
+    def revoke(
+        self, *, sub: str | None = None, jti: str | None = None, reason: str
+    ) -> list[Action]:
+        """Close (4401 ``reason``) every link of identity ``sub`` or of token ``jti``,
+        and tell every online device to end the sessions of each client concerned.
+
+        A revoked ``sub`` is told to devices even with no link (its sessions
+        outlive its signaling); a ``jti`` only through the links that used it.
+        """
+        actions: list[Action] = []
+        clients = {sub} if sub is not None else set()
+        for c in list(self._conns.values()):
+            if c.closing or not (c.identity.sub == sub or (jti and c.identity.jti == jti)):
+                continue
+            if c.identity.role == "client":
+                clients.add(c.identity.sub)
+            actions += self._close(c, CloseCode.AUTH_FAILED, reason)
+        for client in sorted(clients):
+            for device in self._devices.values():
+                actions.append(self._forward(device, Revoke(client, reason)))
+        return actions
+
+    def expire(self, conn: ConnId, reason: str) -> list[Action]:
+        """The token of ``conn`` expired: close it (4401 ``reason``); a client's
+        sessions are ended by the devices its token granted."""
+        c = self._conns.get(conn)
+        if c is None or c.closing:
+            return []
+        actions = self._close(c, CloseCode.AUTH_FAILED, reason)
+        if c.identity.role == "client":
+            for device_id in sorted(c.identity.devices):
+                device = self._devices.get(device_id)
+                if device is not None:
+                    actions.append(self._forward(device, Revoke(c.identity.sub, reason)))
+        return actions
 
     def stats(self) -> dict[str, int]:
         """Gauges (``connections``, ``devices_online``, ``sessions``) and counters.

@@ -42,6 +42,15 @@ authenticates in milliseconds); at most ``per_identity`` authenticated
 connections of one token ``sub`` (more are closed with 4503). Lines that
 remote input causes (failed authentication, refused connections, closes for
 abuse) are rate-limited (:class:`~aio.logs.LogThrottle`).
+
+Expiry and revocation (PROTOCOL.md §1.2): a link is closed with 4401 ``token
+expired`` when its token's ``exp`` (plus the 30 s leeway) passes, and devices
+end the sessions of a client whose link that was (``revoke``). The revocation
+file (``revoked=PATH``; lines ``sub ID`` or ``jti ID``, ``#`` comments) is read
+at start and again by :meth:`SignalingServer.reload_revocations` (SIGHUP in
+:func:`run_server`): a revoked token is refused at authentication, links that
+used one are closed at once (4401 ``token revoked``) and devices told to end
+the sessions of the clients concerned.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ import contextlib
 import http
 import itertools
 import logging
+import os
 import resource
 import signal
 import time
@@ -77,7 +87,7 @@ from protocol.signaling import (
     decode_signaling,
     encode_signaling,
 )
-from signaling.auth import Identity, check_secret, verify_token
+from signaling.auth import LEEWAY, Identity, check_secret, verify_token
 from signaling.errors import AuthError, ServerConfigError, UsageError
 from signaling.link import RedactSecrets
 from signaling.router import Action, Limits, Router, Send
@@ -238,8 +248,14 @@ class SignalingServer:
         max_outbox: int = MAX_OUTBOX_CHARS,
         ice: IceIssuer | None = None,
         caps: ConnectionCaps | None = None,
+        revoked: str | os.PathLike[str] | None = None,
     ) -> None:
         check_secret(secret)
+        self._revoked_path = revoked
+        self._revoked_subs: frozenset[str] = frozenset()
+        self._revoked_jtis: frozenset[str] = frozenset()
+        if revoked is not None:
+            self._revoked_subs, self._revoked_jtis = _read_revocations(revoked)
         self.caps = caps if caps is not None else ConnectionCaps()
         self._ice = ice
         if auth_timeout <= 0:
@@ -350,6 +366,32 @@ class SignalingServer:
     ) -> None:
         await self.close()
 
+    def reload_revocations(self) -> None:
+        """Read the revocation file again; act on what it newly revokes, at once.
+
+        A file that cannot be read or parsed is logged and the previous list kept.
+        """
+        if self._revoked_path is None:
+            return
+        try:
+            subs, jtis = _read_revocations(self._revoked_path)
+        except ServerConfigError as exc:
+            log.error("revocations not reloaded (the previous list holds): %s", exc)
+            return
+        new_subs, new_jtis = subs - self._revoked_subs, jtis - self._revoked_jtis
+        self._revoked_subs, self._revoked_jtis = subs, jtis
+        log.info(
+            "revocations reloaded: %d identities, %d tokens (%d and %d new)",
+            len(subs),
+            len(jtis),
+            len(new_subs),
+            len(new_jtis),
+        )
+        for sub in sorted(new_subs):
+            self._apply(self._router.revoke(sub=sub, reason="token revoked"))
+        for jti in sorted(new_jtis):
+            self._apply(self._router.revoke(jti=jti, reason="token revoked"))
+
     # --- connection handling ---------------------------------------------------
 
     def _connection_class(self) -> type[ServerConnection]:
@@ -451,6 +493,12 @@ class SignalingServer:
 
         loop = asyncio.get_running_loop()
         outbox = _Outbox(ws, conn_id, self._max_outbox)
+        # The leeway that let a just-expired token in also bounds how long it lasts.
+        lifetime = identity.expires + LEEWAY - time.time()
+        expiry = loop.call_later(
+            max(0.0, min(lifetime, 10 * 365 * 86400.0)),
+            lambda: self._apply(self._router.expire(conn_id, "token expired")),
+        )
         self._outboxes[conn_id] = outbox
         log.info("conn %d from %s: connected as %s %s", conn_id, peer, identity.role, identity.sub)
         refresh: asyncio.Task[None] | None = None
@@ -473,6 +521,7 @@ class SignalingServer:
         except ConnectionClosed:
             pass  # e.g. 1009 for an oversized frame, or the peer vanished
         finally:
+            expiry.cancel()
             if refresh is not None:
                 refresh.cancel()
             del self._outboxes[conn_id]
@@ -504,9 +553,12 @@ class SignalingServer:
         else:
             token = await self._receive_auth(ws)
         try:
-            return verify_token(self._secret, token)
+            identity = verify_token(self._secret, token)
         except AuthError as exc:
             raise _AuthFailed(f"invalid token: {exc.reason}") from None
+        if identity.sub in self._revoked_subs or identity.jti in self._revoked_jtis:
+            raise _AuthFailed("invalid token: revoked")
+        return identity
 
     async def _receive_auth(self, ws: ServerConnection) -> str:
         accepted = self._unauthenticated.get(ws)
@@ -562,6 +614,7 @@ async def run_server(
     ice: IceIssuer | None = None,
     caps: ConnectionCaps | None = None,
     auth_timeout: float = AUTH_TIMEOUT,
+    revoked: str | os.PathLike[str] | None = None,
 ) -> None:
     """Serve until this task is cancelled or the process gets SIGTERM/SIGINT.
 
@@ -570,7 +623,7 @@ async def run_server(
     closed with 1001. Raises :class:`ServerConfigError` as :class:`SignalingServer` does.
     """
     server = SignalingServer(
-        secret, host, port, limits, ice=ice, caps=caps, auth_timeout=auth_timeout
+        secret, host, port, limits, ice=ice, caps=caps, auth_timeout=auth_timeout, revoked=revoked
     )
     await server.start()
     loop = asyncio.get_running_loop()
@@ -582,6 +635,9 @@ async def run_server(
         except (NotImplementedError, RuntimeError, ValueError):
             continue  # not the main thread, or not a Unix loop: cancellation still works
         handled.append(signum)
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGHUP, server.reload_revocations)
+        handled.append(signal.SIGHUP)
     try:
         if on_ready is not None:
             on_ready(server.url)
@@ -591,3 +647,26 @@ async def run_server(
         for signum in handled:
             loop.remove_signal_handler(signum)
         await server.close()
+
+
+def _read_revocations(path: str | os.PathLike[str]) -> tuple[frozenset[str], frozenset[str]]:
+    """The revoked identities and token ids of a revocation file (module docstring)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read(1 << 20)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ServerConfigError(f"cannot read revocation file {path}: {exc}") from None
+    subs: set[str] = set()
+    jtis: set[str] = set()
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        kind, _, value = line.partition(" ")
+        value = value.strip()
+        if kind not in ("sub", "jti") or not value or " " in value:
+            raise ServerConfigError(
+                f"revocation file {path}, line {number}: expected 'sub ID' or 'jti ID'"
+            )
+        (subs if kind == "sub" else jtis).add(value)
+    return frozenset(subs), frozenset(jtis)

@@ -410,6 +410,28 @@ class SupervisorCore:
             self._out.append(SendToWorker(worker.id, Stop(reason=reason)))
             worker.kill_at = now + STOP_GRACE
 
+    def end_client_sessions(self, now: float, device: str, client: str, reason: str) -> None:
+        """End every live session of ``client`` on ``device`` (its token expired or
+        was revoked, PROTOCOL.md §1.4): its workers are told to stop."""
+        rows = [
+            r
+            for r in self.sessions
+            if (r.device, r.client) == (device, client)
+            and r.state in (SessionState.STARTING, SessionState.RUNNING, SessionState.BACKOFF)
+        ]
+        if rows:
+            log.warning(
+                "device %s: ending %d session(s) of %s: %s", device, len(rows), client, reason
+            )
+        for row in rows:
+            if row.state is SessionState.BACKOFF:
+                row.start_at = None
+            row.move(now, SessionEvent.STOP, reason=reason)
+            worker = self.pool.get(row.worker) if row.worker is not None else None
+            if worker is not None:
+                self._out.append(SendToWorker(worker.id, Stop(reason=reason)))
+                worker.kill_at = now + STOP_GRACE
+
     def _give_up(self, now: float, row: SessionRow) -> None:
         """A negotiation not done in time (an offer nobody answers holds a worker)."""
         reason = f"negotiation not done in {self.config.negotiation_timeout:g} s; given up"

@@ -6,7 +6,8 @@ session's ``answer``, ``candidate``, ``session_end`` and ``peer_left`` go to its
 worker (held until it has one) when they come from the client that owns it
 (their ``client``, stamped by the server, PROTOCOL.md §1.4), and are dropped
 like messages for no session otherwise; a second request for a session id is
-refused, never merged; ``ice_servers`` changes the ICE settings of sessions to
+refused, never merged; ``revoke`` ends every session of that client on the
+device (its token expired or was revoked); ``ice_servers`` changes the ICE settings of sessions to
 come.
 """
 
@@ -22,6 +23,7 @@ from protocol.signaling import (
     Error,
     IceServers,
     PeerLeft,
+    Revoke,
     SessionEnd,
     SessionRequest,
     SignalingMessage,
@@ -61,6 +63,9 @@ def on_signal(core: SupervisorCore, now: float, device: str, message: SignalingM
         return
     if isinstance(message, SessionRequest):
         _on_session_request(core, now, device, message)
+        return
+    if isinstance(message, Revoke):
+        core.end_client_sessions(now, device, message.client, f"client {message.reason}")
         return
     if isinstance(message, Error):
         # unknown_session: both ends said session_end at once; the server forgot it first.

@@ -27,6 +27,7 @@ from protocol.signaling import (
     PeerLeft,
     Register,
     Registered,
+    Revoke,
     SessionEnd,
     SessionRequest,
     SignalingMessage,
@@ -81,6 +82,10 @@ VECTORS: list[tuple[str, SignalingMessage]] = [
     (
         '{"v":1,"type":"session_end","session":"s-0123456789ab","reason":"bye","client":"alice"}',
         SessionEnd(SID, "bye", "alice"),
+    ),
+    (
+        '{"v":1,"type":"revoke","client":"alice","reason":"token revoked"}',
+        Revoke("alice", "token revoked"),
     ),
 ]
 
@@ -291,6 +296,7 @@ def test_every_type_is_registered() -> None:
         "candidate",
         "session_end",
         "peer_left",
+        "revoke",
         "error",
     }
 
@@ -354,7 +360,8 @@ messages: st.SearchStrategy[SignalingMessage] = st.one_of(
     st.builds(Answer, session_ids, texts),
     st.builds(Candidate, session_ids, st.none() | ice_candidates),
     st.builds(SessionEnd, session_ids, texts.map(lambda t: t[:MAX_REASON_LEN])),
-    st.builds(PeerLeft, session_ids),
+    st.builds(PeerLeft, session_ids, st.none() | ids),
+    st.builds(Revoke, ids, texts),
     st.builds(Error, st.sampled_from(list(ErrorCode)), texts, st.none() | session_ids),
 )
 

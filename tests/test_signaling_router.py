@@ -19,6 +19,7 @@ from protocol.signaling import (
     PeerLeft,
     Register,
     Registered,
+    Revoke,
     SessionEnd,
     SessionRequest,
     SignalingMessage,
@@ -671,3 +672,45 @@ def test_router_only_emits_send_and_close() -> None:
     net.connect("dev1-new", "device", sub="dev1")
     net.send("dev1-new", Register("dev1"))
     assert {type(a) for a in net.log} == {Send, Close}
+
+
+# --- expiry and revocation (issue 9) --------------------------------------------------
+
+
+def test_revoking_an_identity_closes_its_links_and_tells_every_device() -> None:
+    net = online()
+    net.connect("dev2", "device")
+    net.send("dev2", Register("dev2"))
+    net.take("dev2")
+    active(net, S1, "alice")
+    net.apply(net.router.revoke(sub="alice", reason="token revoked"))
+    assert net.closed["alice"] == (4401, "token revoked")
+    assert net.take("dev1") == [PeerLeft(S1, "alice"), Revoke("alice", "token revoked")]
+    assert net.take("dev2") == [Revoke("alice", "token revoked")]
+    assert "bob" not in net.closed
+    # A revoked identity with no link at all is still told to the devices.
+    net.apply(net.router.revoke(sub="carol", reason="token revoked"))
+    assert net.take("dev1") == [Revoke("carol", "token revoked")]
+
+
+def test_revoking_a_token_id_closes_only_the_links_that_used_it() -> None:
+    net = Net()
+    net.connect("dev1", "device")
+    net.send("dev1", Register("dev1"))
+    net.take("dev1")
+    for conn, jti in (("alice-1", "t1"), ("alice-2", "t2")):
+        identity = Identity("alice", "client", frozenset({"dev1"}), jti=jti)
+        net.apply(net.router.connect(conn, identity, net.now))
+        net.take(conn)
+    net.apply(net.router.revoke(jti="t1", reason="token revoked"))
+    assert net.closed == {"alice-1": (4401, "token revoked")}
+    assert net.take("dev1") == [Revoke("alice", "token revoked")]
+
+
+def test_an_expired_client_link_is_closed_and_its_devices_told() -> None:
+    net = online()
+    active(net, S1, "alice")
+    net.apply(net.router.expire("alice", "token expired"))
+    assert net.closed["alice"] == (4401, "token expired")
+    assert net.take("dev1") == [PeerLeft(S1, "alice"), Revoke("alice", "token expired")]
+    assert net.router.expire("alice", "token expired") == []  # once

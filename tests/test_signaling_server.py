@@ -7,8 +7,11 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 
+import jwt
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -23,6 +26,7 @@ from protocol.signaling import (
     PeerLeft,
     Register,
     Registered,
+    Revoke,
     SessionEnd,
     SessionRequest,
     SignalingMessage,
@@ -428,3 +432,57 @@ async def test_refusals_are_logged_a_few_times_then_counted(
     failures = [r for r in server_records(caplog) if "authentication failed" in r.getMessage()]
     assert len(failures) == 5  # LogThrottle's burst; the other 15 are counted
     assert srv.stats()["auth_failures"] == 20
+
+
+# --- expiry and revocation (issue 9) --------------------------------------------------
+
+
+async def test_a_link_is_closed_when_its_token_expires() -> None:
+    async with SignalingServer(SECRET, port=0) as srv:
+        dev = await device(srv)
+        # Expired 29.5 s ago: let in by the 30 s leeway, and out 0.5 s later.
+        past = issue_token(
+            SECRET, sub="alice", role="client", devices=["dev1"], ttl=60, now=time.time() - 89.5
+        )
+        ws = await open_ws(f"{srv.url}?token={past}")
+        assert await recv(ws) == Welcome("alice", "client")
+        assert await closed(ws) == (4401, "token expired")
+        assert await recv(dev) == Revoke("alice", "token expired")
+        await dev.close()
+
+
+async def test_revocation_file_reloaded_closes_links_and_refuses_tokens(tmp_path: Path) -> None:
+    revoked = tmp_path / "revoked"
+    revoked.write_text("# nobody yet\n")
+    async with SignalingServer(SECRET, port=0, revoked=revoked) as srv:
+        dev = await device(srv)
+        alice = await join(srv, "alice", "client", ["dev1"])
+        bob = await join(srv, "bob", "client", ["dev1"])
+        revoked.write_text("sub alice  # lost her laptop\n")
+        srv.reload_revocations()
+        assert await closed(alice) == (4401, "token revoked")
+        assert await recv(dev) == Revoke("alice", "token revoked")
+        again = await open_ws(f"{srv.url}?token={token('alice', 'client', ['dev1'])}")
+        assert await closed(again) == (4401, "invalid token: revoked")
+        # By token id: only that token.
+        bob_token = token("bob", "client", ["dev1"])
+        jti = jwt.decode(bob_token, options={"verify_signature": False})["jti"]
+        revoked.write_text(f"sub alice\njti {jti}\n")
+        srv.reload_revocations()
+        refused = await open_ws(f"{srv.url}?token={bob_token}")
+        assert await closed(refused) == (4401, "invalid token: revoked")
+        assert not bob.close_code  # bob's other token still works
+        # A broken file keeps the previous list.
+        revoked.write_text("everyone\n")
+        srv.reload_revocations()
+        refused = await open_ws(f"{srv.url}?token={bob_token}")
+        assert (await closed(refused))[0] == 4401
+        for ws in (bob, dev):
+            await ws.close()
+
+
+def test_a_bad_revocation_file_is_refused_at_start(tmp_path: Path) -> None:
+    revoked = tmp_path / "revoked"
+    revoked.write_text("sub\n")
+    with pytest.raises(ServerConfigError, match="line 1: expected 'sub ID' or 'jti ID'"):
+        SignalingServer(SECRET, port=0, revoked=revoked)

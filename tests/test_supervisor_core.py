@@ -12,6 +12,7 @@ from protocol.signaling import (
     Candidate,
     IceServers,
     Offer,
+    Revoke,
     SessionEnd,
     encode_signaling,
 )
@@ -128,6 +129,20 @@ def test_a_duplicate_request_from_the_owner_is_refused_too() -> None:
     stage, session, _ = busy_stage()
     assert session_ends(stage.request(session)) == {session: DUPLICATE}
     assert stage.row(session)["state"] == "running"
+
+
+def test_a_revoked_client_loses_every_session_on_the_device() -> None:
+    stage, session, worker = busy_stage(pool_size=2)
+    stage.request(session_id(2), client="bob")
+    bob_worker = stage.worker_of(session_id(2))
+    actions = stage.feed(SignalReceived(DEVICE, Revoke("c1", "token revoked")))
+    assert SendToWorker(worker, Stop("client token revoked")) in actions
+    assert all(a.worker != bob_worker for a in of(SendToWorker, actions))
+    assert stage.row(session)["state"] == "stopping"
+    assert stage.row(session)["reason"] == "client token revoked"
+    stage.ended(worker, session, "client token revoked")
+    assert stage.row(session)["state"] == "exited"
+    assert stage.row(session_id(2))["state"] == "starting"
 
 
 # -- fair admission (README, "Admission") -------------------------------------------------------

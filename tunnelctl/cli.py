@@ -277,6 +277,13 @@ def load_secret_or_fail(secret_file: str | None) -> str:
     help="Authenticated connections per token sub.",
 )
 @click.option(
+    "--revoked",
+    "revoked_file",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Revocation list: lines 'sub ID' or 'jti ID'; re-read on SIGHUP.",
+)
+@click.option(
     "--auth-timeout",
     default=10.0,
     show_default=True,
@@ -294,6 +301,7 @@ def signal_cmd(
     max_unauthenticated: int,
     max_per_identity: int,
     auth_timeout: float,
+    revoked_file: str | None,
 ) -> None:
     """Run the signaling server (ws://HOST:PORT/signal)."""
     from signaling.errors import ServerConfigError
@@ -321,6 +329,7 @@ def signal_cmd(
                 ice=issuer,
                 caps=caps,
                 auth_timeout=auth_timeout,
+                revoked=revoked_file,
             )
         except ServerConfigError as exc:
             return error_line(str(exc))

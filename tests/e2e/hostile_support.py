@@ -29,7 +29,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,6 +235,7 @@ class HostileDevice:
     tunnel: Tunnel
     device_id: str
     supervisor: Child
+    signal: Child
     runtime: Path
     flood: FloodService
     stalled: StalledService
@@ -271,7 +272,9 @@ class HostileDevice:
 
 
 @contextlib.contextmanager
-def running_device(workdir: Path, device_id: str = "hostile-dev") -> Iterator[HostileDevice]:
+def running_device(
+    workdir: Path, device_id: str = "hostile-dev", signal_args: Sequence[str] = ()
+) -> Iterator[HostileDevice]:
     """Start a signaling server and a device exposing ``web``, ``flood`` and
     ``stalled``; stop them (by pid) on exit."""
     secret = secrets.token_hex(32)
@@ -283,7 +286,7 @@ def running_device(workdir: Path, device_id: str = "hostile-dev") -> Iterator[Ho
     runtime = Path(tempfile.mkdtemp(prefix="tunnelctl-hostile-", dir=workdir))
     try:
         signal_child = Child(
-            ["signal", "--port", "0"], env={"TUNNEL_SECRET": secret}, name="signal"
+            ["signal", "--port", "0", *signal_args], env={"TUNNEL_SECRET": secret}, name="signal"
         )
         children.append(signal_child)
         url = signal_child.wait_line("listening ", READY).split()[1]
@@ -310,7 +313,7 @@ def running_device(workdir: Path, device_id: str = "hostile-dev") -> Iterator[Ho
         )
         children.append(supervisor)
         supervisor.wait_line("registered ", READY)
-        yield HostileDevice(tunnel, device_id, supervisor, runtime, flood, stalled)
+        yield HostileDevice(tunnel, device_id, supervisor, signal_child, runtime, flood, stalled)
     finally:
         for child in reversed(children):
             child.stop()
@@ -340,11 +343,14 @@ class HostileClient:
     :attr:`frames`, and per stream.
     """
 
-    def __init__(self, device: HostileDevice, client: str) -> None:
+    def __init__(self, device: HostileDevice, client: str, token: str | None = None) -> None:
         self.device = device
         self.session_id = new_session_id()
         self.link = SignalingLink(
-            device.tunnel.signal_url, device.token(client), self._on_signal, fail_fast=True
+            device.tunnel.signal_url,
+            token or device.token(client),
+            self._on_signal,
+            fail_fast=True,
         )
         self.peer: PeerSession | None = None
         self.worker_pid = 0  # the worker process serving the session, once running
@@ -641,10 +647,10 @@ class HostileClient:
 
 @contextlib.asynccontextmanager
 async def hostile_client(
-    device: HostileDevice, client: str, timeout: float = READY
+    device: HostileDevice, client: str, timeout: float = READY, token: str | None = None
 ) -> AsyncIterator[HostileClient]:
     """A :class:`HostileClient` of ``device`` with an open DataChannel; closed on exit."""
-    hostile = HostileClient(device, client)
+    hostile = HostileClient(device, client, token)
     try:
         await hostile.open(timeout)
         yield hostile

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -23,9 +26,17 @@ from protocol.signaling import (
     SignalingMessage,
     new_session_id,
 )
+from signaling.auth import LEEWAY, issue_token
+from signaling.errors import LinkRejected
 from signaling.link import SignalingLink
 from tests.e2e.conftest import PAGE, READY
-from tests.e2e.hostile_support import REPLY, HostileDevice, hostile_client, running_device
+from tests.e2e.hostile_support import (
+    REPLY,
+    HostileClient,
+    HostileDevice,
+    hostile_client,
+    running_device,
+)
 from tests.e2e.test_supervisor import ctl_json
 from tests.e2e.test_tunnel import http_get
 
@@ -156,3 +167,60 @@ async def test_a_slot_hog_does_not_keep_a_legitimate_client_out(device: HostileD
         f"\nlegitimate connect next to a slot hog: forwarding after {took:.2f} s; "
         f"hog: {stats}; device workers: {workers}"
     )
+
+
+# -- expiry and revocation ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def revocable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HostileDevice, Path]]:
+    """A device whose signaling server reads a revocation list."""
+    workdir = tmp_path_factory.mktemp("revocable")
+    revoked = workdir / "revoked"
+    revoked.write_text("# operators add 'sub ID' or 'jti ID' lines\n")
+    with running_device(workdir, signal_args=["--revoked", str(revoked)]) as hostile_device:
+        yield hostile_device, revoked
+
+
+async def assert_cannot_connect(device: HostileDevice, client: str, token: str, why: str) -> None:
+    hostile = HostileClient(device, client, token)
+    try:
+        with pytest.raises(LinkRejected, match=why):
+            await hostile.open(READY)
+    finally:
+        await hostile.close()
+
+
+async def test_a_revoked_client_loses_its_sessions_and_cannot_open_new_ones(
+    revocable: tuple[HostileDevice, Path],
+) -> None:
+    device, revoked = revocable
+    async with hostile_client(device, "bob") as bob:
+        assert await bob.http_get("/") == PAGE
+        revoked.write_text("sub bob\n")
+        os.kill(device.signal.pid, signal.SIGHUP)
+        await bob.wait_channel_closed(REPLY)  # the device ended the DataChannel
+        row = await device.session_row(bob.session_id, lambda r: r["state"] == "exited")
+        assert row["reason"] == "client token revoked"
+    await assert_cannot_connect(device, "bob", device.token("bob"), "revoked")
+
+
+async def test_an_expired_client_loses_its_sessions_and_cannot_open_new_ones(
+    revocable: tuple[HostileDevice, Path],
+) -> None:
+    device, _ = revocable
+    # Expired 20 s ago: let in by the 30 s leeway, closed 10 s after it connects.
+    token = issue_token(
+        device.tunnel.secret,
+        sub="eve",
+        role="client",
+        devices=[device.device_id],
+        ttl=60,
+        now=time.time() - 80,
+    )
+    async with hostile_client(device, "eve", token=token) as eve:
+        assert await eve.http_get("/") == PAGE
+        await eve.wait_channel_closed(LEEWAY + REPLY)
+        row = await device.session_row(eve.session_id, lambda r: r["state"] == "exited")
+        assert row["reason"] == "client token expired"
+    await assert_cannot_connect(device, "eve", token, "expired")
