@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import re
 from collections.abc import Callable
 from typing import Final, TypeVar
@@ -79,13 +80,48 @@ class LinkState(enum.Enum):
     CLOSED = "closed"
 
 
+TokenSource = Callable[[], str]
+
+
+def token_file_source(path: str | os.PathLike[str], first: str) -> TokenSource:
+    """The token in ``path`` (``first`` is its content now), read again when the
+    file changes: an operator refreshes a token by replacing the file, and the
+    next connection uses it. While the file cannot be read or is empty, the
+    last good token stays (and is never logged)."""
+    current = first
+    seen: tuple[int, int] | None = None
+
+    def read() -> str:
+        nonlocal current, seen
+        try:
+            status = os.stat(path)
+            stamp = (status.st_mtime_ns, status.st_size)
+            if stamp != seen:
+                with open(path, encoding="utf-8") as file:
+                    text = file.read(64 << 10).strip()
+                seen = stamp
+                if text:
+                    current = text
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("cannot read the token file %s (keeping the last token): %s", path, exc)
+        return current
+
+    return read
+
+
 class SignalingLink:
-    """One peer's authenticated, self-healing link to the signaling server."""
+    """One peer's authenticated, self-healing link to the signaling server.
+
+    ``token`` is the JWT, or a function returning the current one (for
+    example :func:`token_file_source`), called for every connection: a link
+    closed because its token expired (4401) reconnects at once when the source
+    has a new token, and gives up (:class:`LinkRejected`) otherwise.
+    """
 
     def __init__(
         self,
         url: str,
-        token: str,
+        token: str | TokenSource,
         on_message: Callable[[SignalingMessage], None],
         *,
         device: str | None = None,
@@ -96,6 +132,7 @@ class SignalingLink:
     ) -> None:
         self.url = url
         self._token = token
+        self._used_token = ""
         self._on_message = on_message
         self._device = device
         self._backoff = backoff or Backoff()
@@ -235,7 +272,9 @@ class SignalingLink:
             self.url, open_timeout=HANDSHAKE_TIMEOUT, max_size=65536, logger=_wire_log
         ) as ws:
             self._ws = ws
-            await ws.send(encode_signaling(Auth(token=self._token)))
+            token = self._token() if callable(self._token) else self._token
+            self._used_token = token
+            await ws.send(encode_signaling(Auth(token=token)))
             try:
                 await asyncio.wait_for(self._handshake(ws), HANDSHAKE_TIMEOUT)
             except ConnectionClosed as exc:
@@ -280,6 +319,14 @@ class SignalingLink:
             self._check_final_code(exc.rcvd.code, exc.rcvd.reason)
 
     def _check_final_code(self, code: int | None, reason: str | None) -> None:
+        if code == 4401 and callable(self._token) and self._token() != self._used_token:
+            # Re-authenticating is connecting again; established sessions do
+            # not depend on this link.
+            log.info(
+                "signaling server closed the link (%s); reconnecting with the new token", reason
+            )
+            self._backoff.reset()
+            return
         if code in FINAL_CLOSE_CODES:
             raise LinkRejected(
                 f"signaling server closed the link: {reason or FINAL_CLOSE_CODES[code]}"

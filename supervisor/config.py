@@ -157,6 +157,8 @@ class DeviceConfig:
     id: str
     token: str = field(repr=False)
     services: tuple[Service, ...]
+    #: Where ``token`` came from, re-read when the link reconnects (a refreshed token).
+    token_file: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not is_valid_id(self.id):
@@ -476,8 +478,11 @@ def _device(
         with under(service_at):
             services.append(_service(name, url))
     token = _token(table, at, env, here)
+    file = table.get("token_file")
     with under(at):
-        device = DeviceConfig(device_id, token, tuple(services))
+        device = DeviceConfig(
+            device_id, token, tuple(services), here / file if isinstance(file, str) else None
+        )
     return device
 
 
@@ -536,6 +541,7 @@ def config_from_flags(
     device: str,
     token: str,
     exposes: Sequence[str],
+    token_file: str | None = None,
     ice_servers: Sequence[IceServer] = (),
     ice_hosts: Sequence[str] = (),
     ice_policy: IcePolicy = "all",
@@ -553,7 +559,9 @@ def config_from_flags(
             services.append(parse_service(spec))
     networks = tuple(h.strip() for spec in ice_hosts for h in spec.split(",") if h.strip())
     with _as_flags({"id": "--device", "token": "--token", "services": "--expose"}):
-        device_config = DeviceConfig(device, token, tuple(services))
+        device_config = DeviceConfig(
+            device, token, tuple(services), Path(token_file) if token_file else None
+        )
     with _as_flags({"signal": "--signal", "ice_hosts": "--ice-host", "ice_policy": "--ice-policy"}):
         config = SupervisorConfig(
             signal_url=signal_url,

@@ -46,7 +46,7 @@ from protocol.forkserver import (
 from protocol.ipc import ZMQ_HWM, ZMQ_MAX_MSG_SIZE, encode_ipc
 from protocol.signaling import SignalingMessage
 from signaling.errors import LinkDown, LinkRejected
-from signaling.link import LinkState, SignalingLink
+from signaling.link import LinkState, SignalingLink, TokenSource, token_file_source
 from supervisor.config import DeviceConfig, SupervisorConfig
 from supervisor.core import SPAWN_TIMEOUT, STOP_GRACE, SupervisorCore
 from supervisor.errors import SupervisorError
@@ -218,8 +218,11 @@ class Supervisor:
         def on_state(state: LinkState) -> None:
             self._feed(LinkChanged(config.id, state.value))
 
+        token: str | TokenSource = config.token
+        if config.token_file is not None:
+            token = token_file_source(config.token_file, config.token)
         link = SignalingLink(
-            self.config.signal_url, config.token, on_message, device=config.id, on_state=on_state
+            self.config.signal_url, token, on_message, device=config.id, on_state=on_state
         )
         self._links[config.id] = link
         link.start()

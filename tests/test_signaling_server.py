@@ -35,7 +35,8 @@ from protocol.signaling import (
     encode_signaling,
 )
 from signaling.auth import issue_token
-from signaling.errors import ServerConfigError
+from signaling.errors import LinkRejected, ServerConfigError
+from signaling.link import LinkState, SignalingLink, token_file_source
 from signaling.router import Limits
 from signaling.server import ConnectionCaps, SignalingServer, run_server
 
@@ -440,9 +441,9 @@ async def test_refusals_are_logged_a_few_times_then_counted(
 async def test_a_link_is_closed_when_its_token_expires() -> None:
     async with SignalingServer(SECRET, port=0) as srv:
         dev = await device(srv)
-        # Expired 29.5 s ago: let in by the 30 s leeway, and out 0.5 s later.
+        # Expired about 29 s ago: let in by the 30 s leeway, and out about 1 s later.
         past = issue_token(
-            SECRET, sub="alice", role="client", devices=["dev1"], ttl=60, now=time.time() - 89.5
+            SECRET, sub="alice", role="client", devices=["dev1"], ttl=60, now=time.time() - 88.5
         )
         ws = await open_ws(f"{srv.url}?token={past}")
         assert await recv(ws) == Welcome("alice", "client")
@@ -486,3 +487,45 @@ def test_a_bad_revocation_file_is_refused_at_start(tmp_path: Path) -> None:
     revoked.write_text("sub\n")
     with pytest.raises(ServerConfigError, match="line 1: expected 'sub ID' or 'jti ID'"):
         SignalingServer(SECRET, port=0, revoked=revoked)
+
+
+async def test_a_link_reconnects_with_a_refreshed_token_file(tmp_path: Path) -> None:
+    """The device's token expires; the operator has put a fresh one in its file."""
+    file = tmp_path / "dev1.jwt"
+    soon = issue_token(SECRET, sub="dev1", role="device", ttl=60, now=time.time() - 88.5)
+    file.write_text(soon + "\n")
+    states: asyncio.Queue[LinkState] = asyncio.Queue()
+    async with SignalingServer(SECRET, port=0) as srv:
+        link = SignalingLink(
+            srv.url,
+            token_file_source(file, soon),
+            lambda message: None,
+            device="dev1",
+            on_state=states.put_nowait,
+        )
+        link.start()
+        try:
+            await link.wait_up(TIMEOUT)
+            file.write_text(token("dev1", "device"))
+            seen = []
+            async with asyncio.timeout(TIMEOUT):
+                while LinkState.DOWN not in seen or seen[-1] is not LinkState.UP:
+                    seen.append(await states.get())
+            assert srv.stats()["devices_online"] == 1
+        finally:
+            await link.close()
+
+
+async def test_a_link_whose_token_expired_and_was_not_refreshed_gives_up(tmp_path: Path) -> None:
+    file = tmp_path / "dev1.jwt"
+    soon = issue_token(SECRET, sub="dev1", role="device", ttl=60, now=time.time() - 88.5)
+    file.write_text(soon)
+    async with SignalingServer(SECRET, port=0) as srv:
+        link = SignalingLink(srv.url, token_file_source(file, soon), lambda m: None, device="dev1")
+        link.start()
+        try:
+            await link.wait_up(TIMEOUT)
+            with pytest.raises(LinkRejected, match="token expired"):
+                await asyncio.wait_for(link.run_until_closed(), TIMEOUT)
+        finally:
+            await link.close()

@@ -482,6 +482,7 @@ def start(
                 device=device,
                 token=resolve_token(token, token_file),
                 exposes=exposes,
+                token_file=token_file,
                 ice_servers=ice,
                 ice_hosts=hosts,
             )
@@ -715,10 +716,13 @@ def connect(
     """Forward a local TCP port to SERVICE on DEVICE (like ssh -L)."""
     from protocol.frames import is_valid_service_name
     from protocol.ice import DEFAULT_KEEPALIVE
+    from signaling.link import TokenSource, token_file_source
     from workers.client import ClientTunnel, PortForward
     from workers.errors import TunnelError
 
-    jwt = resolve_token(token, token_file)
+    jwt: str | TokenSource = resolve_token(token, token_file)
+    if token_file:  # re-read when the link reconnects: a refreshed token
+        jwt = token_file_source(token_file, resolve_token(token, token_file))
     if not is_valid_service_name(service):
         raise click.UsageError(f"bad service name {service!r}")
     listen_host, sep, port_text = listen.rpartition(":")

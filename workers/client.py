@@ -42,7 +42,7 @@ from protocol.signaling import (
     new_session_id,
 )
 from signaling.errors import LinkDown, LinkRejected
-from signaling.link import LinkState, SignalingLink
+from signaling.link import LinkState, SignalingLink, TokenSource
 from workers.bridge import TunnelBridge, abort_connection
 from workers.errors import (
     DeviceBusy,
@@ -98,7 +98,7 @@ class ClientTunnel:
         *,
         signal_url: str,
         device: str,
-        token: str,
+        token: str | TokenSource,
         ice_servers: Sequence[IceServer] = (),
         ice_policy: IcePolicy = "all",
         keepalive: float = DEFAULT_KEEPALIVE,
