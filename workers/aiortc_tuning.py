@@ -223,9 +223,19 @@ def _report_relay_lost(protocol: aioice.ice.StunProtocol, reason: str) -> None:
     url = getattr(protocol, "tunnelctl_url", "TURN server")
     callback: RelayLost | None = getattr(protocol.receiver, "tunnelctl_on_relay_lost", None)
     if callback is None:
+        # Lost while gathering, before anyone listens: kept for lost_relays().
         log.warning("%s: allocation lost: %s", url, reason)
+        lost = getattr(protocol.receiver, "tunnelctl_lost_relays", [])
+        lost.append((url, reason))
+        protocol.receiver.tunnelctl_lost_relays = lost  # type: ignore[attr-defined]
     else:
         callback(url, reason)
+
+
+def lost_relays(connection: object) -> list[tuple[str, str]]:
+    """``(url, reason)`` of relays lost before ``tunnelctl_on_relay_lost`` was set."""
+    lost = getattr(connection, "tunnelctl_lost_relays", [])
+    return list(lost) if isinstance(lost, list) else []
 
 
 def _patch_relay_loss() -> None:

@@ -62,7 +62,15 @@ class LoggedChild(Child):
             if not self.logged.wait_for(
                 lambda: sum(fragment in line for line in self.stderr_lines) >= count, timeout
             ):
-                raise AssertionError(f"{self.name}: {fragment!r} not logged {count} times")
+                relevant = [
+                    line
+                    for line in self.stderr_lines
+                    if "TURN" in line or "worker w-" in line or "ICE server" in line
+                ]
+                raise AssertionError(
+                    f"{self.name}: {fragment!r} not logged {count} times; "
+                    + " | ".join(relevant[-15:])
+                )
 
 
 @dataclass
