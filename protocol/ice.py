@@ -65,6 +65,21 @@ _SYNTAX: Final = (
 _MAX_CREDENTIAL_LEN: Final = 512
 
 
+#: Seconds without an answered ICE consent check (RFC 7675) after which a path is
+#: dead: ``--keepalive`` of ``start`` and ``connect``, ``keepalive`` in the TOML.
+DEFAULT_KEEPALIVE: Final = 5.0
+MIN_KEEPALIVE: Final = 1.0
+MAX_KEEPALIVE: Final = 300.0
+
+
+def check_keepalive(seconds: float) -> None:
+    """Raise ValueError with a one-line reason unless ``seconds`` is a usable keepalive."""
+    if not MIN_KEEPALIVE <= seconds <= MAX_KEEPALIVE:  # NaN fails too
+        raise ValueError(
+            f"keepalive must be {MIN_KEEPALIVE:g}-{MAX_KEEPALIVE:g} seconds, got {seconds:g}"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class IceUrl:
     """A parsed ICE server URL. ``host`` has no brackets; ``transport`` is ``udp``

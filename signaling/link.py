@@ -106,7 +106,6 @@ class SignalingLink:
         self._fail_fast = fail_fast
         self._ever_up = False
         self.state = LinkState.DOWN
-        self.peer_id: str | None = None
         self._ws: ClientConnection | None = None
         self._up = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -151,6 +150,31 @@ class SignalingLink:
             await ws.send(encode_signaling(message))
         except ConnectionClosed:
             raise LinkDown("signaling link is down") from None
+
+    async def probe(self, timeout: float) -> bool:
+        """Check that the server still answers (a WebSocket ping); reconnect if not.
+
+        A link whose network changed under it (a new address, a dead NAT
+        mapping) looks up until TCP gives up, minutes later. Call this when
+        there is reason to doubt it, e.g. when a peer path just died: without
+        a pong within ``timeout`` the connection is dropped and a new one made
+        at once. Returns whether the link answered.
+        """
+        ws = self._ws
+        if ws is None or not self._up.is_set():
+            return False
+        try:
+            pong = await ws.ping()
+            await asyncio.wait_for(pong, timeout)
+            return True
+        except (ConnectionClosed, TimeoutError):
+            if self._ws is ws:
+                log.info(
+                    "signaling link to %s did not answer in %g s; reconnecting", self.url, timeout
+                )
+                self._backoff.reset()
+                ws.transport.abort()
+            return False
 
     async def close(self) -> None:
         self._closing = True
@@ -231,8 +255,7 @@ class SignalingLink:
             raise ConnectionError(f"closed by the server ({ws.close_code} {ws.close_reason})")
 
     async def _handshake(self, ws: ClientConnection) -> None:
-        welcome = await self._expect(ws, Welcome)
-        self.peer_id = welcome.peer
+        await self._expect(ws, Welcome)
         if self._device is not None:
             await ws.send(encode_signaling(Register(device=self._device)))
             await self._expect(ws, Registered)

@@ -151,6 +151,7 @@ def test_the_example_file_loads_and_shows_the_defaults(tmp_path: Path) -> None:
     config = load_config(str(tmp_path / "tunnel.toml"), env)
     assert config.signal_url == "wss://signal.example.net/signal"
     assert config.ice_hosts == ()
+    assert config.keepalive == 5.0  # the default, as the file says
     assert config.ice_servers == (
         IceServer("stun:stun.example.net:3478"),
         IceServer("turn:turn.example.net:3478?transport=udp", "tunnel", "turn-secret"),
@@ -723,3 +724,22 @@ def test_flag_errors_name_the_flag(changes: dict[str, object], expected: str) ->
     with pytest.raises(ConfigError) as info:
         config_from_flags(**(flags | changes))  # type: ignore[arg-type]
     assert str(info.value) == expected
+
+
+def test_keepalive_is_a_top_level_key_in_seconds(tmp_path: Path) -> None:
+    assert load(tmp_path, MINIMAL).keepalive == 5.0
+    assert load(tmp_path, SIGNAL + "keepalive = 2.5\n" + DEVICE).keepalive == 2.5
+    assert load(tmp_path, SIGNAL + "keepalive = 3\n" + DEVICE).keepalive == 3.0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0.5", "keepalive: keepalive must be 1-300 seconds, got 0.5"),
+        ("301", "keepalive: keepalive must be 1-300 seconds, got 301"),
+        ("nan", "keepalive: keepalive must be 1-300 seconds, got nan"),
+        ('"5"', "keepalive: expected a number, got a string"),
+    ],
+)
+def test_keepalive_errors_name_the_key(tmp_path: Path, value: str, expected: str) -> None:
+    assert str(failure(tmp_path, SIGNAL + f"keepalive = {value}\n" + DEVICE)) == expected

@@ -226,3 +226,37 @@ async def test_signaling_link_reconnects_and_registers_after_a_server_restart(
     finally:
         await link.close()
         await restarted.close()
+
+
+async def test_a_dead_path_reports_failed_within_the_keepalive(
+    server: tuple[SignalingServer, str],
+) -> None:
+    srv, secret = server
+    agent = TunnelAgent(keepalive=1.0)
+    failed = asyncio.Event()
+    agent.on_state_change = lambda state: failed.set() if state == "failed" else None
+    await agent.connect(
+        signal_url=srv.url,
+        device_id="dev-k",
+        token=issue_token(secret, sub="dev-k", role="device"),
+    )
+    await agent.create_data_channel("tunnel")
+    client = ClientPeer(
+        srv.url, issue_token(secret, sub="c1", role="client", devices=["dev-k"]), "dev-k"
+    )
+    try:
+        await client.start()
+        await asyncio.wait_for(agent.create_offer(), TIMEOUT)
+        await client.pump_until_open()
+        await agent.wait_connected(TIMEOUT)
+        assert agent.path_lost is None
+        # The client stops answering ICE, as a peer behind a dead path does.
+        assert client.peer.pc.sctp is not None
+        connection = client.peer.pc.sctp.transport.transport._connection
+        connection.request_received = lambda *args: None
+        await asyncio.wait_for(failed.wait(), TIMEOUT)
+        assert agent.state == "failed" and not agent.is_connected()
+        assert agent.path_lost == "path lost: no answer from the peer for 1 s"
+    finally:
+        await client.close()
+        await agent.disconnect()

@@ -25,14 +25,21 @@ class Child:
     """One ``tunnelctl`` child process with its output collected."""
 
     def __init__(
-        self, args: Sequence[str], *, env: Mapping[str, str] | None = None, name: str | None = None
+        self,
+        args: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        name: str | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
+        """``prefix`` runs the verb under another command that execs it, keeping the
+        pid (``ip netns exec NS``)."""
         self.name = name or args[0]
         full_env = dict(os.environ)
         full_env.update(env or {})
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tunnelctl", *args],
+            [*prefix, sys.executable, "-m", "tunnelctl", *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -42,6 +49,8 @@ class Child:
         )
         self.stdout_lines: queue.Queue[str | None] = queue.Queue()
         self.stderr_lines: list[str] = []
+        self._stderr_seen = threading.Condition()
+        self._stderr_dropped = 0
         self._readers = [
             threading.Thread(target=self._read_stdout, daemon=True),
             threading.Thread(target=self._read_stderr, daemon=True),
@@ -71,6 +80,30 @@ class Child:
                 )
             if line.startswith(prefix):
                 return line
+
+    def wait_stderr(self, text: str, timeout: float, *, after: int = 0) -> str:
+        """Return the first stderr line containing ``text`` among those after the
+        first ``after`` ever written; raise :class:`ChildFailed` on timeout."""
+
+        def find() -> str | None:
+            start = max(0, after - self._stderr_dropped)
+            return next((line for line in self.stderr_lines[start:] if text in line), None)
+
+        with self._stderr_seen:
+            if self._stderr_seen.wait_for(find, timeout) is None:
+                raise ChildFailed(
+                    f"{self.name}: no stderr line with {text!r} within {timeout:g} s; "
+                    f"stderr: {self.stderr_tail()}"
+                )
+            found = find()
+        assert found is not None
+        return found
+
+    @property
+    def stderr_count(self) -> int:
+        """Lines written to stderr so far (for ``wait_stderr(after=...)``)."""
+        with self._stderr_seen:
+            return self._stderr_dropped + len(self.stderr_lines)
 
     def stderr_tail(self, lines: int = 5) -> str:
         return " | ".join(self.stderr_lines[-lines:]) or "(empty)"
@@ -108,5 +141,10 @@ class Child:
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
-            self.stderr_lines.append(line.rstrip("\n"))
-            del self.stderr_lines[:-200]  # keep the tail only: bounded memory
+            with self._stderr_seen:
+                self.stderr_lines.append(line.rstrip("\n"))
+                excess = len(self.stderr_lines) - 200
+                if excess > 0:  # keep the tail only: bounded memory
+                    del self.stderr_lines[:excess]
+                    self._stderr_dropped += excess
+                self._stderr_seen.notify_all()

@@ -139,6 +139,19 @@ def ice_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def keepalive_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    from protocol.ice import DEFAULT_KEEPALIVE, MAX_KEEPALIVE, MIN_KEEPALIVE
+
+    return click.option(
+        "--keepalive",
+        type=click.FloatRange(MIN_KEEPALIVE, MAX_KEEPALIVE),
+        default=None,
+        metavar="SECONDS",
+        help="A session whose path goes unanswered this long is dead: it is reported, "
+        f"and the client builds a new one [default: {DEFAULT_KEEPALIVE:g}, or the config's].",
+    )(f)
+
+
 def build_ice(
     stun_urls: Sequence[str],
     turn_urls: Sequence[str],
@@ -198,11 +211,11 @@ def signal_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def load_secret_or_fail(secret_file: str | None) -> str:
     from signaling.auth import load_secret
-    from signaling.errors import ConfigError
+    from signaling.errors import ServerConfigError
 
     try:
         return load_secret(secret_file, os.environ)
-    except ConfigError as exc:
+    except ServerConfigError as exc:
         raise click.UsageError(str(exc)) from None
 
 
@@ -251,7 +264,7 @@ def signal_cmd(
     turn_ttl: int,
 ) -> None:
     """Run the signaling server (ws://HOST:PORT/signal)."""
-    from signaling.errors import ConfigError
+    from signaling.errors import ServerConfigError
     from signaling.server import run_server
     from signaling.turn import IceIssuer, load_turn_secret
 
@@ -261,7 +274,7 @@ def signal_cmd(
         try:
             turn_secret = load_turn_secret(turn_secret_file) if turn_secret_file else None
             issuer = IceIssuer(ice_servers, turn_secret, turn_ttl)
-        except ConfigError as exc:
+        except ServerConfigError as exc:
             raise click.UsageError(str(exc)) from None
 
     async def serve() -> int:
@@ -269,7 +282,7 @@ def signal_cmd(
             await run_server(
                 secret, host, port, on_ready=lambda url: ready(f"listening {url}"), ice=issuer
             )
-        except ConfigError as exc:
+        except ServerConfigError as exc:
             return error_line(str(exc))
         return 0
 
@@ -353,6 +366,7 @@ EXIT_NOT_RUNNING = 3
     "(repeatable). Clients reach these and nothing else.",
 )
 @ice_options
+@keepalive_option
 @click.option(
     "--pool-size",
     type=click.IntRange(0, 32),
@@ -375,6 +389,7 @@ def start(
     turn_user: str | None,
     turn_password: str | None,
     ice_hosts: tuple[str, ...],
+    keepalive: float | None,
     ice_policy: str | None,
     pool_size: int | None,
     runtime_dir: str | None,
@@ -427,6 +442,8 @@ def start(
         config = dataclasses.replace(config, ice_policy=ice_policy)  # type: ignore[arg-type]
     if pool_size is not None:
         config = dataclasses.replace(config, pool_size=pool_size)
+    if keepalive is not None:
+        config = dataclasses.replace(config, keepalive=keepalive)
     where = resolve_runtime_dir(runtime_dir)
     if detach:
         sys.exit(detach_supervisor(where))
@@ -489,12 +506,12 @@ def control_request(
 ) -> object:
     """One control round trip; exit with a clear line if no supervisor answers."""
     from supervisor.control import request
-    from supervisor.errors import ControlError
+    from supervisor.errors import ControlError, NotRunning
 
     try:
         return request(resolve_runtime_dir(runtime_dir), cmd, args, timeout=timeout)
     except ControlError as exc:
-        code = EXIT_NOT_RUNNING if "no supervisor" in str(exc) or "no answer" in str(exc) else 1
+        code = EXIT_NOT_RUNNING if isinstance(exc, NotRunning) else 1
         error_line(str(exc))
         sys.exit(code)
 
@@ -610,6 +627,7 @@ def stop(drain_timeout: float | None, runtime_dir: str | None) -> None:
     help="Local address to forward from (port 0 picks a free one).",
 )
 @ice_options
+@keepalive_option
 def connect(
     signal_url: str,
     device: str,
@@ -622,10 +640,12 @@ def connect(
     turn_user: str | None,
     turn_password: str | None,
     ice_hosts: tuple[str, ...],
+    keepalive: float | None,
     ice_policy: str | None,
 ) -> None:
     """Forward a local TCP port to SERVICE on DEVICE (like ssh -L)."""
     from protocol.frames import is_valid_service_name
+    from protocol.ice import DEFAULT_KEEPALIVE
     from workers.client import ClientTunnel, PortForward
     from workers.errors import TunnelError
 
@@ -644,6 +664,7 @@ def connect(
             device=device,
             token=jwt,
             ice_servers=ice,
+            keepalive=DEFAULT_KEEPALIVE if keepalive is None else keepalive,
             ice_policy="relay" if ice_policy == "relay" else "all",
         )
         forward = PortForward(tunnel, service, listen_host, int(port_text))

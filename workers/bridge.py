@@ -161,7 +161,7 @@ class TunnelBridge:
     ) -> int:
         """Carry an accepted local connection to ``service`` on a new stream (client side)."""
         if self.is_closed:
-            _abort(writer)
+            abort_connection(writer)
             raise LocalProtocolError("the tunnel is closed")
         stream_id = self.mux.open_stream(service)
         stream = _Stream(stream_id, service, writer=writer)
@@ -247,7 +247,7 @@ class TunnelBridge:
             self._reset(stream, ResetCode.CONNECT_FAILED, reason)
             return
         if stream.dead:
-            _abort(writer)
+            abort_connection(writer)
             return
         stream.writer = writer
         for chunk in stream.held:
@@ -395,7 +395,7 @@ class TunnelBridge:
         stream.writable.set()
         self._forget(stream)
         if stream.writer is not None:
-            _abort(stream.writer)
+            abort_connection(stream.writer)
         current = asyncio.current_task()
         for task in stream.tasks:
             if task is not current:
@@ -433,7 +433,7 @@ class TunnelBridge:
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
-def _abort(writer: asyncio.StreamWriter) -> None:
+def abort_connection(writer: asyncio.StreamWriter) -> None:
     """Close a TCP connection with an RST: its peer reads ECONNRESET, not EOF.
 
     ``transport.abort()`` alone only skips the write buffer; the kernel would

@@ -28,9 +28,10 @@ from typing import Any
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
 
-from protocol.ice import IcePolicy, IceServer
+from protocol.ice import DEFAULT_KEEPALIVE, IcePolicy, IceServer
 from protocol.signaling import Answer, Candidate, IceCandidate, Offer, SignalingMessage
 from signaling.errors import LinkError
+from workers import aiortc_tuning
 from workers.aiortc_tuning import failed_servers, lost_relays, relay_transport
 from workers.errors import SessionFailed, TunnelUsageError
 from workers.ice import rtc_configuration
@@ -43,54 +44,7 @@ DEFAULT_LABEL = "tunnel"
 
 SendSignal = Callable[[SignalingMessage], Awaitable[None]]
 
-
-#: The most one DataChannel message may grow to while being reassembled before
-#: the session is ended. Our messages are at most 64 KiB (PROTOCOL.md §2.1) and
-#: aiortc advertises 256 KiB; the slack covers a lost first fragment or two.
-MESSAGE_REASSEMBLY_LIMIT = 1024 * 1024
-_ABORTS: set[asyncio.Future[None]] = set()
-
-
-def _bound_message_reassembly() -> None:
-    """End an association whose peer sends a message that never ends.
-
-    aiortc reassembles a message of any size before anyone sees it (it ignores
-    the max-message-size it advertises on receipt), and its reassembly is
-    quadratic in CPU: one endless message costs the worker memory and CPU
-    without bound. It has no hook for this, so its DATA handler is wrapped,
-    once per process: each inbound stream counts the bytes since the last
-    first-fragment; past the limit, the buffered data is dropped and the
-    association aborted, which ends the session with its DataChannel.
-    (Not the receive window: aiortc's own sender does not honour it.)
-    """
-    from aiortc.rtcsctptransport import SCTP_DATA_FIRST_FRAG, RTCSctpTransport
-
-    original = RTCSctpTransport._receive_data_chunk
-    if getattr(original, "tunnelctl_guard", False):
-        return
-
-    async def receive_data_chunk(self: RTCSctpTransport, chunk: Any) -> None:
-        if getattr(self, "tunnelctl_aborted", False):
-            return  # aborting: keep nothing more
-        stream = self._get_inbound_stream(chunk.stream_id)
-        run = 0 if chunk.flags & SCTP_DATA_FIRST_FRAG else getattr(stream, "tunnelctl_run", 0)
-        stream.tunnelctl_run = run + len(chunk.user_data)  # type: ignore[attr-defined]
-        if stream.tunnelctl_run > MESSAGE_REASSEMBLY_LIMIT:  # type: ignore[attr-defined]
-            log.warning("peer sent a message over %d bytes; aborting", MESSAGE_REASSEMBLY_LIMIT)
-            self.tunnelctl_aborted = True  # type: ignore[attr-defined]
-            for inbound in self._inbound_streams.values():
-                inbound.reassembly.clear()
-            task = asyncio.ensure_future(self.stop())
-            _ABORTS.add(task)
-            task.add_done_callback(_ABORTS.discard)
-            return
-        await original(self, chunk)
-
-    receive_data_chunk.tunnelctl_guard = True  # type: ignore[attr-defined]
-    RTCSctpTransport._receive_data_chunk = receive_data_chunk  # type: ignore[method-assign]
-
-
-_bound_message_reassembly()
+aiortc_tuning.install()
 
 
 def warm_up_crypto() -> None:
@@ -150,8 +104,10 @@ class PeerSession:
         on_state: Callable[[str], None] | None = None,
         on_relay_lost: RelayLost | None = None,
         channel_protocol: str = CHANNEL_PROTOCOL,
+        keepalive: float = DEFAULT_KEEPALIVE,
     ) -> None:
         self.session_id = session_id
+        self.keepalive = keepalive
         self.channel_protocol = channel_protocol
         self._send_signal = send
         self._on_state = on_state
@@ -172,6 +128,7 @@ class PeerSession:
         """Create the session's DataChannel (offerer only, before ``start_offer``)."""
         channel = self.pc.createDataChannel(label, ordered=True, protocol=self.channel_protocol)
         channel.on("open", lambda: self._resolve_channel(channel))
+        aiortc_tuning.set_keepalive(self.pc, self.keepalive)
         return channel
 
     async def start_offer(self) -> str:
@@ -314,6 +271,14 @@ class PeerSession:
         if self._on_relay_lost is not None:
             self._on_relay_lost(url, reason)
 
+    @property
+    def path_lost(self) -> str | None:
+        """Why the path died (no answer to consent checks), or ``None`` if it did not."""
+        keepalive = aiortc_tuning.consent_expired(self.pc)
+        if keepalive is None:
+            return None
+        return f"path lost: no answer from the peer for {keepalive:g} s"
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -338,6 +303,7 @@ class PeerSession:
             # aiortc's SDP parser signals bad input with whatever it tripped on.
             raise SessionFailed(f"invalid {description.type} from the peer: {exc}") from None
         self._remote_set = True
+        aiortc_tuning.set_keepalive(self.pc, self.keepalive)
         early, self._early_candidates = self._early_candidates, []
         for candidate in early:
             await self._add_candidate(candidate)
@@ -389,10 +355,17 @@ class PeerSession:
 
     def _connection_state_changed(self) -> None:
         state = str(self.pc.connectionState)
+        lost = self.path_lost if state in ("failed", "closed") and not self._closed else None
+        if lost is not None:
+            # When consent expires, aiortc often closes the DTLS transport, and so the
+            # whole connection, before it reports "failed": a lost path is a failure.
+            state = "failed"
         if state == self.state:
             return
         self.state = state
         log.debug("session %s: peer connection %s", self.session_id, state)
+        if lost is not None:
+            log.warning("session %s: %s", self.session_id, lost)
         if state in ("failed", "closed") and not self._channel.done():
             self._channel.set_exception(SessionFailed(f"peer connection {state}"))
             with contextlib.suppress(BaseException):

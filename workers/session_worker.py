@@ -24,9 +24,13 @@ import time
 import zmq
 import zmq.asyncio
 
+from aio.tasks import TaskSet
 from protocol.errors import SignalingError
-from protocol.ice import IceConfig
+from protocol.ice import DEFAULT_KEEPALIVE, IceConfig
 from protocol.ipc import (
+    MAX_REASON_LEN,
+    ZMQ_HWM,
+    ZMQ_MAX_MSG_SIZE,
     Assign,
     Drain,
     Ended,
@@ -56,12 +60,15 @@ from workers.bridge import ServiceAddress, TunnelBridge
 from workers.errors import SessionFailed
 from workers.ice import parse_networks, restrict_host_addresses
 from workers.peer import PeerSession
-from workers.tasks import TaskSet
 
 log = logging.getLogger("tunnelctl.worker")
 
 OPEN_TIMEOUT = 30.0
-HWM = 1000
+#: An idle worker makes its prepared offer again when it is this old (seconds):
+#: its server-reflexive candidates and TURN allocation ride on NAT mappings,
+#: which commonly expire after 30 s without traffic, and a TURN server's
+#: credentials may have changed meanwhile.
+PREPARED_MAX_AGE = 20.0
 
 
 class SessionWorker:
@@ -76,8 +83,15 @@ class SessionWorker:
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 5.0,
         ice: IceConfig | None = None,
+        keepalive: float = DEFAULT_KEEPALIVE,
+        prepared_max_age: float = PREPARED_MAX_AGE,
     ) -> None:
         self.worker_id = worker_id
+        self.keepalive = keepalive
+        self.prepared_max_age = prepared_max_age
+        #: Offers prepared so far (the first one, then one per refresh).
+        self.offers_prepared = 0
+        self.offer_refreshed = asyncio.Event()
         # With the ICE settings known up front, an idle worker prepares its
         # PeerConnection and offer before any session asks for one.
         self.ice = ice
@@ -91,7 +105,6 @@ class SessionWorker:
         self.session_id: str | None = None
         self.peer: PeerSession | None = None
         self.bridge: TunnelBridge | None = None
-        self.bad_messages = 0
         self._done = asyncio.get_running_loop().create_future()
         self._ended_sent = False
         self._inbox: asyncio.Queue[SignalingMessage] = asyncio.Queue(maxsize=256)
@@ -99,9 +112,9 @@ class SessionWorker:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, HWM)
-        self.sock.setsockopt(zmq.RCVHWM, HWM)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, 262144 + 64)
+        self.sock.setsockopt(zmq.SNDHWM, ZMQ_HWM)
+        self.sock.setsockopt(zmq.RCVHWM, ZMQ_HWM)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, ZMQ_MAX_MSG_SIZE)
 
     async def run(self) -> str:
         """Serve until the session ends or the supervisor goes away; return why."""
@@ -109,12 +122,13 @@ class SessionWorker:
         self.sock.connect(self.endpoint)
         self._watch_supervisor(loop)
         await self._send(Hello(worker=self.worker_id, pid=os.getpid()))
-        if self.ice is not None:
-            self._prepared = loop.create_task(self._prepare(self.ice), name="prepare")
         tasks = [
             loop.create_task(self._receive(), name="receive"),
             loop.create_task(self._heartbeats(), name="heartbeats"),
         ]
+        if self.ice is not None:
+            self._prepared = loop.create_task(self._prepare(self.ice), name="prepare")
+            tasks.append(loop.create_task(self._keep_prepared_fresh(), name="refresh"))
         try:
             reason: str = await self._done
             return reason
@@ -148,7 +162,6 @@ class SessionWorker:
             try:
                 message = decode_ipc(data)
             except IpcError as exc:
-                self.bad_messages += 1
                 log.warning("worker %s: bad message from the supervisor: %s", self.worker_id, exc)
                 continue
             await self._handle(message)
@@ -162,12 +175,10 @@ class SessionWorker:
             asyncio.get_running_loop().create_task(self._run_session(message), name="session")
         elif isinstance(message, Relay):
             if message.session != self.session_id:
-                self.bad_messages += 1
                 return
             try:
                 signal = decode_signaling(message.message)
             except SignalingError as exc:
-                self.bad_messages += 1
                 log.warning("worker %s: bad relayed message: %s", self.worker_id, exc)
                 return
             with contextlib.suppress(asyncio.QueueFull):
@@ -214,6 +225,7 @@ class SessionWorker:
             ice_policy=ice.policy,
             on_state=self._state,
             on_relay_lost=self._relay_lost,
+            keepalive=self.keepalive,
         )
         bridge = TunnelBridge(peer.create_channel(), Role.DEVICE, services={})
         try:
@@ -223,7 +235,50 @@ class SessionWorker:
             bridge.close("offer not prepared")
             self._background.spawn(peer.close(), name="close unprepared offer")
             raise
+        self.offers_prepared += 1
         return peer, bridge
+
+    async def _keep_prepared_fresh(self) -> None:
+        """While idle, replace the prepared offer with a new one every ``prepared_max_age``.
+
+        The new one is made before the old one is dropped, so a session that
+        arrives meanwhile takes the old one (still within its age) at once.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.prepared_max_age)
+            ice = self.ice
+            if self.session_id is not None or ice is None:
+                return
+            current = self._prepared
+            if current is not None and not current.done():
+                continue  # new settings or a lost relay are being prepared for already
+            fresh = loop.create_task(self._prepare(ice), name="prepare")
+            try:
+                await fresh
+            except Exception as exc:  # the old offer stays; try again next period
+                log.warning("worker %s: cannot refresh the prepared offer: %s", self.worker_id, exc)
+                continue
+            failed = fresh.result()[0].failed_turn_servers()
+            if failed:
+                # Never trade a relay for none: a lost allocation is noticed and
+                # re-gathered on its own (_relay_lost), with backoff.
+                log.warning(
+                    "worker %s: %s failed; keeping the prepared offer",
+                    self.worker_id,
+                    ", ".join(failed),
+                )
+                self._close_prepared(fresh, "TURN server failed")
+                continue
+            if self.session_id is not None or ice != self.ice:
+                # Assigned meanwhile (it took the old offer), or new settings came
+                # (_ice_changed prepares for them): this one is not wanted.
+                self._close_prepared(fresh, "prepared offer not needed")
+                continue
+            self._discard_prepared("prepared offer replaced")
+            self._prepared = fresh
+            log.debug("worker %s: prepared offer refreshed", self.worker_id)
+            self.offer_refreshed.set()
 
     def _ice_changed(self, ice: IceConfig) -> None:
         """New ICE settings (fresh TURN credentials): prepare again, in the background."""
@@ -287,15 +342,20 @@ class SessionWorker:
                 await asyncio.wait_for(self._session_waiting.wait(), delay)
             delay = min(delay * 2, 15.0)
 
-    def _discard_prepared(self) -> None:
+    def _discard_prepared(self, why: str = "ICE settings changed") -> None:
         prepared, self._prepared = self._prepared, None
-        if prepared is None:
-            return
+        if prepared is not None:
+            self._close_prepared(prepared, why)
+
+    def _close_prepared(
+        self, prepared: asyncio.Task[tuple[PeerSession, TunnelBridge]], why: str
+    ) -> None:
+        """Close a prepared PeerConnection nobody will use (its TURN allocation is freed)."""
         if not prepared.done():
             prepared.cancel()
         elif not prepared.cancelled() and prepared.exception() is None:
             peer, bridge = prepared.result()
-            bridge.close("ICE settings changed")
+            bridge.close(why)
             self._background.spawn(peer.close(), name="close stale offer")
 
     async def _take_prepared(self, assign: Assign) -> tuple[PeerSession, TunnelBridge]:
@@ -355,7 +415,8 @@ class SessionWorker:
                 relay_transport=path.relay_transport if path else None,
             )
         )
-        reason = await self.bridge.wait_closed()
+        closed = await self.bridge.wait_closed()
+        reason = peer.path_lost or closed
         pump.cancel()
         await self._end(reason, clean=True, tell_client=True)
 
@@ -404,7 +465,7 @@ class SessionWorker:
         if self._ended_sent or self.session_id is None:
             return
         self._ended_sent = True
-        reason = reason[:200]
+        reason = reason[:MAX_REASON_LEN]
         if tell_client:
             with contextlib.suppress(SessionFailed):
                 await self._relay_out(SessionEnd(session=self.session_id, reason=reason))
@@ -431,6 +492,7 @@ def worker_main(
     log_level: int = logging.INFO,
     ice: IceConfig | None = None,
     stack_log_level: int = logging.WARNING,
+    keepalive: float = DEFAULT_KEEPALIVE,
 ) -> int:
     """Entry point of a forked worker; returns the process exit code."""
     logging.basicConfig(
@@ -451,6 +513,7 @@ def worker_main(
             heartbeat_interval=heartbeat_interval,
             heartbeat_timeout=heartbeat_timeout,
             ice=ice,
+            keepalive=keepalive,
         )
         return await worker.run()
 

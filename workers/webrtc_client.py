@@ -21,7 +21,9 @@ reports the connection's lifecycle through :attr:`on_state_change`::
 States (``agent.state``, passed to ``on_state_change``) follow the W3C
 ``RTCPeerConnectionState``: ``new`` → ``connecting`` → ``connected``, then
 ``disconnected`` / ``failed`` / ``closed``. A refused token sets ``failed`` and
-raises :class:`SignalingRejected` from ``connect``.
+raises :class:`SignalingRejected` from ``connect``. A path that stops
+answering sets ``failed`` within ``keepalive`` seconds (default 5; ICE consent,
+RFC 7675), and :attr:`path_lost` says so.
 
 The agent serves one session at a time; ``tunnelctl start`` serves many through
 the supervisor (one worker process per session, :mod:`workers.session_worker`).
@@ -37,7 +39,8 @@ from typing import Any
 
 from aiortc import RTCDataChannel, RTCSessionDescription
 
-from protocol.ice import IceServer
+from aio.tasks import TaskSet
+from protocol.ice import DEFAULT_KEEPALIVE, IceServer
 from protocol.signaling import (
     Answer,
     Candidate,
@@ -52,7 +55,6 @@ from signaling.errors import LinkDown, LinkRejected
 from signaling.link import SignalingLink
 from workers.errors import SessionFailed, SignalingRejected, TunnelUsageError
 from workers.peer import PeerSession
-from workers.tasks import TaskSet
 
 log = logging.getLogger("tunnelctl.agent")
 
@@ -61,10 +63,15 @@ class TunnelAgent:
     """The device end of one WebRTC tunnel, negotiated through our signaling server."""
 
     def __init__(
-        self, ice_servers: Sequence[IceServer] = (), *, channel_protocol: str = ""
+        self,
+        ice_servers: Sequence[IceServer] = (),
+        *,
+        channel_protocol: str = "",
+        keepalive: float = DEFAULT_KEEPALIVE,
     ) -> None:
         self.ice_servers = tuple(ice_servers)
         self._issued_ice_servers: tuple[IceServer, ...] = ()  # from the signaling server
+        self.keepalive = keepalive
         self.channel_protocol = channel_protocol
         self.on_state_change: Callable[[str], None] | None = None
         self.on_message: Callable[[bytes | str], None] | None = None
@@ -107,6 +114,7 @@ class TunnelAgent:
             ice_servers=self.ice_servers + self._issued_ice_servers,
             on_state=self._on_peer_state,
             channel_protocol=self.channel_protocol,
+            keepalive=self.keepalive,
         )
         channel = self._peer.create_channel(label)
         channel.on("message", self._deliver)
@@ -129,6 +137,11 @@ class TunnelAgent:
         if self._peer is None:
             raise TunnelUsageError("call create_data_channel() first")
         await self._peer.wait_open(timeout)
+
+    @property
+    def path_lost(self) -> str | None:
+        """Why the session's path died, or ``None`` if it did not."""
+        return self._peer.path_lost if self._peer is not None else None
 
     def is_connected(self) -> bool:
         return (

@@ -1,0 +1,155 @@
+"""workers.aiortc_tuning, with two real aiortc peers in this process on 127.0.0.1.
+
+Each test makes one side misbehave the way a real path does (a peer that stops
+answering, a NAT that drops the first check, a STUN server that never answers)
+and checks the tuned behaviour. Times are printed, not asserted, except where
+the bound is the feature (an unreachable STUN server must not cost aioice's 5 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aioice
+import aiortc
+import pytest
+
+from protocol.signaling import Answer, SignalingMessage
+from workers import aiortc_tuning
+from workers.ice import IceServer
+from workers.peer import PeerSession
+
+TIMEOUT = 20.0
+
+pytestmark = pytest.mark.usefixtures("loopback_ice")
+
+
+class Outbox:
+    def __init__(self) -> None:
+        self.messages: list[SignalingMessage] = []
+
+    async def send(self, message: SignalingMessage) -> None:
+        self.messages.append(message)
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[PeerSession, PeerSession, Outbox]]:
+    device = PeerSession("s-tuning-test-1", Outbox().send, keepalive=1.0)
+    client_out = Outbox()
+    client = PeerSession("s-tuning-test-1", client_out.send, keepalive=1.0)
+    yield device, client, client_out
+    await device.close()
+    await client.close()
+
+
+async def negotiate(device: PeerSession, client: PeerSession, client_out: Outbox) -> None:
+    await client.handle_offer(await device.start_offer())
+    answer = client_out.messages[0]
+    assert isinstance(answer, Answer)
+    await device.handle_answer(answer.sdp)
+
+
+def ice(peer: PeerSession) -> aioice.Connection:
+    assert peer.pc.sctp is not None
+    connection: aioice.Connection = peer.pc.sctp.transport.transport._connection
+    return connection
+
+
+def test_the_installed_versions_are_verified_and_tuned() -> None:
+    assert aiortc_tuning.versions_verified(), (aioice.__version__, aiortc.__version__)
+    assert aiortc_tuning.install() is True
+    assert aiortc_tuning.install() is True  # once per process, then the same answer
+
+
+async def test_a_peer_that_stops_answering_fails_the_session_within_its_keepalive(
+    pair: tuple[PeerSession, PeerSession, Outbox],
+) -> None:
+    device, client, client_out = pair
+    failed = asyncio.Event()
+    device._on_state = lambda state: failed.set() if state == "failed" else None
+    await negotiate(device, client, client_out)
+    await asyncio.gather(device.wait_open(TIMEOUT), client.wait_open(TIMEOUT))
+    assert device.path_lost is None
+    # The client goes silent: every STUN request it receives is dropped, as on a dead path.
+    ice(client).request_received = lambda *args: None  # type: ignore[method-assign]
+    silent = time.monotonic()
+    await asyncio.wait_for(failed.wait(), TIMEOUT)
+    print(f"\nsilent peer noticed after {time.monotonic() - silent:.2f} s (keepalive 1 s)")
+    assert device.path_lost == "path lost: no answer from the peer for 1 s"
+    assert device.channel is not None and device.channel.readyState in ("closing", "closed")
+
+
+async def test_a_check_the_peers_nat_dropped_is_sent_again_when_the_peer_checks(
+    pair: tuple[PeerSession, PeerSession, Outbox],
+) -> None:
+    device, client, client_out = pair
+    # The device's NAT drops the first check that reaches it: the device has not
+    # sent anything to the client yet, so no mapping lets it in.
+    device.create_channel()
+    device_ice = ice(device)
+    real_request_received = device_ice.request_received
+    dropped: list[tuple[str, int]] = []  # where the dropped check was sent to
+
+    def nat_filter(message: Any, addr: tuple[str, int], protocol: Any) -> None:
+        if not dropped:
+            dropped.append((protocol.local_candidate.host, protocol.local_candidate.port))
+            return
+        real_request_received(message, addr, protocol)
+
+    device_ice.request_received = nat_filter  # type: ignore[method-assign]
+    handling = False
+    resent_on_check: list[tuple[str, int]] = []
+
+    def check_incoming(message: Any, addr: tuple[str, int], protocol: Any) -> None:
+        nonlocal handling
+        handling = True
+        try:
+            aioice.Connection.check_incoming(client_ice, message, addr, protocol)
+        finally:
+            handling = False
+
+    started = time.monotonic()
+    await client.handle_offer(await device.start_offer())
+    # Record the client's requests sent while it handles the device's check (the
+    # device checks only once it has the answer, sent below).
+    client_ice = ice(client)
+    client_ice.check_incoming = check_incoming  # type: ignore[method-assign]
+    for protocol in client_ice._protocols:
+        real_send = protocol.send_stun
+
+        def send_stun(message: Any, addr: tuple[str, int], real: Any = real_send) -> None:
+            if handling and message.message_class == aioice.stun.Class.REQUEST:
+                resent_on_check.append(addr)
+            real(message, addr)
+
+        protocol.send_stun = send_stun  # type: ignore[method-assign]
+    answer = client_out.messages[0]
+    assert isinstance(answer, Answer)
+    await device.handle_answer(answer.sdp)
+    await asyncio.gather(device.wait_open(TIMEOUT), client.wait_open(TIMEOUT))
+    print(f"\nopen in {(time.monotonic() - started) * 1000:.0f} ms with the first check dropped")
+    assert dropped, "the client's first check never reached the device"
+    assert resent_on_check == [dropped[0]]
+
+
+async def test_an_unreachable_stun_server_delays_the_offer_by_the_bound_only() -> None:
+    # A UDP socket that never answers: a STUN server behind a firewall that drops.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as hole:
+        hole.bind(("127.0.0.1", 0))
+        port = hole.getsockname()[1]
+        peer = PeerSession(
+            "s-tuning-test-2", Outbox().send, ice_servers=[IceServer(f"stun:127.0.0.1:{port}")]
+        )
+        try:
+            started = time.monotonic()
+            sdp = await asyncio.wait_for(peer.prepare_offer(), TIMEOUT)
+            took = time.monotonic() - started
+        finally:
+            await peer.close()
+    print(f"\noffer with an unreachable STUN server in {took:.2f} s")
+    assert "typ host" in sdp and "typ srflx" not in sdp
+    assert took < 5.0  # aioice alone waits 5 s; the bound is STUN_TIMEOUT
