@@ -172,7 +172,7 @@ async def test_a_refused_peer_address_is_not_a_lost_allocation(code: int, lost: 
     protocol = aioice.ice.StunProtocol(aioice.Connection(ice_controlling=True))
     protocol.tunnelctl_relay_transport = "udp"  # type: ignore[attr-defined]
     protocol.tunnelctl_url = "turn:203.0.113.1:3478"  # type: ignore[attr-defined]
-    aiortc_tuning.watch_relays(protocol.receiver, lambda url, why: reported.append((url, why)))
+    protocol.receiver.tunnelctl_on_relay_lost = lambda url, why: reported.append((url, why))  # type: ignore[attr-defined]
     protocol.error_received(_channel_bind_error(code, "x"))
     assert bool(reported) is lost, reported
 
@@ -183,7 +183,6 @@ async def test_an_allocation_lost_before_anyone_watches_is_reported_when_watched
     protocol.tunnelctl_relay_transport = "tcp"  # type: ignore[attr-defined]
     protocol.tunnelctl_url = "turn:203.0.113.1:3478?transport=tcp"  # type: ignore[attr-defined]
     protocol.connection_lost(ConnectionResetError(104, "Connection reset by peer"))
-    reported: list[tuple[str, str]] = []
-    aiortc_tuning.watch_relays(protocol.receiver, lambda url, why: reported.append((url, why)))
+    reported = aiortc_tuning.lost_relays(protocol.receiver)
     assert [url for url, _ in reported] == ["turn:203.0.113.1:3478?transport=tcp"]
     assert "connection to the server lost" in reported[0][1]

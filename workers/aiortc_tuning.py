@@ -282,28 +282,21 @@ def _report_relay_lost(protocol: aioice.ice.StunProtocol, reason: str) -> None:
         return
     protocol.tunnelctl_lost = True  # type: ignore[attr-defined]
     url = _url(protocol)
-    connection = protocol.receiver
-    callback: RelayLost | None = getattr(connection, "tunnelctl_on_relay_lost", None)
-    if callback is not None:
+    callback: RelayLost | None = getattr(protocol.receiver, "tunnelctl_on_relay_lost", None)
+    if callback is None:
+        # Lost while gathering, before anyone listens: kept for lost_relays().
+        log.warning("%s: allocation lost: %s", url, reason)
+        lost = getattr(protocol.receiver, "tunnelctl_lost_relays", [])
+        lost.append((url, reason))
+        protocol.receiver.tunnelctl_lost_relays = lost  # type: ignore[attr-defined]
+    else:
         callback(url, reason)
-        return
-    log.warning("%s: allocation lost: %s", url, reason)
-    # Lost while still gathering, before anyone watches: kept for the watcher.
-    lost: list[tuple[str, str]] | None = getattr(connection, "tunnelctl_relays_lost", None)
-    if lost is None:
-        lost = []
-        connection.tunnelctl_relays_lost = lost  # type: ignore[attr-defined]
-    lost.append((url, reason))
 
 
-def watch_relays(connection: Any, on_lost: RelayLost) -> None:
-    """Call ``on_lost(url, reason)`` for each TURN allocation of ``connection`` that is
-    lost from now on, and at once for those lost before this call (while gathering)."""
-    connection.tunnelctl_on_relay_lost = on_lost
-    lost = getattr(connection, "tunnelctl_relays_lost", [])
-    connection.tunnelctl_relays_lost = []
-    for url, reason in lost:
-        on_lost(url, reason)
+def lost_relays(connection: object) -> list[tuple[str, str]]:
+    """``(url, reason)`` of relays lost before ``tunnelctl_on_relay_lost`` was set."""
+    lost = getattr(connection, "tunnelctl_lost_relays", [])
+    return list(lost) if isinstance(lost, list) else []
 
 
 def _patch_relay_loss() -> None:

@@ -290,30 +290,29 @@ class SessionWorker:
         self._prepared = asyncio.get_running_loop().create_task(self._prepare(ice), name="prepare")
 
     def _relay_lost(self, url: str, reason: str) -> None:
-        loop = asyncio.get_running_loop()
         prepared = self._prepared
         if self.session_id is None and self.ice is not None and prepared is not None:
-            if not prepared.done():
-                # Lost while the offer was being made: judge it once it is.
-                prepared.add_done_callback(lambda _: self._relay_lost(url, reason))
-                return
-            stale = (
-                prepared.done()
-                and not prepared.cancelled()
-                and prepared.exception() is None
-                and prepared.result()[0].relay_lost is not None
-            )
-            if stale:  # the idle offer names a relay that no longer exists
-                self._discard_prepared()
-                self._prepared = loop.create_task(
-                    self._prepare_until_relayed(self.ice), name="prepare"
-                )
+            if prepared.done():
+                self._recheck_prepared(prepared)
+            else:  # lost while that offer is being prepared: judge it once it is
+                prepared.add_done_callback(self._recheck_prepared)
             return
         peer = self.peer
         if peer is not None and peer.relay_in_use(url):
             self._background.spawn(
                 self._end(f"TURN allocation on {url} lost", clean=False, tell_client=True)
             )
+
+    def _recheck_prepared(self, task: asyncio.Task[tuple[PeerSession, TunnelBridge]]) -> None:
+        """An idle offer that names a relay which no longer exists is prepared again."""
+        if task is not self._prepared or self.session_id is not None or self.ice is None:
+            return
+        if task.cancelled() or task.exception() is not None or task.result()[0].relay_lost is None:
+            return
+        self._discard_prepared()
+        self._prepared = asyncio.get_running_loop().create_task(
+            self._prepare_until_relayed(self.ice), name="prepare"
+        )
 
     async def _prepare_until_relayed(self, ice: IceConfig) -> tuple[PeerSession, TunnelBridge]:
         """Prepare again after a lost allocation, retrying while a TURN server fails.
@@ -325,7 +324,7 @@ class SessionWorker:
         delay = 1.0
         while True:
             peer, bridge = await self._prepare(ice)
-            failed = peer.failed_turn_servers()
+            failed = peer.failed_turn_servers() + ([peer.relay_lost] if peer.relay_lost else [])
             if not failed:
                 log.info("worker %s: offer prepared again with a fresh relay", self.worker_id)
                 return peer, bridge
