@@ -20,13 +20,13 @@ import contextlib
 import enum
 import logging
 import os
-import re
 from collections.abc import Callable
-from typing import Final, TypeVar
+from typing import TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from aio.logs import RedactSecrets
 from protocol.backoff import Backoff
 from protocol.errors import SignalingError
 from protocol.signaling import (
@@ -42,23 +42,6 @@ from protocol.signaling import (
 from signaling.errors import LinkDown, LinkRejected
 
 log = logging.getLogger("tunnelctl.link")
-
-
-class RedactSecrets(logging.Filter):
-    """Hide tokens and TURN credentials in websockets' own log lines.
-
-    At debug level websockets logs the request path (``?token=``) and the
-    start of every frame (an ``auth`` message, an ``ice_servers`` message).
-    """
-
-    _SECRET_RE: Final = re.compile(r'(token=|"token":\s*"|"credential":\s*")[^&"\s]*')
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "token" in message or "credential" in message:
-            record.msg = self._SECRET_RE.sub(r"\1<redacted>", message)
-            record.args = None
-        return True
 
 
 # websockets' own logger (outside "tunnelctl", so -v leaves it quiet; -vv shows

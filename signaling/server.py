@@ -75,7 +75,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from aio.logs import LogThrottle
+from aio.logs import LogThrottle, RedactSecrets
 from protocol.errors import SignalingError
 from protocol.signaling import (
     MAX_FRAME_SIZE,
@@ -89,7 +89,6 @@ from protocol.signaling import (
 )
 from signaling.auth import LEEWAY, Identity, check_secret, verify_token
 from signaling.errors import AuthError, ServerConfigError, UsageError
-from signaling.link import RedactSecrets
 from signaling.router import Action, Limits, Router, Send
 from signaling.turn import IceIssuer
 

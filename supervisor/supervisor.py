@@ -86,6 +86,10 @@ from supervisor.runtime import (
     prepare_runtime_dir,
 )
 
+_NOT_FOR_WORKERS = frozenset(
+    {"NOTIFY_SOCKET", "TUNNEL_TOKEN", "TUNNEL_SECRET", "TUNNEL_TURN_PASSWORD"}
+)
+
 log = logging.getLogger("tunnelctl.supervisor")
 
 
@@ -410,6 +414,23 @@ class Supervisor:
 
     # -- the fork server ---------------------------------------------------------------------
 
+    def _worker_environment(self) -> dict[str, str]:
+        """Ours, minus what the fork server and workers must not hold.
+
+        Only the supervisor talks to systemd (NotifyAccess=main), and only it
+        needs the device tokens: a worker gets its TURN credentials in its
+        assign message. Dropped by name (TUNNEL_TOKEN, TUNNEL_SECRET,
+        TUNNEL_TURN_PASSWORD) and by value (any variable a config's
+        ``token_env`` or ``credential_env`` named).
+        """
+        held = {d.token for d in self.config.devices}
+        held |= {s.credential for s in self.config.ice_servers if s.credential}
+        return {
+            k: v
+            for k, v in os.environ.items()
+            if k not in _NOT_FOR_WORKERS and v.strip() not in held
+        }
+
     async def _start_zygote(self) -> None:
         loop = asyncio.get_running_loop()
         self._zygote_ready = loop.create_future()
@@ -434,8 +455,7 @@ class Supervisor:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             start_new_session=True,  # a terminal's Ctrl-C is the supervisor's alone
-            # Only the supervisor talks to systemd (NotifyAccess=main).
-            env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
+            env=self._worker_environment(),
         )
         self._tasks.spawn(self._zygote_reader(self._zygote), "zygote")
         try:

@@ -15,6 +15,7 @@ import subprocess
 import pytest
 from websockets.asyncio.client import connect
 
+from aio.logs import RedactSecrets
 from protocol.ice import IceConfig, IceServer, parse_ice_url, turn_rest_credential
 from protocol.signaling import (
     Error,
@@ -25,7 +26,6 @@ from protocol.signaling import (
 )
 from signaling.auth import issue_token
 from signaling.errors import ServerConfigError
-from signaling.link import RedactSecrets
 from signaling.server import SignalingServer
 from signaling.turn import IceIssuer, load_turn_secret
 

@@ -49,6 +49,9 @@ def setup_logging(verbose: int) -> None:
     logging.getLogger("tunnelctl").setLevel(level)
     if verbose > 1:
         root.setLevel(logging.DEBUG)
+    from aio.logs import redact_all_logs
+
+    redact_all_logs()  # at any verbosity, third-party debug output included
 
 
 def run_until_signal(main_coro: Callable[[], Coroutine[Any, Any, int]]) -> int:

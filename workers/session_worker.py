@@ -24,6 +24,7 @@ import time
 import zmq
 import zmq.asyncio
 
+from aio.logs import redact_all_logs
 from aio.tasks import TaskSet
 from protocol.errors import SignalingError
 from protocol.ice import DEFAULT_KEEPALIVE, IceConfig
@@ -501,6 +502,7 @@ def worker_main(
         format=f"%(asctime)s.%(msecs)03d worker[{os.getpid()}] %(name)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
+    redact_all_logs()  # the TURN credentials of Assign, in aioice's debug output
     # aiortc/aioice as verbose as in the supervisor: debug at -vv.
     for name in ("aiortc", "aioice"):
         logging.getLogger(name).setLevel(stack_log_level)
