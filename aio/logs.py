@@ -102,17 +102,20 @@ class LogThrottle:
         self._clock = clock
         self._windows: dict[str, _Window] = {}
 
-    def warning(self, kind: str, msg: str, *args: object) -> bool:
-        return self.log(logging.WARNING, kind, msg, *args)
+    def warning(self, kind: str, msg: str, *args: object, now: float | None = None) -> bool:
+        return self.log(logging.WARNING, kind, msg, *args, now=now)
 
-    def info(self, kind: str, msg: str, *args: object) -> bool:
-        return self.log(logging.INFO, kind, msg, *args)
+    def info(self, kind: str, msg: str, *args: object, now: float | None = None) -> bool:
+        return self.log(logging.INFO, kind, msg, *args, now=now)
 
-    def log(self, level: int, kind: str, msg: str, *args: object) -> bool:
-        """Log ``msg % args`` unless ``kind`` is over its budget; return whether it was."""
+    def log(self, level: int, kind: str, msg: str, *args: object, now: float | None = None) -> bool:
+        """Log ``msg % args`` unless ``kind`` is over its budget; return whether it was.
+
+        ``now`` (a sans-I/O core's time) replaces the clock when given."""
         if not self._log.isEnabledFor(level):
             return False
-        now = self._clock()
+        if now is None:
+            now = self._clock()
         window = self._windows.get(kind)
         if window is None or now - window.start >= self._interval:
             suppressed = window.suppressed if window is not None else 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from aio.logs import LogThrottle
 from protocol.ipc import IceUpdate
 from protocol.signaling import (
     Answer,
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from supervisor.core import SupervisorCore
 
 log = logging.getLogger("tunnelctl.supervisor")
+_remote = LogThrottle(log)  # lines a client can cause at will
 
 DUPLICATE = "session id in use: ask with a new one"
 
@@ -99,7 +101,13 @@ def _on_session_request(
     if request.session in core.sessions:
         # Never merged into the running session, whoever asks: the same answer
         # for its owner and for anyone else who learnt the id.
-        log.info("session %s: refused a second request for it (from %s)", request.session, client)
+        _remote.info(
+            "duplicate",
+            "session %s: refused a second request for it (from %s)",
+            request.session,
+            client,
+            now=now,
+        )
         core.emit(SendSignal(device, SessionEnd(session=request.session, reason=DUPLICATE)))
         return
     refusal = None
