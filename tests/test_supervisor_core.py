@@ -454,6 +454,8 @@ def test_operator_kill_stops_the_worker_then_sigkills_a_straggler() -> None:
     assert stage.control("kill", session=session) == {"session": session}
     assert stage.row(session)["state"] == "stopping"
     assert session_ends(stage.out) == {session: "session killed by the operator"}
+    # A second kill while it stops is an answer for the operator, not an internal error.
+    assert stage.control("kill", session=session) == f"session {session} is already stopping"
     stage.advance(STOP_GRACE)
     assert KillProcess(stage.pids[worker], hard=True) in stage.out
     stage.exit(worker, -9)
