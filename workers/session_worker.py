@@ -260,7 +260,10 @@ class SessionWorker:
             except Exception as exc:  # the old offer stays; try again next period
                 log.warning("worker %s: cannot refresh the prepared offer: %s", self.worker_id, exc)
                 continue
-            failed = fresh.result()[0].failed_turn_servers()
+            peer = fresh.result()[0]
+            failed = peer.failed_turn_servers()
+            if peer.relay_lost is not None:  # lost while gathering
+                failed.append(peer.relay_lost)
             if failed:
                 # Never trade a relay for none: a lost allocation is noticed and
                 # re-gathered on its own (_relay_lost), with backoff.
