@@ -274,9 +274,10 @@ class SessionWorker:
                 )
                 self._close_prepared(fresh, "TURN server failed")
                 continue
-            if self.session_id is not None or ice != self.ice:
-                # Assigned meanwhile (it took the old offer), or new settings came
-                # (_ice_changed prepares for them): this one is not wanted.
+            if self.session_id is not None or ice != self.ice or self._prepared is not current:
+                # Assigned meanwhile (it took the old offer), or new settings or a
+                # lost relay came (_ice_changed, _relay_lost prepare for them, and
+                # say so when done): this one is not wanted.
                 self._close_prepared(fresh, "prepared offer not needed")
                 continue
             self._discard_prepared("prepared offer replaced")
