@@ -31,10 +31,16 @@ class Backoff:
 
     def next_delay(self) -> float:
         """Return the delay before the next retry and count the attempt."""
-        # 2**attempts overflows float long after it passes any sane cap.
-        ceiling = min(self.cap, self.base * 2 ** min(self.attempts, 62))
+        delay = self.delay(self.attempts, self.rng.random())
         self.attempts += 1
-        return self.rng.uniform(self.floor, ceiling)
+        return delay
+
+    def delay(self, attempt: int, fraction: float) -> float:
+        """The delay of retry number ``attempt`` (from 0) for a jitter ``fraction``
+        in [0, 1): a pure function, for callers that draw the jitter themselves."""
+        # 2**attempt overflows float long after it passes any sane cap.
+        ceiling = min(self.cap, self.base * 2.0 ** min(attempt, 62))
+        return self.floor + (ceiling - self.floor) * fraction
 
     def reset(self) -> None:
         """Forget past failures (call after a success)."""

@@ -48,16 +48,30 @@ from typing import Any, ClassVar, Final, NoReturn, TypeAlias
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 
 from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.fields import (
+    check_bool,
+    check_choice,
+    check_id,
+    check_int,
+    check_session,
+    check_str,
+    invalid,
+    shorten,
+)
 from protocol.frames import is_valid_service_name
 from protocol.ice import ICE_POLICIES, IceConfig, IcePolicy, IceServer
-from protocol.signaling import MAX_FRAME_SIZE, MAX_REASON_LEN, is_valid_id, is_valid_session_id
+from protocol.signaling import MAX_FRAME_SIZE, MAX_REASON_LEN
 
 __all__ = [
     "CONTROL_COMMANDS",
     "IPC_VERSION",
     "MAX_CONTROL_MESSAGE",
     "MAX_IPC_MESSAGE",
+    "MAX_REASON_LEN",
     "WORKER_ID_RE",
+    "ZMQ_CONTROL_CLIENT_MAX_MSG_SIZE",
+    "ZMQ_HWM",
+    "ZMQ_MAX_MSG_SIZE",
     "Assign",
     "ControlReply",
     "ControlRequest",
@@ -86,6 +100,18 @@ MAX_IPC_MESSAGE: Final = 262144
 #: Largest control request or reply, in bytes (§4): a ``sessions`` reply lists up
 #: to 1024 sessions (§1.5), which does not fit in :data:`MAX_IPC_MESSAGE`.
 MAX_CONTROL_MESSAGE: Final = 1048576
+
+#: ZeroMQ high-water mark (``SNDHWM``, ``RCVHWM``) of the worker and control
+#: sockets, at both ends: messages queued per peer each way before sends fail
+#: (ROUTER_MANDATORY) or wait; finite, so a wedged peer cannot eat memory.
+#: Also how many queued messages the supervisor reads when a worker exits.
+ZMQ_HWM: Final = 1000
+#: ZeroMQ ``MAXMSGSIZE`` of the worker and control sockets: one message of
+#: :data:`MAX_IPC_MESSAGE` with room for framing; a larger one drops the peer.
+ZMQ_MAX_MSG_SIZE: Final = MAX_IPC_MESSAGE + 64
+#: ``MAXMSGSIZE`` of the CLI's control socket: far above :data:`MAX_CONTROL_MESSAGE`,
+#: so an oversized reply is reported as a bad reply, not as a silent supervisor.
+ZMQ_CONTROL_CLIENT_MAX_MSG_SIZE: Final = 16 * 1024 * 1024
 
 #: Worker ids, also the worker's ZeroMQ routing identity. Use ``fullmatch``.
 WORKER_ID_RE: Final = re.compile(r"w-[0-9a-f]{16}")
@@ -126,77 +152,25 @@ def new_worker_id() -> str:
 # --- field validation (shared by construction and decoding) -------------------
 
 
-def _invalid(where: str, problem: str) -> NoReturn:
-    raise LocalProtocolError(f"{where}: {problem}")
-
-
-def _shorten(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _check_str(
-    where: str, value: object, *, max_chars: int | None = None, max_bytes: int | None = None
-) -> None:
-    if not isinstance(value, str):
-        _invalid(where, f"must be a str, not {type(value).__name__}")
-    if max_chars is not None and len(value) > max_chars:
-        _invalid(where, f"longer than {max_chars} characters")
-    try:
-        encoded = value.encode("utf-8")
-    except UnicodeEncodeError:
-        _invalid(where, "contains a lone UTF-16 surrogate (not encodable as UTF-8)")
-    if max_bytes is not None and len(encoded) > max_bytes:
-        _invalid(where, f"longer than {max_bytes} bytes of UTF-8")
-
-
-def _check_int(where: str, value: object, low: int, high: int) -> None:
-    # bool is an int subclass; msgpack true must not pass as 1.
-    if isinstance(value, bool) or not isinstance(value, int):
-        _invalid(where, f"must be an int, not {type(value).__name__}")
-    if not low <= value <= high:
-        _invalid(where, f"{value} out of range {low}..{high}")
-
-
-def _check_bool(where: str, value: object) -> None:
-    if not isinstance(value, bool):
-        _invalid(where, f"must be a bool, not {type(value).__name__}")
-
-
 def _as_seconds(where: str, value: object, *, zero_ok: bool) -> float:
     """``value`` as a float number of seconds; an int is accepted (msgpack may carry one)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        _invalid(where, f"must be a number, not {type(value).__name__}")
+        invalid(where, f"must be a number, not {type(value).__name__}")
     try:
         seconds = float(value)
     except OverflowError:
-        _invalid(where, "too large")
+        invalid(where, "too large")
     if not math.isfinite(seconds):
-        _invalid(where, "must be finite")
+        invalid(where, "must be finite")
     if seconds < 0 or (seconds == 0 and not zero_ok):
-        _invalid(where, "must be >= 0" if zero_ok else "must be > 0")
+        invalid(where, "must be >= 0" if zero_ok else "must be > 0")
     return seconds
-
-
-def _check_session(where: str, value: object) -> None:
-    if not is_valid_session_id(value):
-        _invalid(where, f"{_shorten(value)} is not a valid session id")
-
-
-def _check_id(where: str, value: object) -> None:
-    if not is_valid_id(value):
-        _invalid(where, f"{_shorten(value)} is not a valid id")
-
-
-def _check_choice(where: str, value: object, choices: tuple[str, ...]) -> None:
-    if not isinstance(value, str) or value not in choices:
-        _invalid(where, f"{_shorten(value)} is not one of {', '.join(choices)}")
 
 
 def _check_tuple(where: str, value: object) -> tuple[object, ...]:
     # Not a list: the message is frozen, and equal to what decoding builds.
     if not isinstance(value, tuple):
-        _invalid(where, f"must be a tuple, not {type(value).__name__}")
+        invalid(where, f"must be a tuple, not {type(value).__name__}")
     return value
 
 
@@ -216,8 +190,8 @@ class Hello:
 
     def __post_init__(self) -> None:
         if not isinstance(self.worker, str) or not WORKER_ID_RE.fullmatch(self.worker):
-            _invalid("hello.worker", f"{_shorten(self.worker)} is not a worker id (w-<16 hex>)")
-        _check_int("hello.pid", self.pid, 1, _MAX_PID)
+            invalid("hello.worker", f"{shorten(self.worker)} is not a worker id (w-<16 hex>)")
+        check_int("hello.pid", self.pid, 1, _MAX_PID)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,23 +215,23 @@ class Assign:
     TYPE: ClassVar[str] = "assign"
 
     def __post_init__(self) -> None:
-        _check_session("assign.session", self.session)
-        _check_id("assign.device", self.device)
-        _check_id("assign.client", self.client)
+        check_session("assign.session", self.session)
+        check_id("assign.device", self.device)
+        check_id("assign.client", self.client)
         names: set[str] = set()
         for service in _check_tuple("assign.services", self.services):
             if not isinstance(service, tuple) or len(service) != 3:
-                _invalid("assign.services", "each service must be a (name, host, port) tuple")
+                invalid("assign.services", "each service must be a (name, host, port) tuple")
             name, host, port = service
             if not is_valid_service_name(name):
-                _invalid("assign.services", f"{_shorten(name)} is not a valid service name")
+                invalid("assign.services", f"{shorten(name)} is not a valid service name")
             if name in names:
-                _invalid("assign.services", f"service {name!r} appears twice")
+                invalid("assign.services", f"service {name!r} appears twice")
             names.add(name)
-            _check_str(f"assign.services[{name!r}].host", host, max_chars=_MAX_HOST_LEN)
+            check_str(f"assign.services[{name!r}].host", host, max_chars=_MAX_HOST_LEN)
             if not host:
-                _invalid(f"assign.services[{name!r}].host", "must not be empty")
-            _check_int(f"assign.services[{name!r}].port", port, 1, 65535)
+                invalid(f"assign.services[{name!r}].host", "must not be empty")
+            check_int(f"assign.services[{name!r}].port", port, 1, 65535)
         _check_ice("assign", self.ice_servers, self.ice_hosts, self.ice_policy)
 
     @property
@@ -268,15 +242,15 @@ class Assign:
 def _check_ice(where: str, servers: object, hosts: object, policy: object) -> None:
     for server in _check_tuple(f"{where}.ice_servers", servers):
         if not isinstance(server, IceServer):
-            _invalid(f"{where}.ice_servers", "each server must be an IceServer")
+            invalid(f"{where}.ice_servers", "each server must be an IceServer")
     for host in _check_tuple(f"{where}.ice_hosts", hosts):
         if not isinstance(host, str):
-            _invalid(f"{where}.ice_hosts", f"must hold str, not {type(host).__name__}")
+            invalid(f"{where}.ice_hosts", f"must hold str, not {type(host).__name__}")
         try:
             ipaddress.ip_network(host, strict=False)
         except ValueError:
-            _invalid(f"{where}.ice_hosts", f"{_shorten(host)} is not an IP address or network")
-    _check_choice(f"{where}.ice_policy", policy, ICE_POLICIES)
+            invalid(f"{where}.ice_hosts", f"{shorten(host)} is not an IP address or network")
+    check_choice(f"{where}.ice_policy", policy, ICE_POLICIES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,10 +295,10 @@ class Relay:
     TYPE: ClassVar[str] = "relay"
 
     def __post_init__(self) -> None:
-        _check_session("relay.session", self.session)
-        _check_str("relay.message", self.message, max_bytes=MAX_FRAME_SIZE)
+        check_session("relay.session", self.session)
+        check_str("relay.message", self.message, max_bytes=MAX_FRAME_SIZE)
         if not self.message:
-            _invalid("relay.message", "must not be empty")
+            invalid("relay.message", "must not be empty")
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,24 +323,24 @@ class StateReport:
     TYPE: ClassVar[str] = "state"
 
     def __post_init__(self) -> None:
-        _check_session("state.session", self.session)
-        _check_choice("state.state", self.state, _STATES)
+        check_session("state.session", self.session)
+        check_choice("state.state", self.state, _STATES)
         if self.path is not None:
-            _check_choice("state.path", self.path, _PATHS)
+            check_choice("state.path", self.path, _PATHS)
         if self.pair is not None:
-            _check_str("state.pair", self.pair, max_chars=16)
+            check_str("state.pair", self.pair, max_chars=16)
             local, sep, remote = self.pair.partition("/")
             if not sep or local not in _CANDIDATE_TYPES or remote not in _CANDIDATE_TYPES:
-                _invalid("state.pair", f"{_shorten(self.pair)} is not LOCAL/REMOTE candidate types")
+                invalid("state.pair", f"{shorten(self.pair)} is not LOCAL/REMOTE candidate types")
             relayed = "relay" in (local, remote)
             if self.path != ("relay" if relayed else "direct"):
-                _invalid("state.path", f"{_shorten(self.path)} does not match pair {self.pair}")
+                invalid("state.path", f"{shorten(self.path)} does not match pair {self.pair}")
         elif self.path is not None:
-            _invalid("state.pair", "must be given with path")
+            invalid("state.pair", "must be given with path")
         if self.relay_transport is not None:
-            _check_choice("state.relay_transport", self.relay_transport, _RELAY_TRANSPORTS)
+            check_choice("state.relay_transport", self.relay_transport, _RELAY_TRANSPORTS)
             if self.pair is None or self.pair.partition("/")[0] != "relay":
-                _invalid("state.relay_transport", "only for a path through this side's relay")
+                invalid("state.relay_transport", "only for a path through this side's relay")
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,9 +354,9 @@ class Heartbeat:
     TYPE: ClassVar[str] = "heartbeat"
 
     def __post_init__(self) -> None:
-        _check_int("heartbeat.bytes_in", self.bytes_in, 0, _MAX_COUNTER)
-        _check_int("heartbeat.bytes_out", self.bytes_out, 0, _MAX_COUNTER)
-        _check_int("heartbeat.streams", self.streams, 0, _MAX_COUNTER)
+        check_int("heartbeat.bytes_in", self.bytes_in, 0, _MAX_COUNTER)
+        check_int("heartbeat.bytes_out", self.bytes_out, 0, _MAX_COUNTER)
+        check_int("heartbeat.streams", self.streams, 0, _MAX_COUNTER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,9 +373,9 @@ class Ended:
     TYPE: ClassVar[str] = "ended"
 
     def __post_init__(self) -> None:
-        _check_session("ended.session", self.session)
-        _check_str("ended.reason", self.reason, max_chars=MAX_REASON_LEN)
-        _check_bool("ended.clean", self.clean)
+        check_session("ended.session", self.session)
+        check_str("ended.reason", self.reason, max_chars=MAX_REASON_LEN)
+        check_bool("ended.clean", self.clean)
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,7 +407,7 @@ class Stop:
     TYPE: ClassVar[str] = "stop"
 
     def __post_init__(self) -> None:
-        _check_str("stop.reason", self.reason, max_chars=MAX_REASON_LEN)
+        check_str("stop.reason", self.reason, max_chars=MAX_REASON_LEN)
 
 
 IpcMessage: TypeAlias = (
@@ -522,7 +496,7 @@ def _unpack(data: object, limit: int, container: int, what: str) -> object:
 def _check_keys(where: str, obj: Mapping[Any, Any], expected: tuple[str, ...]) -> None:
     unknown = [key for key in obj if key not in expected]
     if unknown:
-        raise IpcError(f"{where}: unknown key {_shorten(unknown[0])}")
+        raise IpcError(f"{where}: unknown key {shorten(unknown[0])}")
     missing = [key for key in expected if key not in obj]
     if missing:
         raise IpcError(f"{where}: missing key {missing[0]!r}")
@@ -582,7 +556,7 @@ def _assign_fields(body: dict[str, Any]) -> dict[str, Any]:
     triples = []
     for name, address in services.items():
         if not isinstance(address, list) or len(address) != 2:
-            raise IpcError(f"assign.services[{_shorten(name)}]: must be [host, port]")
+            raise IpcError(f"assign.services[{shorten(name)}]: must be [host, port]")
         triples.append((name, address[0], address[1]))
     return _ice_fields("assign", body) | {"services": tuple(triples)}
 
@@ -615,7 +589,7 @@ def decode_ipc(data: bytes | bytearray | memoryview) -> IpcMessage:
         raise IpcError(f"IPC message: 't' must be a str, not {type(type_).__name__}")
     cls = _MESSAGE_TYPES.get(type_)
     if cls is None:
-        raise IpcError(f"IPC message: unknown type {_shorten(type_)}")
+        raise IpcError(f"IPC message: unknown type {shorten(type_)}")
     body = obj["b"]
     if not isinstance(body, dict):
         raise IpcError(f"{type_}: body 'b' must be a map, not {type(body).__name__}")
@@ -661,20 +635,20 @@ class ControlRequest:
     args: Mapping[str, object] = field(default_factory=_empty_args)
 
     def __post_init__(self) -> None:
-        _check_choice("control request cmd", self.cmd, CONTROL_COMMANDS)
+        check_choice("control request cmd", self.cmd, CONTROL_COMMANDS)
         where = f"{self.cmd} args"
         if not isinstance(self.args, Mapping):
-            _invalid(where, f"must be a mapping, not {type(self.args).__name__}")
+            invalid(where, f"must be a mapping, not {type(self.args).__name__}")
         expected = _COMMAND_ARGS[self.cmd]
         unknown = [key for key in self.args if key not in expected]
         if unknown:
-            _invalid(where, f"unknown key {_shorten(unknown[0])}")
+            invalid(where, f"unknown key {shorten(unknown[0])}")
         missing = [key for key in expected if key not in self.args and key not in _OPTIONAL_ARGS]
         if missing:
-            _invalid(where, f"missing key {missing[0]!r}")
+            invalid(where, f"missing key {missing[0]!r}")
         args = dict(self.args)
         if "session" in args:
-            _check_session(f"{where}.session", args["session"])
+            check_session(f"{where}.session", args["session"])
         if "drain_timeout" in args:
             args["drain_timeout"] = _as_seconds(
                 f"{where}.drain_timeout", args["drain_timeout"], zero_ok=True
@@ -700,18 +674,18 @@ def _plain(where: str, value: object, depth: int = 0) -> object:
     Floats must be finite: the result is printed by ``--json``, and JSON has no NaN.
     """
     if depth > _MAX_RESULT_DEPTH:
-        _invalid(where, f"nested deeper than {_MAX_RESULT_DEPTH}")
+        invalid(where, f"nested deeper than {_MAX_RESULT_DEPTH}")
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int):
-        _check_int(where, value, -(2**63), 2**64 - 1)
+        check_int(where, value, -(2**63), 2**64 - 1)
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
-            _invalid(where, f"{value} is not a finite float")
+            invalid(where, f"{value} is not a finite float")
         return value
     if isinstance(value, str):
-        _check_str(where, value)
+        check_str(where, value)
         return value
     if isinstance(value, list | tuple):
         return [_plain(where, item, depth + 1) for item in value]
@@ -719,13 +693,11 @@ def _plain(where: str, value: object, depth: int = 0) -> object:
         plain: dict[str, object] = {}
         for key, item in value.items():
             if not isinstance(key, str):
-                _invalid(where, f"map key {_shorten(key)} is not a str")
-            _check_str(f"{where} key", key)
+                invalid(where, f"map key {shorten(key)} is not a str")
+            check_str(f"{where} key", key)
             plain[key] = _plain(where, item, depth + 1)
         return plain
-    _invalid(
-        where, f"{type(value).__name__} is not plain data (map, array, str, number, bool, nil)"
-    )
+    invalid(where, f"{type(value).__name__} is not plain data (map, array, str, number, bool, nil)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -742,17 +714,17 @@ class ControlReply:
     error: str | None = None
 
     def __post_init__(self) -> None:
-        _check_bool("reply.ok", self.ok)
+        check_bool("reply.ok", self.ok)
         if self.ok:
             if self.error is not None:
-                _invalid("reply.error", "must be None when ok")
+                invalid("reply.error", "must be None when ok")
             object.__setattr__(self, "result", _plain("reply.result", self.result))
         else:
-            _check_str("reply.error", self.error)
+            check_str("reply.error", self.error)
             if not self.error:
-                _invalid("reply.error", "must not be empty when not ok")
+                invalid("reply.error", "must not be empty when not ok")
             if self.result is not None:
-                _invalid("reply.result", "must be None when not ok")
+                invalid("reply.result", "must be None when not ok")
 
 
 def encode_control_request(req: ControlRequest) -> bytes:
@@ -771,7 +743,7 @@ def decode_control_request(data: bytes | bytearray | memoryview) -> ControlReque
     if not isinstance(cmd, str):
         raise IpcError(f"control request: 'cmd' must be a str, not {type(cmd).__name__}")
     if cmd not in CONTROL_COMMANDS:
-        raise IpcError(f"control request: unknown command {_shorten(cmd)}")
+        raise IpcError(f"control request: unknown command {shorten(cmd)}")
     if not isinstance(args, dict):
         raise IpcError(f"control request: 'args' must be a map, not {type(args).__name__}")
     try:

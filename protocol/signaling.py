@@ -32,13 +32,20 @@ import dataclasses
 import enum
 import json
 import re
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, Literal, NoReturn, TypeAlias, TypeGuard
+from typing import Any, ClassVar, Final, Literal, NoReturn, TypeAlias
 
 from protocol.errors import LocalProtocolError, SignalingError
+from protocol.fields import check_id, check_session, check_str, invalid, shorten
 from protocol.ice import IceServer
+from protocol.ids import (
+    ID_PATTERN,
+    SESSION_ID_PATTERN,
+    is_valid_id,
+    is_valid_session_id,
+    new_session_id,
+)
 
 __all__ = [
     "ID_PATTERN",
@@ -48,8 +55,8 @@ __all__ = [
     "MAX_REASON_LEN",
     "MAX_SDP_LEN",
     "MESSAGE_TYPES",
+    "PEER_ROLES",
     "PROTOCOL_VERSION",
-    "ROLES",
     "SESSION_ID_PATTERN",
     "Answer",
     "Auth",
@@ -61,9 +68,9 @@ __all__ = [
     "IceServers",
     "Offer",
     "PeerLeft",
+    "PeerRole",
     "Register",
     "Registered",
-    "Role",
     "SessionEnd",
     "SessionRequest",
     "SignalingMessage",
@@ -89,23 +96,12 @@ MAX_ICE_TTL: Final = 7 * 86400
 #: Largest ``sdpMLineIndex``: it is an ``unsigned short`` in the WebRTC API.
 MAX_MLINE_INDEX: Final = 65535
 
-#: Device, client and service ids (PROTOCOL.md, "Identifiers").
-ID_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
-#: Session ids, chosen at random by the client.
-SESSION_ID_PATTERN: Final = r"[A-Za-z0-9_-]{8,64}"
-
-# fullmatch, not match + "$": "$" would also accept a trailing newline.
-_ID_RE: Final = re.compile(ID_PATTERN)
-_SESSION_ID_RE: Final = re.compile(SESSION_ID_PATTERN)
 # Error codes are ours, but a client must still decode codes a newer server
 # adds, so only their syntax is checked.
 _ERROR_CODE_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
-# A lone surrogate (only reachable through a JSON "\ud800" escape) cannot be
-# encoded as UTF-8, so a message carrying one could never be forwarded.
-_SURROGATE_RE: Final = re.compile("[\ud800-\udfff]")
 
-Role: TypeAlias = Literal["device", "client"]
-ROLES: Final[tuple[Role, ...]] = ("device", "client")
+PeerRole: TypeAlias = Literal["device", "client"]
+PEER_ROLES: Final[tuple[PeerRole, ...]] = ("device", "client")
 
 
 class ErrorCode(enum.StrEnum):
@@ -135,45 +131,7 @@ class CloseCode(enum.IntEnum):
     RATE_LIMITED = 4429
 
 
-def is_valid_id(value: object) -> TypeGuard[str]:
-    """Whether ``value`` is a device, client or service id."""
-    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
-
-
-def is_valid_session_id(value: object) -> TypeGuard[str]:
-    """Whether ``value`` is a session id."""
-    return isinstance(value, str) and _SESSION_ID_RE.fullmatch(value) is not None
-
-
-def new_session_id() -> str:
-    """A fresh random session id: 128 bits, 22 URL-safe characters."""
-    return secrets.token_urlsafe(16)
-
-
 # --- field validation (shared by construction and decoding) -------------------
-
-
-def _invalid(where: str, problem: str) -> NoReturn:
-    raise LocalProtocolError(f"{where}: {problem}")
-
-
-def _check_id(where: str, value: object) -> None:
-    if not is_valid_id(value):
-        _invalid(where, f"not a valid id (expected {ID_PATTERN})")
-
-
-def _check_session(where: str, value: object) -> None:
-    if not is_valid_session_id(value):
-        _invalid(where, f"not a valid session id (expected {SESSION_ID_PATTERN})")
-
-
-def _check_text(where: str, value: object, *, max_len: int | None = None) -> None:
-    if not isinstance(value, str):
-        _invalid(where, "must be a string")
-    if max_len is not None and len(value) > max_len:
-        _invalid(where, f"longer than {max_len} characters")
-    if _SURROGATE_RE.search(value):
-        _invalid(where, "contains a lone UTF-16 surrogate")
 
 
 def _check_optional_index(where: str, value: object) -> None:
@@ -181,9 +139,9 @@ def _check_optional_index(where: str, value: object) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        _invalid(where, "must be an integer or null")
+        invalid(where, "must be an integer or null")
     if not 0 <= value <= MAX_MLINE_INDEX:
-        _invalid(where, f"out of range 0..{MAX_MLINE_INDEX}")
+        invalid(where, f"out of range 0..{MAX_MLINE_INDEX}")
 
 
 # --- messages -----------------------------------------------------------------
@@ -206,9 +164,9 @@ class IceCandidate:
     WIRE_KEYS: ClassVar[tuple[str, str, str]] = ("candidate", "sdpMid", "sdpMLineIndex")
 
     def __post_init__(self) -> None:
-        _check_text("candidate.candidate", self.candidate)
+        check_str("candidate.candidate", self.candidate)
         if self.sdp_mid is not None:
-            _check_text("candidate.sdpMid", self.sdp_mid)
+            check_str("candidate.sdpMid", self.sdp_mid)
         _check_optional_index("candidate.sdpMLineIndex", self.sdp_mline_index)
 
     def to_wire(self) -> dict[str, object]:
@@ -226,9 +184,9 @@ class Auth:
     TYPE: ClassVar[str] = "auth"
 
     def __post_init__(self) -> None:
-        _check_text("auth.token", self.token)
+        check_str("auth.token", self.token)
         if not self.token:
-            _invalid("auth.token", "must not be empty")
+            invalid("auth.token", "must not be empty")
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,14 +194,14 @@ class Welcome:
     """``welcome`` (S→ any): authentication succeeded."""
 
     peer: str
-    role: Role
+    role: PeerRole
 
     TYPE: ClassVar[str] = "welcome"
 
     def __post_init__(self) -> None:
-        _check_id("welcome.peer", self.peer)
-        if self.role not in ROLES:
-            _invalid("welcome.role", 'must be "device" or "client"')
+        check_id("welcome.peer", self.peer)
+        if self.role not in PEER_ROLES:
+            invalid("welcome.role", 'must be "device" or "client"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,14 +224,14 @@ class IceServers:
         if not isinstance(self.ice_servers, tuple) or not all(
             isinstance(s, IceServer) for s in self.ice_servers
         ):
-            _invalid("ice_servers.ice_servers", "must be a tuple of IceServer")
+            invalid("ice_servers.ice_servers", "must be a tuple of IceServer")
         if len(self.ice_servers) > MAX_ICE_SERVERS:
-            _invalid("ice_servers.ice_servers", f"more than {MAX_ICE_SERVERS} servers")
+            invalid("ice_servers.ice_servers", f"more than {MAX_ICE_SERVERS} servers")
         if self.ttl is not None:
             if isinstance(self.ttl, bool) or not isinstance(self.ttl, int):
-                _invalid("ice_servers.ttl", "must be an integer or null")
+                invalid("ice_servers.ttl", "must be an integer or null")
             if not 1 <= self.ttl <= MAX_ICE_TTL:
-                _invalid("ice_servers.ttl", f"out of range 1..{MAX_ICE_TTL}")
+                invalid("ice_servers.ttl", f"out of range 1..{MAX_ICE_TTL}")
 
     def servers_to_wire(self) -> list[dict[str, object]]:
         wire: list[dict[str, object]] = []
@@ -296,7 +254,7 @@ class Register:
     TYPE: ClassVar[str] = "register"
 
     def __post_init__(self) -> None:
-        _check_id("register.device", self.device)
+        check_id("register.device", self.device)
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,7 +266,7 @@ class Registered:
     TYPE: ClassVar[str] = "registered"
 
     def __post_init__(self) -> None:
-        _check_id("registered.device", self.device)
+        check_id("registered.device", self.device)
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,10 +284,10 @@ class SessionRequest:
     TYPE: ClassVar[str] = "session_request"
 
     def __post_init__(self) -> None:
-        _check_session("session_request.session", self.session)
-        _check_id("session_request.device", self.device)
+        check_session("session_request.session", self.session)
+        check_id("session_request.device", self.device)
         if self.client is not None:
-            _check_id("session_request.client", self.client)
+            check_id("session_request.client", self.client)
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,8 +300,8 @@ class Offer:
     TYPE: ClassVar[str] = "offer"
 
     def __post_init__(self) -> None:
-        _check_session("offer.session", self.session)
-        _check_text("offer.sdp", self.sdp, max_len=MAX_SDP_LEN)
+        check_session("offer.session", self.session)
+        check_str("offer.sdp", self.sdp, max_chars=MAX_SDP_LEN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,8 +314,8 @@ class Answer:
     TYPE: ClassVar[str] = "answer"
 
     def __post_init__(self) -> None:
-        _check_session("answer.session", self.session)
-        _check_text("answer.sdp", self.sdp, max_len=MAX_SDP_LEN)
+        check_session("answer.session", self.session)
+        check_str("answer.sdp", self.sdp, max_chars=MAX_SDP_LEN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,9 +328,9 @@ class Candidate:
     TYPE: ClassVar[str] = "candidate"
 
     def __post_init__(self) -> None:
-        _check_session("candidate.session", self.session)
+        check_session("candidate.session", self.session)
         if self.candidate is not None and not isinstance(self.candidate, IceCandidate):
-            _invalid("candidate.candidate", "must be an IceCandidate or None")
+            invalid("candidate.candidate", "must be an IceCandidate or None")
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,8 +343,8 @@ class SessionEnd:
     TYPE: ClassVar[str] = "session_end"
 
     def __post_init__(self) -> None:
-        _check_session("session_end.session", self.session)
-        _check_text("session_end.reason", self.reason, max_len=MAX_REASON_LEN)
+        check_session("session_end.session", self.session)
+        check_str("session_end.reason", self.reason, max_chars=MAX_REASON_LEN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,7 +356,7 @@ class PeerLeft:
     TYPE: ClassVar[str] = "peer_left"
 
     def __post_init__(self) -> None:
-        _check_session("peer_left.session", self.session)
+        check_session("peer_left.session", self.session)
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,10 +371,10 @@ class Error:
 
     def __post_init__(self) -> None:
         if not isinstance(self.code, str) or not _ERROR_CODE_RE.fullmatch(self.code):
-            _invalid("error.code", "not a valid error code")
-        _check_text("error.message", self.message)
+            invalid("error.code", "not a valid error code")
+        check_str("error.message", self.message)
         if self.session is not None:
-            _check_session("error.session", self.session)
+            check_session("error.session", self.session)
 
 
 SignalingMessage: TypeAlias = (
@@ -513,11 +471,6 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def _shorten(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def _parse_json(data: str | bytes) -> object:
     if not isinstance(data, str):
         raise _bad("binary frames are not accepted: send JSON in a text frame")
@@ -582,7 +535,7 @@ def _decode_ice_servers(value: object) -> tuple[IceServer, ...]:
 def _key_problem(where: str, keys: set[str], allowed: set[str], required: set[str]) -> str:
     unknown = sorted(keys - allowed)
     if unknown:
-        return f"{where}: unknown key {_shorten(unknown[0])}"
+        return f"{where}: unknown key {shorten(unknown[0])}"
     missing = sorted(required - keys)
     return f"{where}: missing key {missing[0]!r}"
 
@@ -608,14 +561,14 @@ def decode_signaling(data: str | bytes) -> SignalingMessage:
     if version != PROTOCOL_VERSION:
         raise SignalingError(
             ErrorCode.UNSUPPORTED_VERSION,
-            f"protocol version {_shorten(version)} is not supported (this server speaks 1)",
+            f"protocol version {shorten(version)} is not supported (this server speaks 1)",
         )
     type_ = obj.get("type")
     if not isinstance(type_, str):
         raise _bad("'type' must be a string")
     cls = MESSAGE_TYPES.get(type_)
     if cls is None:
-        raise SignalingError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {_shorten(type_)}")
+        raise SignalingError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {shorten(type_)}")
 
     names = _FIELD_NAMES[cls]
     keys = set(obj) - {"v", "type"}

@@ -106,42 +106,42 @@ class RestartPolicy:
     max_restarts: int = 5
     window: float = 60.0
     backoff: Backoff = field(default_factory=Backoff)
-    _crashes: deque[float] = field(default_factory=deque)
+    # (time, jitter fraction) of each crash still in the window: the jitter is
+    # drawn when the crash is recorded, so deciding changes nothing.
+    _crashes: deque[tuple[float, float]] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
         if self.max_restarts < 0 or self.window <= 0:
             raise ValueError("max_restarts must be >= 0 and window > 0")
 
     def record_crash(self, now: float) -> None:
-        self._crashes.append(now)
-        self._expire(now)
+        while self._crashes and self._crashes[0][0] <= now - self.window:
+            self._crashes.popleft()
+        self._crashes.append((now, self.backoff.rng.random()))
 
     def crashes(self, now: float) -> int:
         """Crashes inside the window ending at ``now``."""
-        self._expire(now)
-        return len(self._crashes)
+        return len(self._in_window(now))
 
     def decide(self, now: float) -> Decision:
-        """What to do with a new session of this lineage at ``now``."""
-        count = self.crashes(now)
-        if count == 0:
-            self.backoff.reset()
+        """What to do with a new session of this lineage at ``now`` (a query)."""
+        crashes = self._in_window(now)
+        if not crashes:
             return StartNow()
-        if count > self.max_restarts:
-            return Refuse(until=self._crashes[0] + self.window, crashes=count)
+        if len(crashes) > self.max_restarts:
+            return Refuse(until=crashes[0][0] + self.window, crashes=len(crashes))
         # The n-th crash in the window waits about base * 2**(n-1), jittered,
         # counted from that crash: a client that was slow to come back waits less.
-        self.backoff.attempts = count - 1
-        delay = self._crashes[-1] + self.backoff.next_delay() - now
+        last, fraction = crashes[-1]
+        delay = last + self.backoff.delay(len(crashes) - 1, fraction) - now
         return StartAfter(delay) if delay > 0 else StartNow()
 
     def idle(self, now: float) -> bool:
         """No crash in the window: the lineage can be forgotten."""
-        return self.crashes(now) == 0
+        return not self._in_window(now)
 
-    def _expire(self, now: float) -> None:
-        while self._crashes and self._crashes[0] <= now - self.window:
-            self._crashes.popleft()
+    def _in_window(self, now: float) -> list[tuple[float, float]]:
+        return [c for c in self._crashes if c[0] > now - self.window]
 
 
 @dataclass(slots=True)

@@ -2,6 +2,10 @@
 
     scripts/natlab [--json] [--case DEV,CLI] [--keep] [--udp-timeout S] [--turn-auth static|secret]
 
+Exit status: 0 when every case delivered its bytes intact, 1 when one did not
+or the lab could not be built or run (one line on stderr says why), 130 after
+Ctrl-C or SIGTERM; 2 for bad arguments.
+
 Needs root (``ip netns``, ``iptables``) and coturn's ``turnserver``. Everything
 lives in namespaces this module creates, named ``nl<pid>-...`` so that labs of
 several users of one machine never meet, and removes on exit, on Ctrl-C and when
@@ -29,22 +33,32 @@ idle mappings expire within a test, as they do in home routers.
 coturn (RFC 8656 TURN, RFC 8489 STUN) runs from a config file the lab writes:
 listening on the public address over UDP and TCP, no TLS/DTLS, relay ports in a
 small range, peers in private and reserved ranges denied as coturn advises for a
-public server, except the lab's own public segment; authentication with a
-static long-term user (``turn_auth="static"``) or coturn's TURN REST shared
-secret (``"secret"``: ``use-auth-secret``, username ``EXPIRY:ID``, password
-base64(HMAC-SHA1(secret, username)), draft-uberti-behave-turn-rest).
+public server, except the lab's own public segment. Every peer is offered the
+STUN server, TURN over UDP and TURN over TCP, in one of two ways:
+
+* ``turn_auth="secret"`` (the default, the deployment README describes):
+  coturn's TURN REST shared secret (``use-auth-secret``), and ``tunnelctl
+  signal --ice-server ... --turn-secret-file`` hands every device and client
+  the servers with short-lived credentials (username ``EXPIRY:ID``, password
+  base64(HMAC-SHA1(secret, username)), draft-uberti-behave-turn-rest);
+  ``start`` and ``connect`` get no ICE option at all.
+* ``turn_auth="static"``: a long-term user (``lt-cred-mech``) given to
+  ``start`` and ``connect`` with ``--stun``, ``--turn`` and ``--turn-user``
+  (the password in ``TUNNEL_TURN_PASSWORD``).
 
 A *case* is one (device NAT, client NAT) pair: ``tunnelctl start`` in the
 device site exposing an HTTP server of that site, ``tunnelctl connect`` in the
 client site, and a 16 MiB fetch through the forward inside the client site,
 checked by SHA-256. :class:`CaseResult` is the JSON line ``--json`` prints:
-``device_nat``, ``client_nat``, ``connected``, ``path`` (``direct``/``relay``),
-``pair`` (``LOCAL/REMOTE``: the candidate types of the nominated pair as the
-client sees it), ``connect_ms`` (request to DataChannel open, from
-``connect``'s readiness line), ``transfer_ok``, ``mbps`` (megabits/s),
-``mib_s``, ``relay_transport`` (``udp``/``tcp`` from the routers' byte
-counters of TURN traffic, ``null`` when no TURN server carried the transfer),
-``turn_bytes`` (those counters) and ``error``.
+``device_nat``, ``client_nat``, ``connected``; ``path`` (``direct``/``relay``)
+and ``pair`` (local/remote candidate types) as the client reports them,
+``device_path`` and ``device_pair`` as the device does; ``connect_ms``
+(request to DataChannel open, from ``connect``'s readiness line),
+``transfer_ok``, ``mbps`` (megabits/s), ``mib_s``; ``relay_transport``
+(``udp``/``tcp``: which carried the most TURN traffic by the routers' byte
+counters, ``null`` on a direct path), ``relay_via`` (each end's own relay
+transport as it reports it, ``null`` when it relays nothing itself),
+``turn_bytes`` (the counters) and ``error``.
 
 The building blocks (:class:`Lab`, :class:`Site`, :class:`Namespace`,
 :class:`Process`) are for tests too: ``tests/e2e/natlab_support.py`` wraps them
@@ -58,10 +72,8 @@ verbs as processes, ``python -m tunnelctl ...`` with this interpreter.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import hashlib
-import hmac
 import ipaddress
 import json
 import os
@@ -81,6 +93,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from protocol.ice import turn_rest_credential
 from signaling.auth import issue_token
 
 NAT_KINDS = ("none", "cone", "symmetric", "udp-blocked")
@@ -124,10 +137,18 @@ DENIED_PEERS = (
     "fe80::-febf:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
 )
 
-#: ``connect``'s readiness line; the pair is the client's local/remote candidate types.
+#: What every peer is offered: STUN, TURN over UDP, TURN over TCP (all gathered).
+ICE_URLS = (
+    f"stun:{PUBLIC_ADDR}:{TURN_PORT}",
+    f"turn:{PUBLIC_ADDR}:{TURN_PORT}",
+    f"turn:{PUBLIC_ADDR}:{TURN_PORT}?transport=tcp",
+)
+
+#: ``connect``'s readiness line, e.g. ``... (DataChannel open in 61 ms, relay path
+#: (host/relay over tcp))``: the path from both candidates of the nominated pair.
 FORWARDING_RE = re.compile(
     r"forwarding (?P<addr>\S+) -> \S+ \(DataChannel open in (?P<ms>\d+) ms, "
-    r"(?:(?P<path>direct|relay) path \((?P<pair>[a-z]+/[a-z]+)(?: over \w+)?\)|unknown path)\)"
+    r"(?:(?P<path>direct|relay) path \((?P<pair>\w+/\w+)(?: over (?P<via>\w+))?\)|unknown path)\)"
 )
 
 #: Run inside the client's namespace: fetch a URL, hash it as it streams.
@@ -224,7 +245,11 @@ def run(argv: Sequence[str], *, check: bool = True, timeout: float = COMMAND_TIM
 
 
 class Process:
-    """A long-running child whose stdout is watched for a readiness line; stopped by pid."""
+    """A long-running child whose stdout is watched for a readiness line; stopped by pid.
+
+    Like ``tunnelctl.children.Child`` (which scripts may not import), but for
+    any program and any readiness line, behind ``ip netns exec``.
+    """
 
     def __init__(
         self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, name: str
@@ -249,6 +274,7 @@ class Process:
         self._eof = False
         self._cursor = 0
         self.stderr_lines: deque[str] = deque(maxlen=200)
+        self.stderr_count = 0  # lines read so far, a mark for :meth:`stderr_since`
         self._changed = threading.Condition()
         self._readers = [
             threading.Thread(target=self._read_stdout, daemon=True),
@@ -299,6 +325,11 @@ class Process:
     def stderr_tail(self, lines: int = 5) -> str:
         return " | ".join(list(self.stderr_lines)[-lines:]) or "(empty)"
 
+    def stderr_since(self, mark: int) -> list[str]:
+        """The stderr lines read after ``stderr_count`` was ``mark`` (those still kept)."""
+        lines = list(self.stderr_lines)
+        return lines[max(0, len(lines) - (self.stderr_count - mark)) :]
+
     def stop(self, timeout: float = STOP_TIMEOUT) -> int:
         """SIGTERM, then SIGKILL after ``timeout``; the exit code."""
         if self.proc.poll() is None:
@@ -327,6 +358,7 @@ class Process:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.stderr_lines.append(line.rstrip("\n"))
+            self.stderr_count += 1
 
 
 # -- namespaces -------------------------------------------------------------------------
@@ -441,7 +473,11 @@ class Site:
         return [self.host] if self.router is None else [self.host, self.router]
 
     def turn_bytes(self) -> dict[str, int]:
-        """Bytes this site exchanged with the TURN server since the last reset, per transport."""
+        """Bytes this site exchanged with coturn's port since the last reset, per transport.
+
+        That is the traffic of the site's own TURN allocations (and STUN); what
+        a peer sends to this site's relay address reaches coturn elsewhere.
+        """
         rows = self.uplink.iptables("-n", "-v", "-x", "-L", COUNT_CHAIN).splitlines()[2:]
         counts = {"udp": 0, "tcp": 0}
         for row in rows:
@@ -453,6 +489,17 @@ class Site:
 
     def reset_turn_bytes(self) -> None:
         self.uplink.iptables("-Z", COUNT_CHAIN)
+
+    def mappings(self, proto: str = "udp") -> list[str]:
+        """The router's conntrack entries (its NAT mappings) for ``proto``; none without one.
+
+        Entries leave when idle past the UDP timeout: polling this tells a test
+        that a site's mappings expired.
+        """
+        if self.router is None:
+            return []
+        table = self.router.run("cat", "/proc/net/nf_conntrack")
+        return [line for line in table.splitlines() if f" {proto} " in line]
 
 
 # -- the lab ----------------------------------------------------------------------------
@@ -476,9 +523,7 @@ class TurnAuth:
         """A username and password for one TURN client."""
         if self.mode == "static":
             return self.user, self.password
-        username = f"{int(time.time()) + ttl}:{self.user}"
-        digest = hmac.new(self.secret.encode(), username.encode(), hashlib.sha1).digest()
-        return username, base64.b64encode(digest).decode()
+        return turn_rest_credential(self.secret, int(time.time()) + ttl, self.user)
 
 
 class Lab:
@@ -493,7 +538,7 @@ class Lab:
         self,
         *,
         udp_timeout: int = 30,
-        turn_auth: str = "static",
+        turn_auth: str = "secret",
         tag: str | None = None,
     ) -> None:
         if turn_auth not in ("static", "secret"):
@@ -530,9 +575,17 @@ class Lab:
             pub.ip("addr", "add", f"{PUBLIC_ADDR}/24", "dev", "br0")
             pub.ip("link", "set", "br0", "up")
             self.coturn = self._start_coturn()
+            handout: list[str] = []
+            if self.turn.mode == "secret":
+                secret_file = self.workdir / "turn-secret"
+                secret_file.write_text(self.turn.secret)
+                secret_file.chmod(0o600)
+                for url in ICE_URLS:
+                    handout += ["--ice-server", url]
+                handout += ["--turn-secret-file", str(secret_file)]
             self.signal = signal_server = pub.spawn(
                 [sys.executable, "-m", "tunnelctl", "signal", "--host", PUBLIC_ADDR,
-                 "--port", str(SIGNAL_PORT)],
+                 "--port", str(SIGNAL_PORT), *handout],
                 env={"TUNNEL_SECRET": self.jwt_secret},
                 name="signal",
             )  # fmt: skip
@@ -545,8 +598,11 @@ class Lab:
             self.close()
             raise
 
-    def add_site(self, name: str, nat: str) -> Site:
-        """A site on the public segment, behind a router of kind ``nat``."""
+    def add_site(self, name: str, nat: str, *, udp_timeout: int | None = None) -> Site:
+        """A site on the public segment, behind a router of kind ``nat``.
+
+        ``udp_timeout``: its router's UDP conntrack timeout, the lab's by default.
+        """
         if nat not in NAT_KINDS:
             raise ValueError(f"NAT kind must be one of {', '.join(NAT_KINDS)}, not {nat!r}")
         if name in self.sites:
@@ -572,7 +628,7 @@ class Lab:
                 ns.ip("link", "set", dev, "up")
             host.ip("route", "add", "default", "via", f"10.{index}.0.1")
             site = Site(name, nat, index, host, router, f"10.{index}.0.2", public_address)
-            self._configure_router(site)
+            self._configure_router(site, udp_timeout or self.udp_timeout)
         self.public.ip("link", "set", port, "master", "br0")
         self.public.ip("link", "set", port, "up")
         self._count_turn(site)
@@ -595,7 +651,7 @@ class Lab:
         run(["ip", "-n", a.name, "link", "add", a_dev, "type", "veth",
              "peer", "name", b_dev, "netns", b.name])  # fmt: skip
 
-    def _configure_router(self, site: Site) -> None:
+    def _configure_router(self, site: Site, udp_timeout: int) -> None:
         router = site.router
         assert router is not None
         masquerade = ["-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE"]
@@ -620,8 +676,8 @@ class Lab:
             net__ipv4__ip_forward=1,
             # The conntrack module is loaded by the NAT rule above, so its
             # per-namespace timeouts exist now.
-            net__netfilter__nf_conntrack_udp_timeout=self.udp_timeout,
-            net__netfilter__nf_conntrack_udp_timeout_stream=self.udp_timeout,
+            net__netfilter__nf_conntrack_udp_timeout=udp_timeout,
+            net__netfilter__nf_conntrack_udp_timeout_stream=udp_timeout,
         )
 
     def _count_turn(self, site: Site) -> None:
@@ -679,22 +735,18 @@ class Lab:
     def token(self, sub: str, role: str, devices: Sequence[str] = ()) -> str:
         return issue_token(self.jwt_secret, sub=sub, role=role, devices=tuple(devices), ttl=3600)
 
-    def ice_args(self, site: Site) -> tuple[list[str], dict[str, str]]:
-        """STUN and TURN options for a peer in ``site`` and the environment holding the password.
+    def ice_args(self) -> tuple[list[str], dict[str, str]]:
+        """ICE options for ``start``/``connect`` and the environment with the TURN password.
 
-        TODO(issue 7, several ICE servers): aiortc keeps only the first STUN and
-        the first TURN server, so a site whose router blocks UDP is given TURN
-        over TCP instead of UDP. Once every server is gathered, give every site
-        both URLs and let ICE find out.
+        None with ``turn_auth="secret"``: the signaling server hands them out.
         """
-        transport = "?transport=tcp" if site.nat == "udp-blocked" else ""
+        if self.turn.mode == "secret":
+            return [], {}
         user, password = self.turn.credentials()
-        args = [
-            "--stun", f"stun:{PUBLIC_ADDR}:{TURN_PORT}",
-            "--turn", f"turn:{PUBLIC_ADDR}:{TURN_PORT}{transport}",
-            "--turn-user", user,
-        ]  # fmt: skip
-        return args, {"TUNNEL_TURN_PASSWORD": password}
+        args = []
+        for url in ICE_URLS:
+            args += ["--stun" if url.startswith("stun:") else "--turn", url]
+        return [*args, "--turn-user", user], {"TUNNEL_TURN_PASSWORD": password}
 
     def tunnelctl(
         self, site: Site, args: Sequence[str], *, env: Mapping[str, str] | None = None, name: str
@@ -717,7 +769,7 @@ class Lab:
     def start_device(self, site: Site, device: str, *, extra: Sequence[str] = ()) -> Device:
         """``tunnelctl start`` in ``site`` exposing its web server as ``web``; once registered."""
         runtime = Path(tempfile.mkdtemp(prefix=f"runtime-{device}-", dir=self.workdir))
-        ice, env = self.ice_args(site)
+        ice, env = self.ice_args()
         process = self.tunnelctl(
             site,
             ["start", "--runtime-dir", str(runtime), "--signal", self.signal_url,
@@ -732,7 +784,7 @@ class Lab:
         self, site: Site, device: str, *, service: str = "web", extra: Sequence[str] = ()
     ) -> Process:
         """``tunnelctl connect`` in ``site`` forwarding a local port to ``device``/``service``."""
-        ice, env = self.ice_args(site)
+        ice, env = self.ice_args()
         return self.tunnelctl(
             site,
             ["connect", "--signal", self.signal_url, "--device", device, "--service", service,
@@ -870,11 +922,15 @@ class CaseResult:
     connected: bool = False
     path: str | None = None
     pair: str | None = None
+    device_path: str | None = None
+    device_pair: str | None = None
     connect_ms: int | None = None
     transfer_ok: bool = False
     mbps: float | None = None
     mib_s: float | None = None
     relay_transport: str | None = None
+    relay_via: dict[str, str | None] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     turn_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
     error: str | None = None
 
@@ -884,7 +940,7 @@ def run_case(lab: Lab, device: Device, client_site: Site) -> CaseResult:
     result = CaseResult(device.site.nat, client_site.nat)
     for site in (device.site, client_site):
         site.reset_turn_bytes()
-    before = {row["id"] for row in device.sessions()}
+    device_mark = device.process.stderr_count
     client = lab.start_client(client_site, device.id)
     try:
         line = client.wait_line("forwarding ", OPEN_TIMEOUT)
@@ -893,6 +949,8 @@ def run_case(lab: Lab, device: Device, client_site: Site) -> CaseResult:
             raise LabError(f"unexpected forwarding line: {line!r}")
         result.connected = True
         result.connect_ms = int(match["ms"])
+        result.path, result.pair = match["path"], match["pair"]
+        result.relay_via["client"] = match["via"]
         fetched = lab.fetch(client_site, match["addr"])
         result.transfer_ok = (
             fetched["status"] == 200
@@ -904,16 +962,25 @@ def run_case(lab: Lab, device: Device, client_site: Site) -> CaseResult:
         megabits = fetched["bytes"] * 8 / 1e6
         result.mbps = round(megabits / fetched["seconds"], 1)
         result.mib_s = round(fetched["bytes"] / MIB / fetched["seconds"], 2)
+        # The case's session is the device's only running one: earlier cases'
+        # clients have gone (their sessions stay listed, ended, for a while).
+        rows = [r for r in device.sessions() if r["state"] == "running"]
+        if rows:
+            result.device_path, result.device_pair = rows[-1]["path"], rows[-1]["pair"]
+            result.relay_via["device"] = rows[-1]["relay_transport"]
         # Both ends judge the path from the whole nominated pair; they must agree.
-        result.pair, result.path = match["pair"], match["path"]
-        rows = [r for r in device.sessions() if r["id"] not in before]
-        device_path = rows[-1]["path"] if rows else None
-        if device_path != result.path:
-            result.error = f"the device reports a {device_path} path, the client {result.path}"
+        if result.device_path != result.path:
+            result.error = (
+                f"the device reports a {result.device_path} path, the client {result.path}"
+            )
     except LabError as exc:
         result.error = str(exc)
     finally:
         lab.stop(client)
+        result.warnings = problem_lines(
+            [("client", line) for line in client.stderr_since(0)]
+            + [("device", line) for line in device.process.stderr_since(device_mark)]
+        )
     result.turn_bytes = {
         "device": device.site.turn_bytes(),
         "client": client_site.turn_bytes(),
@@ -925,6 +992,22 @@ def run_case(lab: Lab, device: Device, client_site: Site) -> CaseResult:
         }
         result.relay_transport = max(totals, key=lambda proto: totals[proto])
     return result
+
+
+PROBLEM_RE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback")
+SESSION_ID_RE = re.compile(r"\b[A-Za-z0-9_-]{22}\b")
+WORKER_PID_RE = re.compile(r"worker\[\d+\]")
+
+
+def problem_lines(lines: Sequence[tuple[str, str]], limit: int = 5) -> list[str]:
+    """Distinct warning and error lines, ``END: message`` without time or session id."""
+    found: dict[str, None] = {}
+    for end, line in lines:
+        if PROBLEM_RE.search(line):
+            message = SESSION_ID_RE.sub("<id>", line.split(" ", 1)[-1])
+            message = WORKER_PID_RE.sub("worker[<pid>]", message)
+            found.setdefault(f"{end}: {message}", None)
+    return list(found)[:limit]
 
 
 def warm_up(lab: Lab, device: Device) -> None:
@@ -1011,8 +1094,8 @@ def run_matrix(
 # -- the command line -------------------------------------------------------------------
 
 TABLE_HEADER = (
-    f"{'device':<12} {'client':<12} {'path':<7} {'pair':<13} {'connect ms':>10} "
-    f"{'MiB/s':>7} {'Mbit/s':>7} {'TURN':<5} {'16 MiB':<7}"
+    f"{'device':<12} {'client':<12} {'path':<7} {'pair':<12} {'device pair':<12} "
+    f"{'connect ms':>10} {'MiB/s':>7} {'Mbit/s':>7} {'TURN':<5} {'16 MiB':<7}"
 )
 
 
@@ -1021,9 +1104,10 @@ def table_row(r: CaseResult) -> str:
         return "-" if value is None else str(value)
 
     line = (
-        f"{r.device_nat:<12} {r.client_nat:<12} {show(r.path):<7} {show(r.pair):<13} "
-        f"{show(r.connect_ms):>10} {show(r.mib_s):>7} {show(r.mbps):>7} "
-        f"{show(r.relay_transport):<5} {'intact' if r.transfer_ok else 'FAILED':<7}"
+        f"{r.device_nat:<12} {r.client_nat:<12} {show(r.path):<7} {show(r.pair):<12} "
+        f"{show(r.device_pair):<12} {show(r.connect_ms):>10} {show(r.mib_s):>7} "
+        f"{show(r.mbps):>7} {show(r.relay_transport):<5} "
+        f"{'intact' if r.transfer_ok else 'FAILED':<7}"
     )
     return line + (f"  {r.error}" if r.error else "")
 
@@ -1058,8 +1142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--udp-timeout", type=int, default=30, metavar="S", help="routers' UDP conntrack timeout"
     )
     parser.add_argument(
-        "--turn-auth", choices=("static", "secret"), default="static",
-        help="coturn's authentication: a static user, or the TURN REST shared secret",
+        "--turn-auth", choices=("secret", "static"), default="secret",
+        help="secret: coturn's TURN REST shared secret, servers and credentials handed out by "
+        "tunnelctl signal (default); static: a long-term user given to start/connect",
     )  # fmt: skip
     args = parser.parse_args(argv)
     reason = unavailable_reason()
@@ -1074,7 +1159,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, _raise_interrupt)
 
     def report(result: CaseResult) -> None:
-        print(json.dumps(asdict(result)) if args.json else table_row(result), flush=True)
+        if args.json:
+            print(json.dumps(asdict(result)), flush=True)
+            return
+        print(table_row(result), flush=True)
+        for warning in result.warnings:
+            print(f"    ! {warning}", flush=True)
 
     try:
         with Lab(udp_timeout=args.udp_timeout, turn_auth=args.turn_auth) as lab:
@@ -1110,12 +1200,14 @@ def keep_up(lab: Lab, kinds: Sequence[str]) -> None:
             file=sys.stderr,
         )
     env = lab.workdir / "client.env"
-    user, password = lab.turn.credentials()
     token = lab.token("poke", "client", [device_id(k) for k in kinds])
-    env.write_text(f"TUNNEL_TOKEN={token}\nTUNNEL_TURN_PASSWORD={password}\n")
+    password = lab.ice_args()[1].get("TUNNEL_TURN_PASSWORD")
+    env.write_text(
+        f"TUNNEL_TOKEN={token}\n" + (f"TUNNEL_TURN_PASSWORD={password}\n" if password else "")
+    )
     env.chmod(0o600)
     site = lab.sites[f"cli-{kinds[0]}"]
-    ice = " ".join([*lab.ice_args(site)[0][:-1], user])
+    ice = " ".join(lab.ice_args()[0])
     print(
         f"a client, e.g.: ip netns exec {site.host.name} env $(cat {env}) "
         f"{sys.executable} -m tunnelctl connect --signal {lab.signal_url} "

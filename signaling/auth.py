@@ -19,7 +19,7 @@ Public API:
     on any problem with the token.
 ``load_secret(secret_file, env) -> str``
     The server secret from a file or ``TUNNEL_SECRET``;
-    :class:`~signaling.errors.ConfigError` if missing or weak.
+    :class:`~signaling.errors.ServerConfigError` if missing or weak.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from typing import Any, Final
 
 import jwt
 
-from protocol.signaling import ROLES, Role, is_valid_id
-from signaling.errors import AuthError, ConfigError
+from protocol.signaling import PEER_ROLES, PeerRole, is_valid_id
+from signaling.errors import AuthError, ServerConfigError
 
 __all__ = [
     "ALGORITHM",
@@ -68,13 +68,13 @@ class Identity:
     """
 
     sub: str
-    role: Role
+    role: PeerRole
     devices: frozenset[str] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
         if not is_valid_id(self.sub):
             raise ValueError(f"bad sub {self.sub!r}: not a valid id")
-        if self.role not in ROLES:
+        if self.role not in PEER_ROLES:
             raise ValueError(f"bad role {self.role!r}: must be 'device' or 'client'")
         if self.role == "device" and self.devices:
             raise ValueError("a device identity grants no devices")
@@ -95,10 +95,10 @@ def _secret_problem(secret: object) -> str | None:
 
 
 def check_secret(secret: str) -> None:
-    """Raise :class:`ConfigError` unless ``secret`` is strong enough for HS256."""
+    """Raise :class:`ServerConfigError` unless ``secret`` is strong enough for HS256."""
     problem = _secret_problem(secret)
     if problem is not None:
-        raise ConfigError(f"{problem}; {_MAKE_SECRET_HINT}")
+        raise ServerConfigError(f"{problem}; {_MAKE_SECRET_HINT}")
 
 
 def issue_token(
@@ -120,7 +120,7 @@ def issue_token(
         raise ValueError(problem)
     if not is_valid_id(sub):
         raise ValueError(f"bad sub {sub!r}: an id is 1-64 of A-Z a-z 0-9 . _ - (not first)")
-    if role not in ROLES:
+    if role not in PEER_ROLES:
         raise ValueError(f"bad role {role!r}: must be 'device' or 'client'")
     if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
         raise ValueError(f"bad ttl {ttl!r}: must be a positive number of seconds")
@@ -239,30 +239,30 @@ def load_secret(secret_file: str | None, env: Mapping[str, str]) -> str:
     """Return the server secret: the file's content if given, else ``env["TUNNEL_SECRET"]``.
 
     Surrounding whitespace (the newline of ``echo … > file``) is stripped.
-    Raises :class:`ConfigError` saying what is wrong and how to make a secret.
+    Raises :class:`ServerConfigError` saying what is wrong and how to make a secret.
     """
     if secret_file is not None:
         source = f"secret file {secret_file}"
         try:
             text = Path(secret_file).read_text(encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(f"cannot read {source}: {exc.strerror or exc}") from None
+            raise ServerConfigError(f"cannot read {source}: {exc.strerror or exc}") from None
         except UnicodeDecodeError:
-            raise ConfigError(f"{source} is not UTF-8 text") from None
+            raise ServerConfigError(f"{source} is not UTF-8 text") from None
     else:
         source = SECRET_ENV
         env_value = env.get(SECRET_ENV)
         if env_value is None:
-            raise ConfigError(
+            raise ServerConfigError(
                 f"no signaling secret: give a secret file or set {SECRET_ENV}; {_MAKE_SECRET_HINT}"
             )
         text = env_value
     secret = text.strip()
     if not secret:
-        raise ConfigError(f"{source} is empty; {_MAKE_SECRET_HINT}")
+        raise ServerConfigError(f"{source} is empty; {_MAKE_SECRET_HINT}")
     size = len(secret.encode("utf-8"))
     if size < MIN_SECRET_BYTES:
-        raise ConfigError(
+        raise ServerConfigError(
             f"{source} is too short ({size} bytes, need at least {MIN_SECRET_BYTES}); "
             f"{_MAKE_SECRET_HINT}"
         )

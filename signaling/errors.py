@@ -1,18 +1,22 @@
-"""The exception tree of :mod:`signaling`.
+"""The exception trees of :mod:`signaling`: the server's, and the client end's.
 
 ::
 
-    SignalingServerError      root: anything this package raises on purpose
+    SignalingServerError      root of what the server side (server, router, auth,
+    │                         TURN) raises on purpose
     ├── AuthError             a peer's token or authentication attempt was rejected
     │                         (remote); ``reason`` is one line and never holds the token
-    ├── ConfigError           the server cannot run as configured (environment): no or
+    ├── ServerConfigError     the server cannot run as configured (environment): no or
     │                         weak secret, address unusable; the message says how to fix it
-    ├── UsageError            our own code called the API wrongly (local), e.g.
-    │                         ``Router.receive()`` for a connection it never saw
-    └── LinkError             the client end (:mod:`signaling.link`) failed
-        ├── LinkRejected      the server refused this peer for good (bad or expired
-        │                     token, replaced, bad URL): retrying cannot help
-        └── LinkDown          the link is not up, or could not be brought up
+    └── UsageError            our own code called the API wrongly (local), e.g.
+                              ``Router.receive()`` for a connection it never saw
+
+    LinkError                 root of what the client end (:mod:`signaling.link`) raises,
+    │                         the one part of this package the supervisor and the
+    │                         workers import: a client never catches "server" errors
+    ├── LinkRejected          the server refused this peer for good (bad or expired
+    │                         token, replaced, bad URL): retrying cannot help
+    └── LinkDown              the link is not up, or could not be brought up
 
 Invalid *messages* are not exceptions here: the router answers them with
 ``error`` messages (:class:`protocol.errors.SignalingError` carries the code).
@@ -35,7 +39,7 @@ class AuthError(SignalingServerError):
         self.reason = reason
 
 
-class ConfigError(SignalingServerError):
+class ServerConfigError(SignalingServerError):
     """The server's configuration or environment is unusable; the message says why."""
 
 
@@ -43,7 +47,7 @@ class UsageError(SignalingServerError):
     """The API was called in a way its contract does not allow (a bug on our side)."""
 
 
-class LinkError(SignalingServerError):
+class LinkError(Exception):
     """The client end of a signaling link failed (:mod:`signaling.link`)."""
 
 

@@ -106,7 +106,6 @@ class SignalingLink:
         self._fail_fast = fail_fast
         self._ever_up = False
         self.state = LinkState.DOWN
-        self.peer_id: str | None = None
         self._ws: ClientConnection | None = None
         self._up = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -256,8 +255,7 @@ class SignalingLink:
             raise ConnectionError(f"closed by the server ({ws.close_code} {ws.close_reason})")
 
     async def _handshake(self, ws: ClientConnection) -> None:
-        welcome = await self._expect(ws, Welcome)
-        self.peer_id = welcome.peer
+        await self._expect(ws, Welcome)
         if self._device is not None:
             await ws.send(encode_signaling(Register(device=self._device)))
             await self._expect(ws, Registered)

@@ -43,7 +43,7 @@ from typing import Final, TypeAlias
 
 from protocol.errors import SignalingError
 from protocol.signaling import (
-    ROLES,
+    PEER_ROLES,
     Answer,
     Auth,
     Candidate,
@@ -52,9 +52,9 @@ from protocol.signaling import (
     ErrorCode,
     Offer,
     PeerLeft,
+    PeerRole,
     Register,
     Registered,
-    Role,
     SessionEnd,
     SessionRequest,
     SignalingMessage,
@@ -70,9 +70,9 @@ __all__ = [
     "Close",
     "ConnId",
     "Limits",
+    "RouteState",
     "Router",
     "Send",
-    "SessionState",
 ]
 
 ConnId: TypeAlias = Hashable
@@ -128,7 +128,7 @@ class Limits:
                 raise ValueError(f"{name} must be at least 1")
 
 
-class SessionState(enum.Enum):
+class RouteState(enum.Enum):
     """Server-side state of one session (§1.4)."""
 
     PENDING = "pending"  # request forwarded to the device, no offer yet
@@ -136,28 +136,28 @@ class SessionState(enum.Enum):
     ACTIVE = "active"  # answer forwarded; only candidates and session_end remain
 
 
-_NEGOTIATING: Final = frozenset({SessionState.PENDING, SessionState.OFFERED})
+_NEGOTIATING: Final = frozenset({RouteState.PENDING, RouteState.OFFERED})
 
 # §1.4 as data: (state, message type, sender role) -> next state, or None when
 # the message ends the session. A key that is absent is ``bad_state``.
 # session_request is not here: it creates a session rather than moving one.
-TRANSITIONS: Final[Mapping[tuple[SessionState, str, Role], SessionState | None]] = {
-    (SessionState.PENDING, Offer.TYPE, "device"): SessionState.OFFERED,
-    (SessionState.OFFERED, Answer.TYPE, "client"): SessionState.ACTIVE,
-    **{(state, Candidate.TYPE, role): state for state in SessionState for role in ROLES},
-    **{(state, SessionEnd.TYPE, role): None for state in SessionState for role in ROLES},
+TRANSITIONS: Final[Mapping[tuple[RouteState, str, PeerRole], RouteState | None]] = {
+    (RouteState.PENDING, Offer.TYPE, "device"): RouteState.OFFERED,
+    (RouteState.OFFERED, Answer.TYPE, "client"): RouteState.ACTIVE,
+    **{(state, Candidate.TYPE, role): state for state in RouteState for role in PEER_ROLES},
+    **{(state, SessionEnd.TYPE, role): None for state in RouteState for role in PEER_ROLES},
 }
 
 # Which role may send each client-to-server type at all (else ``forbidden``).
 # Types missing here (welcome, registered, peer_left, error) are server-only.
-_SENDERS: Final[Mapping[str, frozenset[Role]]] = {
-    Auth.TYPE: frozenset(ROLES),
+_SENDERS: Final[Mapping[str, frozenset[PeerRole]]] = {
+    Auth.TYPE: frozenset(PEER_ROLES),
     Register.TYPE: frozenset({"device"}),
     SessionRequest.TYPE: frozenset({"client"}),
     Offer.TYPE: frozenset({"device"}),
     Answer.TYPE: frozenset({"client"}),
-    Candidate.TYPE: frozenset(ROLES),
-    SessionEnd.TYPE: frozenset(ROLES),
+    Candidate.TYPE: frozenset(PEER_ROLES),
+    SessionEnd.TYPE: frozenset(PEER_ROLES),
 }
 
 
@@ -197,7 +197,7 @@ class _Session:
     id: str
     client: _Conn
     device: _Conn
-    state: SessionState = SessionState.PENDING
+    state: RouteState = RouteState.PENDING
 
     def other(self, party: _Conn) -> _Conn:
         return self.device if party is self.client else self.client

@@ -13,7 +13,7 @@ max_outbox=1 << 20, ice=None)``
     ``.url`` are then the real ones), ``await close()`` closes every connection
     with 1001 and waits for the handlers. Also an async context manager.
     ``stats()`` returns the router's counters. Raises
-    :class:`~signaling.errors.ConfigError` for a weak secret or an address it
+    :class:`~signaling.errors.ServerConfigError` for a weak secret or an address it
     cannot listen on.
 ``run_server(secret, host="127.0.0.1", port=8000, on_ready=None, *, limits=None, ice=None)``
     Serve until cancelled, SIGTERM or SIGINT, then close cleanly.
@@ -62,7 +62,7 @@ from protocol.signaling import (
     encode_signaling,
 )
 from signaling.auth import Identity, check_secret, verify_token
-from signaling.errors import AuthError, ConfigError, UsageError
+from signaling.errors import AuthError, ServerConfigError, UsageError
 from signaling.link import RedactSecrets
 from signaling.router import Action, Limits, Router, Send
 from signaling.turn import IceIssuer
@@ -201,9 +201,9 @@ class SignalingServer:
         check_secret(secret)
         self._ice = ice
         if auth_timeout <= 0:
-            raise ConfigError("auth_timeout must be positive")
+            raise ServerConfigError("auth_timeout must be positive")
         if max_outbox < MAX_FRAME_SIZE:
-            raise ConfigError(f"max_outbox must be at least {MAX_FRAME_SIZE}")
+            raise ServerConfigError(f"max_outbox must be at least {MAX_FRAME_SIZE}")
         self._max_outbox = max_outbox
         self._secret = secret
         self._host = host
@@ -235,7 +235,7 @@ class SignalingServer:
         return {"auth_failures": self._auth_failures, **self._router.stats()}
 
     async def start(self) -> None:
-        """Listen. Raises :class:`ConfigError` if the address cannot be used."""
+        """Listen. Raises :class:`ServerConfigError` if the address cannot be used."""
         if self._server is not None:
             raise UsageError("server already started")
         try:
@@ -248,7 +248,7 @@ class SignalingServer:
                 logger=_wire_log,
             )
         except OSError as exc:
-            raise ConfigError(
+            raise ServerConfigError(
                 f"cannot listen on {self._host}:{self._port}: {exc.strerror or exc}"
             ) from None
         self._port = self._server.sockets[0].getsockname()[1]
@@ -402,7 +402,7 @@ async def run_server(
 
     ``on_ready(url)`` is called once the server listens (``port=0`` picks a
     free port; ``url`` has the real one). On the way out every connection is
-    closed with 1001. Raises :class:`ConfigError` as :class:`SignalingServer` does.
+    closed with 1001. Raises :class:`ServerConfigError` as :class:`SignalingServer` does.
     """
     server = SignalingServer(secret, host, port, limits, ice=ice)
     await server.start()

@@ -21,7 +21,7 @@ from typing import Final
 
 from protocol.ice import IceServer, parse_ice_url, turn_rest_credential
 from protocol.signaling import MAX_ICE_SERVERS, MAX_ICE_TTL, IceServers
-from signaling.errors import ConfigError
+from signaling.errors import ServerConfigError
 
 __all__ = ["DEFAULT_TURN_TTL", "MIN_TURN_TTL", "IceIssuer", "load_turn_secret"]
 
@@ -34,16 +34,18 @@ _MIN_SECRET_LEN: Final = 16
 def load_turn_secret(path: str) -> str:
     """The shared secret in ``path`` (coturn's ``static-auth-secret``), stripped.
 
-    Raises :class:`ConfigError`; the message names the file, never its content.
+    Raises :class:`ServerConfigError`; the message names the file, never its content.
     """
     try:
         secret = Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise ConfigError(f"cannot read TURN secret file {path}: {exc.strerror or exc}") from None
+        raise ServerConfigError(
+            f"cannot read TURN secret file {path}: {exc.strerror or exc}"
+        ) from None
     except UnicodeDecodeError:
-        raise ConfigError(f"TURN secret file {path} is not UTF-8 text") from None
+        raise ServerConfigError(f"TURN secret file {path} is not UTF-8 text") from None
     if len(secret) < _MIN_SECRET_LEN:
-        raise ConfigError(
+        raise ServerConfigError(
             f"TURN secret file {path} holds fewer than {_MIN_SECRET_LEN} characters; "
             "make one with: openssl rand -hex 32"
         )
@@ -55,27 +57,27 @@ class IceIssuer:
 
     ``urls`` are ICE server URLs (``stun:``, ``turn:``, ``turns:``). A TURN URL
     needs ``secret``; a ``secret`` needs a TURN URL. ``ttl`` is the credentials'
-    lifetime in seconds. Raises :class:`ConfigError`.
+    lifetime in seconds. Raises :class:`ServerConfigError`.
     """
 
     def __init__(
         self, urls: Sequence[str], secret: str | None = None, ttl: int = DEFAULT_TURN_TTL
     ) -> None:
         if len(urls) > MAX_ICE_SERVERS:
-            raise ConfigError(f"at most {MAX_ICE_SERVERS} --ice-server")
+            raise ServerConfigError(f"at most {MAX_ICE_SERVERS} --ice-server")
         parsed = []
         for url in urls:
             try:
                 parsed.append((url, parse_ice_url(url).is_turn))
             except ValueError as exc:
-                raise ConfigError(str(exc)) from None
+                raise ServerConfigError(str(exc)) from None
         has_turn = any(is_turn for _, is_turn in parsed)
         if has_turn and secret is None:
-            raise ConfigError("a turn: or turns: --ice-server needs --turn-secret-file")
+            raise ServerConfigError("a turn: or turns: --ice-server needs --turn-secret-file")
         if secret is not None and not has_turn:
-            raise ConfigError("--turn-secret-file needs a turn: or turns: --ice-server")
+            raise ServerConfigError("--turn-secret-file needs a turn: or turns: --ice-server")
         if not MIN_TURN_TTL <= ttl <= MAX_ICE_TTL:
-            raise ConfigError(f"--turn-ttl must be {MIN_TURN_TTL}-{MAX_ICE_TTL} seconds")
+            raise ServerConfigError(f"--turn-ttl must be {MIN_TURN_TTL}-{MAX_ICE_TTL} seconds")
         self._servers = tuple(parsed)
         self._secret = secret
         self.ttl = ttl

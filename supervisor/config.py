@@ -29,15 +29,12 @@ can honour (:mod:`protocol.ice`): ``stun:HOST[:PORT]``,
 from __future__ import annotations
 
 import contextlib
-import difflib
 import ipaddress
-import json
 import math
 import re
 import tomllib
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -53,6 +50,19 @@ from protocol.ice import (
 )
 from protocol.signaling import ID_PATTERN, is_valid_id
 from supervisor.errors import ConfigError
+from supervisor.toml_keys import (
+    check_keys,
+    get_integer,
+    get_number,
+    get_required_string,
+    get_string,
+    get_strings,
+    get_table,
+    get_tables,
+    join_key,
+    under,
+    wrong_type,
+)
 
 __all__ = [
     "MAX_POOL_SIZE",
@@ -111,7 +121,6 @@ _LABEL: Final = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOSTNAME_RE: Final = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}\.?")
 # "localhost:5432" would otherwise parse as scheme "localhost".
 _BARE_HOST_PORT_RE: Final = re.compile(r"(?:[^:/@\[\]]+|\[[0-9A-Fa-f:.]+\]):\d+")
-_BARE_KEY_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
 
 
 # --- the configuration --------------------------------------------------------
@@ -350,16 +359,16 @@ def load_config(path: str, env: Mapping[str, str]) -> SupervisorConfig:
     """
     data = _read_toml(path)
     here = Path(path).absolute().parent
-    _check_keys(data, None, _TOP_KEYS)
-    signal_url = _required_string(data, None, "signal")
-    ice_hosts = _strings(data, None, "ice_hosts")
-    ice_policy = _string(data, None, "ice_policy") or "all"
+    check_keys(data, None, _TOP_KEYS)
+    signal_url = get_required_string(data, None, "signal")
+    ice_hosts = get_strings(data, None, "ice_hosts")
+    ice_policy = get_string(data, None, "ice_policy") or "all"
     ice_servers = tuple(
-        _ice_server(table, at, env) for at, table in _tables(data, None, "ice_servers")
+        _ice_server(table, at, env) for at, table in get_tables(data, None, "ice_servers")
     )
-    keepalive = _number(data, "", "keepalive") if "keepalive" in data else DEFAULT_KEEPALIVE
+    keepalive = get_number(data, "", "keepalive") if "keepalive" in data else DEFAULT_KEEPALIVE
     tuning = _tuning(data)
-    device_tables = _tables(data, None, "devices")
+    device_tables = get_tables(data, None, "devices")
     if not device_tables:
         raise ConfigError("devices", "at least one [[devices]] table is required")
     devices = tuple(_device(table, at, env, here) for at, table in device_tables)
@@ -393,32 +402,32 @@ def _read_toml(path: str) -> dict[str, Any]:
 
 
 def _tuning(data: Mapping[str, object]) -> dict[str, Any]:
-    table = _table(data, None, "supervisor")
+    table = get_table(data, None, "supervisor")
     if table is None:
         return {}
-    _check_keys(table, "supervisor", TUNING_KEYS)
+    check_keys(table, "supervisor", TUNING_KEYS)
     values: dict[str, Any] = {}
     for key in table:
         if key in _INTEGER_TUNING:
-            values[key] = _integer(table, "supervisor", key)
+            values[key] = get_integer(table, "supervisor", key)
         else:
-            values[key] = _number(table, "supervisor", key)
+            values[key] = get_number(table, "supervisor", key)
     return values
 
 
 def _ice_server(table: Mapping[str, object], at: str, env: Mapping[str, str]) -> IceServer:
-    _check_keys(table, at, _ICE_SERVER_KEYS)
-    url = _required_string(table, at, "url")
-    with _under(_join(at, "url")):
+    check_keys(table, at, _ICE_SERVER_KEYS)
+    url = get_required_string(table, at, "url")
+    with under(join_key(at, "url")):
         parse_ice_url(url)
-    username = _string(table, at, "username")
-    credential = _string(table, at, "credential")
-    credential_env = _string(table, at, "credential_env")
+    username = get_string(table, at, "username")
+    credential = get_string(table, at, "credential")
+    credential_env = get_string(table, at, "credential_env")
     if credential is not None and credential_env is not None:
         raise ConfigError(at, "give credential or credential_env, not both")
     if credential_env is not None:
-        credential = _from_env(env, credential_env, _join(at, "credential_env"))
-    with _under(at):
+        credential = _from_env(env, credential_env, join_key(at, "credential_env"))
+    with under(at):
         server = IceServer(url, username, credential)
     return server
 
@@ -426,21 +435,21 @@ def _ice_server(table: Mapping[str, object], at: str, env: Mapping[str, str]) ->
 def _device(
     table: Mapping[str, object], at: str, env: Mapping[str, str], here: Path
 ) -> DeviceConfig:
-    _check_keys(table, at, _DEVICE_KEYS)
-    device_id = _required_string(table, at, "id")
-    services_at = _join(at, "services")
-    services_table = _table(table, at, "services")
+    check_keys(table, at, _DEVICE_KEYS)
+    device_id = get_required_string(table, at, "id")
+    services_at = join_key(at, "services")
+    services_table = get_table(table, at, "services")
     if services_table is None:
         raise ConfigError(services_at, "required key is missing (a device needs a service)")
     services = []
     for name, url in services_table.items():
-        service_at = _join(services_at, name)
+        service_at = join_key(services_at, name)
         if not isinstance(url, str):
-            raise _wrong_type(service_at, "a string (the service URL)", url)
-        with _under(service_at):
+            raise wrong_type(service_at, "a string (the service URL)", url)
+        with under(service_at):
             services.append(_service(name, url))
     token = _token(table, at, env, here)
-    with _under(at):
+    with under(at):
         device = DeviceConfig(device_id, token, tuple(services))
     return device
 
@@ -451,8 +460,8 @@ def _token(table: Mapping[str, object], at: str, env: Mapping[str, str], here: P
         problem = "no token" if not given else f"{' and '.join(given)} are both given"
         raise ConfigError(at, f"{problem}: give exactly one of token, token_file, token_env")
     source = given[0]
-    source_at = _join(at, source)
-    value = _required_string(table, at, source)
+    source_at = join_key(at, source)
+    value = get_required_string(table, at, source)
     if not value.strip():
         raise ConfigError(source_at, "is empty")
     if source == "token_file":
@@ -491,128 +500,6 @@ def _from_env(env: Mapping[str, str], name: str, path: str) -> str:
     return value
 
 
-# --- typed access to the parsed TOML ------------------------------------------
-
-
-def _join(base: str | None, key: str) -> str:
-    # TOML's own quoting, so a service named "web.v2" is not read as two keys.
-    part = key if _BARE_KEY_RE.fullmatch(key) else json.dumps(key)
-    return f"{base}.{part}" if base else part
-
-
-def _rebase(exc: ConfigError, base: str) -> ConfigError:
-    if exc.path is None:
-        path = base
-    elif exc.path.startswith("["):
-        path = base + exc.path
-    else:
-        path = f"{base}.{exc.path}"
-    return ConfigError(path, exc.message)
-
-
-@contextlib.contextmanager
-def _under(base: str) -> Iterator[None]:
-    """Report a value's own error at ``base``, the key it came from."""
-    try:
-        yield
-    except ConfigError as exc:
-        raise _rebase(exc, base) from None
-    except ValueError as exc:
-        raise ConfigError(base, str(exc)) from None
-
-
-def _toml_type(value: object) -> str:
-    # bool before int: in Python, True is an int; in TOML it is not.
-    for kind, name in (
-        (bool, "a boolean"),
-        (int, "an integer"),
-        (float, "a float"),
-        (str, "a string"),
-        (list, "an array"),
-        (dict, "a table"),
-        (datetime, "a date-time"),
-        (date, "a date"),
-        (time, "a time"),
-    ):
-        if isinstance(value, kind):
-            return name
-    return type(value).__name__
-
-
-def _wrong_type(path: str, expected: str, value: object) -> ConfigError:
-    return ConfigError(path, f"expected {expected}, got {_toml_type(value)}")
-
-
-def _check_keys(table: Mapping[str, object], base: str | None, allowed: Collection[str]) -> None:
-    for key in table:
-        if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(_join(base, key), f"unknown key{hint}")
-
-
-def _string(table: Mapping[str, object], base: str | None, key: str) -> str | None:
-    value = table.get(key)
-    if value is None or isinstance(value, str):
-        return value
-    raise _wrong_type(_join(base, key), "a string", value)
-
-
-def _required_string(table: Mapping[str, object], base: str | None, key: str) -> str:
-    value = _string(table, base, key)
-    if value is None:
-        raise ConfigError(_join(base, key), "required key is missing")
-    return value
-
-
-def _integer(table: Mapping[str, object], base: str, key: str) -> int:
-    value = table[key]
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise _wrong_type(_join(base, key), "an integer", value)
-
-
-def _number(table: Mapping[str, object], base: str, key: str) -> float:
-    value = table[key]
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    raise _wrong_type(_join(base, key), "a number", value)
-
-
-def _strings(table: Mapping[str, object], base: str | None, key: str) -> tuple[str, ...]:
-    value = table.get(key, [])
-    path = _join(base, key)
-    if not isinstance(value, list):
-        raise _wrong_type(path, "an array of strings", value)
-    for index, item in enumerate(value):
-        if not isinstance(item, str):
-            raise _wrong_type(f"{path}[{index}]", "a string", item)
-    return tuple(value)
-
-
-def _table(table: Mapping[str, object], base: str | None, key: str) -> dict[str, object] | None:
-    value = table.get(key)
-    if value is None or isinstance(value, dict):
-        return value
-    raise _wrong_type(_join(base, key), "a table", value)
-
-
-def _tables(
-    table: Mapping[str, object], base: str | None, key: str
-) -> list[tuple[str, dict[str, object]]]:
-    """The tables of an array of tables (``[[key]]``), each with its key path."""
-    value = table.get(key, [])
-    path = _join(base, key)
-    if not isinstance(value, list):
-        raise _wrong_type(path, f"an array of tables ([[{key}]])", value)
-    found = []
-    for index, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise _wrong_type(f"{path}[{index}]", "a table", item)
-        found.append((f"{path}[{index}]", item))
-    return found
-
-
 # --- command-line flags -------------------------------------------------------
 
 
@@ -635,7 +522,7 @@ def config_from_flags(
     """
     services = []
     for spec in exposes:
-        with _under("--expose"):
+        with under("--expose"):
             services.append(parse_service(spec))
     networks = tuple(h.strip() for spec in ice_hosts for h in spec.split(",") if h.strip())
     with _as_flags({"id": "--device", "token": "--token", "services": "--expose"}):

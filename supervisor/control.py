@@ -2,7 +2,7 @@
 
 The supervisor serves ``ipc://RUNTIME_DIR/control.sock`` (a ROUTER); a request
 is one REQ round trip with a deadline. No supervisor (no socket file, or no
-answer in time) is a :class:`ControlError` whose message says which directory
+answer in time) is a :class:`NotRunning` whose message says which directory
 was tried, so scripts get a clear line and a non-zero exit.
 """
 
@@ -14,13 +14,14 @@ from pathlib import Path
 import zmq
 
 from protocol.ipc import (
+    ZMQ_CONTROL_CLIENT_MAX_MSG_SIZE,
     ControlReply,
     ControlRequest,
     IpcError,
     decode_control_reply,
     encode_control_request,
 )
-from supervisor.errors import ControlError
+from supervisor.errors import ControlError, NotRunning
 from supervisor.runtime import CONTROL_SOCKET, check_private, ipc_endpoint
 
 
@@ -29,7 +30,7 @@ def request(
 ) -> object:
     """Send one control request; return its result or raise :class:`ControlError`."""
     if not (runtime_dir / CONTROL_SOCKET).exists():
-        raise ControlError(f"no supervisor running (nothing listens in {runtime_dir})")
+        raise NotRunning(f"no supervisor running (nothing listens in {runtime_dir})")
     try:
         check_private(runtime_dir)
     except Exception as exc:
@@ -41,13 +42,13 @@ def request(
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
         sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
-        sock.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
+        sock.setsockopt(zmq.MAXMSGSIZE, ZMQ_CONTROL_CLIENT_MAX_MSG_SIZE)
         sock.connect(ipc_endpoint(runtime_dir, CONTROL_SOCKET))
         sock.send(payload)
         try:
             data = sock.recv()
         except zmq.Again:
-            raise ControlError(
+            raise NotRunning(
                 f"no answer from the supervisor in {runtime_dir} within {timeout:g} s"
             ) from None
     finally:

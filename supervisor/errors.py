@@ -6,7 +6,9 @@
     ├── ConfigError           the configuration (TOML file or command-line flags) is
     │                         invalid; ``path`` names the offending key
     ├── ControlError          the control endpoint (PROTOCOL.md §4) could not be
-    │                         reached, or it answered with an error
+    │   │                     reached, or it answered with an error
+    │   └── NotRunning        no supervisor answers in that runtime directory (the
+    │                         CLI exits 3 for this one)
     └── RuntimeDirError       the runtime directory is unsafe (another owner, a mode
                               wider than 0700) or unusable (cannot be created)
 
@@ -51,6 +53,11 @@ class ControlError(SupervisorError):
     the runtime directory, it did not answer in time, or it replied
     ``{"ok": false, "error": ...}``.
     """
+
+
+class NotRunning(ControlError):
+    """No supervisor answers in the runtime directory: no control socket there, or
+    no reply in time. ``tunnelctl`` exits 3 (LSB's "program is not running")."""
 
 
 class RuntimeDirError(SupervisorError):

@@ -188,3 +188,36 @@ async def test_a_stun_server_that_never_answers_waits_no_longer_than_the_relay(
     print(f"\noffer with a relay and a silent STUN server in {took * 1000:.0f} ms")
     assert "typ relay" in sdp and "typ srflx" not in sdp
     assert took < aiortc_tuning.STUN_TIMEOUT
+
+
+def _channel_bind_error(code: int, reason: str) -> aioice.stun.TransactionFailed:
+    response = aioice.stun.Message(
+        message_method=aioice.stun.Method.CHANNEL_BIND,
+        message_class=aioice.stun.Class.ERROR,
+    )
+    response.attributes["ERROR-CODE"] = (code, reason)
+    return aioice.stun.TransactionFailed(response)
+
+
+@pytest.mark.parametrize(("code", "lost"), [(403, False), (437, True), (400, True)])
+async def test_a_refused_peer_address_is_not_a_lost_allocation(code: int, lost: bool) -> None:
+    """403 refuses one peer address (coturn's denied ranges); 437/400 mean the
+    server no longer knows this allocation (RFC 8656 §12)."""
+    reported: list[tuple[str, str]] = []
+    protocol = aioice.ice.StunProtocol(aioice.Connection(ice_controlling=True))
+    protocol.tunnelctl_relay_transport = "udp"  # type: ignore[attr-defined]
+    protocol.tunnelctl_url = "turn:203.0.113.1:3478"  # type: ignore[attr-defined]
+    protocol.receiver.tunnelctl_on_relay_lost = lambda url, why: reported.append((url, why))  # type: ignore[attr-defined]
+    protocol.error_received(_channel_bind_error(code, "x"))
+    assert bool(reported) is lost, reported
+
+
+async def test_an_allocation_lost_before_anyone_watches_is_reported_when_watched() -> None:
+    """Lost while gathering: the watcher installed afterwards still hears of it."""
+    protocol = aioice.ice.StunProtocol(aioice.Connection(ice_controlling=True))
+    protocol.tunnelctl_relay_transport = "tcp"  # type: ignore[attr-defined]
+    protocol.tunnelctl_url = "turn:203.0.113.1:3478?transport=tcp"  # type: ignore[attr-defined]
+    protocol.connection_lost(ConnectionResetError(104, "Connection reset by peer"))
+    reported = aiortc_tuning.lost_relays(protocol.receiver)
+    assert [url for url, _ in reported] == ["turn:203.0.113.1:3478?transport=tcp"]
+    assert "connection to the server lost" in reported[0][1]

@@ -1,13 +1,16 @@
 """The import rules of ARCHITECTURE.md, checked on the source."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("protocol", "signaling", "supervisor", "workers", "tunnelctl")
+PACKAGES = ("aio", "protocol", "signaling", "supervisor", "workers", "tunnelctl")
 FORBIDDEN = {
+    "aio": {"protocol", "signaling", "supervisor", "workers", "tunnelctl", "aiortc", "zmq"},
     "protocol": {"signaling", "supervisor", "workers", "tunnelctl", "aiortc", "websockets", "zmq"},
     "signaling": {"supervisor", "workers", "tunnelctl", "aiortc"},
     "supervisor": {"workers", "tunnelctl", "aiortc", "aioice"},
@@ -45,6 +48,49 @@ def test_nothing_imports_the_cli() -> None:
             assert "tunnelctl" not in imported_roots(path), path
 
 
+#: The one module of the CLI package that scripts still import: the child-process
+#: harness that ``tunnelctl demo``, the benchmark and the e2e tests share.
+CLI_HARNESS = frozenset({"tunnelctl.children"})
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "scripts").glob("*.py")))
+def test_scripts_do_not_import_the_cli(script: str) -> None:
+    """Scripts are clients of the packages, like the CLI, never of the CLI."""
+    bad = imported_roots(ROOT / "scripts" / script, CLI_HARNESS) & {"tunnelctl"}
+    assert not bad, f"scripts/{script} imports {sorted(bad)}"
+
+
 def test_every_package_is_typed() -> None:
     for package in PACKAGES:
         assert (ROOT / package / "py.typed").exists(), package
+
+
+#: The supervisor's sans-I/O core (ARCHITECTURE.md: a pure core and a thin shell).
+SUPERVISOR_CORE = (
+    "core",
+    "pool",
+    "sessions",
+    "events",
+    "commands",
+    "worker_messages",
+    "signal_messages",
+)
+IO_MODULES = {"asyncio", "zmq", "os", "time", "subprocess", "signal", "socket", "selectors"}
+
+
+@pytest.mark.parametrize("module", SUPERVISOR_CORE)
+def test_the_supervisor_core_does_no_io(module: str) -> None:
+    path = ROOT / "supervisor" / f"{module}.py"
+    bad = imported_roots(path) & IO_MODULES
+    assert not bad, f"supervisor/{module}.py imports {sorted(bad)}"
+
+
+def test_the_supervisor_core_loads_no_io_library() -> None:
+    names = ", ".join(f"supervisor.{m}" for m in SUPERVISOR_CORE)
+    code = (
+        f"import sys, {names}; print(sorted({{'asyncio', 'zmq', 'subprocess'}} & set(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""scripts/natlab.py without a lab: its command line, path labels and TURN credentials.
+"""scripts/natlab.py without a lab: its command line, connect's line and TURN credentials.
 
 The lab itself (namespaces, coturn, tunnelctl) is tested as root in
 tests/e2e/test_natlab.py.
@@ -45,29 +45,30 @@ def test_a_case_names_two_nat_kinds() -> None:
 
 
 @pytest.mark.parametrize(
-    ("line", "path", "pair"),
+    ("line", "fields"),
     [
         (
-            "forwarding 127.0.0.1:3281 -> d/web (DataChannel open in 83 ms, "
-            "direct path (host/host))",
-            "direct",
-            "host/host",
+            "forwarding 127.0.0.1:41234 -> dev-cone/web "
+            "(DataChannel open in 61 ms, direct path (host/srflx))",
+            ("127.0.0.1:41234", "61", "direct", "host/srflx", None),
         ),
         (
-            "forwarding 127.0.0.1:3281 -> d/web (DataChannel open in 601 ms, "
-            "relay path (relay/srflx over tcp))",
-            "relay",
-            "relay/srflx",
+            "forwarding 127.0.0.1:9 -> d/web (DataChannel open in 5570 ms, "
+            "relay path (relay/prflx over tcp))",
+            ("127.0.0.1:9", "5570", "relay", "relay/prflx", "tcp"),
         ),
-        ("forwarding 127.0.0.1:3281 -> d/web (DataChannel open in 5 ms, unknown path)", None, None),
+        (
+            "forwarding 127.0.0.1:9 -> d/web (DataChannel open in 3 ms, unknown path)",
+            ("127.0.0.1:9", "3", None, None, None),
+        ),
     ],
 )
-def test_connects_readiness_line_gives_the_path_and_pair(
-    line: str, path: str | None, pair: str | None
+def test_connects_readiness_line_gives_the_time_and_the_path(
+    line: str, fields: tuple[str | None, ...]
 ) -> None:
     match = natlab.FORWARDING_RE.search(line)
     assert match is not None
-    assert (match["addr"], match["path"], match["pair"]) == ("127.0.0.1:3281", path, pair)
+    assert (match["addr"], match["ms"], match["path"], match["pair"], match["via"]) == fields
 
 
 def test_static_turn_user() -> None:
@@ -88,10 +89,30 @@ def test_turn_rest_credentials_follow_coturns_scheme() -> None:
 
 
 def test_a_case_reports_the_fields_the_issue_names() -> None:
-    result = natlab.CaseResult("cone", "symmetric", connected=True, path="relay", pair="host/relay")
+    result = natlab.CaseResult(
+        "cone",
+        "symmetric",
+        connected=True,
+        path="relay",
+        pair="host/relay",
+        device_pair="relay/prflx",
+    )
     fields = dataclasses.asdict(result)
     for key in ("device_nat", "client_nat", "path", "pair", "connect_ms", "transfer_ok", "mbps"):
         assert key in fields
     row = natlab.table_row(result)
-    assert row.split()[:4] == ["cone", "symmetric", "relay", "host/relay"]
+    assert row.split()[:5] == ["cone", "symmetric", "relay", "host/relay", "relay/prflx"]
     assert "FAILED" in row
+
+
+def test_warnings_are_listed_once_without_times_ids_or_pids() -> None:
+    lines = [
+        ("client", "15:49:37.159 tunnelctl.peer WARNING session vU6xXhzktnqLGmrkiZMVUA: lost"),
+        ("client", "15:49:38.001 tunnelctl.peer WARNING session Ve7SS_zjvmVq4R3v6Bx6DA: lost"),
+        ("client", "15:49:38.002 tunnelctl.client INFO session open"),
+        ("device", "15:49:39.000 worker[4311] tunnelctl.x ERROR boom"),
+    ]
+    assert natlab.problem_lines(lines) == [
+        "client: tunnelctl.peer WARNING session <id>: lost",
+        "device: worker[<pid>] tunnelctl.x ERROR boom",
+    ]

@@ -11,7 +11,7 @@ import jwt
 import pytest
 
 from signaling.auth import Identity, issue_token, load_secret, verify_token
-from signaling.errors import AuthError, ConfigError, SignalingServerError
+from signaling.errors import AuthError, ServerConfigError, SignalingServerError
 
 SECRET = "s3cret-" * 10  # 70 bytes: long enough even for HS512
 NOW = 1_700_000_000.0
@@ -211,7 +211,7 @@ def test_secret_file_wins_over_env(tmp_path: Path) -> None:
 
 
 def test_no_secret_says_how_to_make_one() -> None:
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ServerConfigError) as info:
         load_secret(None, {})
     assert "TUNNEL_SECRET" in str(info.value)
     assert 'python3 -c "import secrets; print(secrets.token_hex(32))"' in str(info.value)
@@ -219,31 +219,31 @@ def test_no_secret_says_how_to_make_one() -> None:
 
 @pytest.mark.parametrize("value", ["", "   \n", "x" * 31])
 def test_short_or_empty_env_secret(value: str) -> None:
-    with pytest.raises(ConfigError, match=r"TUNNEL_SECRET .*secrets\.token_hex\(32\)"):
+    with pytest.raises(ServerConfigError, match=r"TUNNEL_SECRET .*secrets\.token_hex\(32\)"):
         load_secret(None, {"TUNNEL_SECRET": value})
 
 
 def test_short_secret_file_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "secret"
     path.write_text("tooshort\n")
-    with pytest.raises(ConfigError, match=r"too short \(8 bytes"):
+    with pytest.raises(ServerConfigError, match=r"too short \(8 bytes"):
         load_secret(str(path), {"TUNNEL_SECRET": SECRET})
 
 
 def test_unreadable_secret_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"cannot read secret file .*No such file"):
+    with pytest.raises(ServerConfigError, match=r"cannot read secret file .*No such file"):
         load_secret(str(tmp_path / "missing"), {"TUNNEL_SECRET": SECRET})
 
 
 def test_secret_file_that_is_not_text(tmp_path: Path) -> None:
     path = tmp_path / "secret"
     path.write_bytes(b"\xff" * 64)
-    with pytest.raises(ConfigError, match="not UTF-8"):
+    with pytest.raises(ServerConfigError, match="not UTF-8"):
         load_secret(str(path), {})
 
 
 def test_error_messages_never_contain_the_secret(tmp_path: Path) -> None:
     weak = "weak-but-recognisable"
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ServerConfigError) as info:
         load_secret(None, {"TUNNEL_SECRET": weak})
     assert weak not in str(info.value)

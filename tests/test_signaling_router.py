@@ -28,7 +28,7 @@ from protocol.signaling import (
 )
 from signaling.auth import Identity
 from signaling.errors import UsageError
-from signaling.router import TRANSITIONS, Action, Close, Limits, Router, Send, SessionState
+from signaling.router import TRANSITIONS, Action, Close, Limits, Router, RouteState, Send
 
 S1 = "session-0001"
 S2 = "session-0002"
@@ -345,11 +345,11 @@ def test_session_exists() -> None:
 
 
 def test_transition_table_is_the_spec() -> None:
-    expected: dict[tuple[SessionState, str, str], SessionState | None] = {
-        (SessionState.PENDING, "offer", "device"): SessionState.OFFERED,
-        (SessionState.OFFERED, "answer", "client"): SessionState.ACTIVE,
+    expected: dict[tuple[RouteState, str, str], RouteState | None] = {
+        (RouteState.PENDING, "offer", "device"): RouteState.OFFERED,
+        (RouteState.OFFERED, "answer", "client"): RouteState.ACTIVE,
     }
-    for state in SessionState:
+    for state in RouteState:
         for role in ("device", "client"):
             expected[(state, "candidate", role)] = state
             expected[(state, "session_end", role)] = None

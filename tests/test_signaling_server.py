@@ -31,7 +31,7 @@ from protocol.signaling import (
     encode_signaling,
 )
 from signaling.auth import issue_token
-from signaling.errors import ConfigError
+from signaling.errors import ServerConfigError
 from signaling.router import Limits
 from signaling.server import SignalingServer, run_server
 
@@ -330,9 +330,9 @@ async def test_close_sends_1001_to_everyone() -> None:
 
 
 async def test_weak_secret_and_busy_port_are_config_errors(server: SignalingServer) -> None:
-    with pytest.raises(ConfigError, match="at least 32 bytes"):
+    with pytest.raises(ServerConfigError, match="at least 32 bytes"):
         SignalingServer("short", port=0)
-    with pytest.raises(ConfigError, match=r"cannot listen on 127\.0\.0\.1"):
+    with pytest.raises(ServerConfigError, match=r"cannot listen on 127\.0\.0\.1"):
         await SignalingServer(SECRET, port=server.port).start()
 
 
@@ -363,3 +363,11 @@ async def test_run_server_until_sigterm() -> None:
     await asyncio.wait_for(task, TIMEOUT)  # returns normally
     assert (await closed(ws))[0] == 1001
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_the_client_ends_errors_have_a_root_of_their_own() -> None:
+    from signaling.errors import LinkDown, LinkError, LinkRejected, SignalingServerError
+
+    assert issubclass(LinkDown, LinkError) and issubclass(LinkRejected, LinkError)
+    assert not issubclass(LinkError, SignalingServerError)
+    assert not issubclass(ServerConfigError, LinkError)

@@ -118,3 +118,13 @@ def test_every_transition_not_in_the_table_is_a_named_error() -> None:
                 transition(state, event)
     # exited and fatal are final
     assert not [k for k in TRANSITIONS if k[0] in (SessionState.EXITED, SessionState.FATAL)]
+
+
+def test_deciding_is_a_query_it_changes_nothing() -> None:
+    p = policy(max_restarts=3)
+    p.record_crash(now=100.0)
+    p.record_crash(now=101.0)
+    first = p.decide(now=101.5)
+    assert isinstance(first, StartAfter)
+    assert [p.decide(now=101.5) for _ in range(5)] == [first] * 5
+    assert p.crashes(now=101.5) == 2 and p.backoff.attempts == 0

@@ -24,7 +24,7 @@ from protocol.signaling import (
     encode_signaling,
 )
 from signaling.auth import issue_token
-from signaling.errors import ConfigError
+from signaling.errors import ServerConfigError
 from signaling.link import RedactSecrets
 from signaling.server import SignalingServer
 from signaling.turn import IceIssuer, load_turn_secret
@@ -149,7 +149,7 @@ def test_issuer_mints_credentials_per_peer_and_time() -> None:
 def test_issuer_refuses_what_cannot_work(
     urls: list[str], secret: str | None, ttl: int, fragment: str
 ) -> None:
-    with pytest.raises(ConfigError, match=r".*") as info:
+    with pytest.raises(ServerConfigError, match=r".*") as info:
         IceIssuer(urls, secret, ttl)
     assert fragment in str(info.value)
 
@@ -163,10 +163,10 @@ def test_turn_secret_file(tmp_path: object) -> None:
     assert load_turn_secret(str(good)) == TURN_SECRET
     short = tmp_path / "short"
     short.write_text("tiny")
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ServerConfigError) as info:
         load_turn_secret(str(short))
     assert "tiny" not in str(info.value) and "fewer than 16" in str(info.value)
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ServerConfigError, match="cannot read"):
         load_turn_secret(str(tmp_path / "missing"))
 
 

@@ -211,11 +211,11 @@ def signal_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def load_secret_or_fail(secret_file: str | None) -> str:
     from signaling.auth import load_secret
-    from signaling.errors import ConfigError
+    from signaling.errors import ServerConfigError
 
     try:
         return load_secret(secret_file, os.environ)
-    except ConfigError as exc:
+    except ServerConfigError as exc:
         raise click.UsageError(str(exc)) from None
 
 
@@ -264,7 +264,7 @@ def signal_cmd(
     turn_ttl: int,
 ) -> None:
     """Run the signaling server (ws://HOST:PORT/signal)."""
-    from signaling.errors import ConfigError
+    from signaling.errors import ServerConfigError
     from signaling.server import run_server
     from signaling.turn import IceIssuer, load_turn_secret
 
@@ -274,7 +274,7 @@ def signal_cmd(
         try:
             turn_secret = load_turn_secret(turn_secret_file) if turn_secret_file else None
             issuer = IceIssuer(ice_servers, turn_secret, turn_ttl)
-        except ConfigError as exc:
+        except ServerConfigError as exc:
             raise click.UsageError(str(exc)) from None
 
     async def serve() -> int:
@@ -282,7 +282,7 @@ def signal_cmd(
             await run_server(
                 secret, host, port, on_ready=lambda url: ready(f"listening {url}"), ice=issuer
             )
-        except ConfigError as exc:
+        except ServerConfigError as exc:
             return error_line(str(exc))
         return 0
 
@@ -506,12 +506,12 @@ def control_request(
 ) -> object:
     """One control round trip; exit with a clear line if no supervisor answers."""
     from supervisor.control import request
-    from supervisor.errors import ControlError
+    from supervisor.errors import ControlError, NotRunning
 
     try:
         return request(resolve_runtime_dir(runtime_dir), cmd, args, timeout=timeout)
     except ControlError as exc:
-        code = EXIT_NOT_RUNNING if "no supervisor" in str(exc) or "no answer" in str(exc) else 1
+        code = EXIT_NOT_RUNNING if isinstance(exc, NotRunning) else 1
         error_line(str(exc))
         sys.exit(code)
 

@@ -321,12 +321,22 @@ def _report_relay_lost(protocol: aioice.ice.StunProtocol, reason: str) -> None:
     if getattr(protocol, "tunnelctl_lost", False):
         return
     protocol.tunnelctl_lost = True  # type: ignore[attr-defined]
-    url = getattr(protocol, "tunnelctl_url", "TURN server")
+    url = _url(protocol)
     callback: RelayLost | None = getattr(protocol.receiver, "tunnelctl_on_relay_lost", None)
     if callback is None:
+        # Lost while gathering, before anyone listens: kept for lost_relays().
         log.warning("%s: allocation lost: %s", url, reason)
+        lost = getattr(protocol.receiver, "tunnelctl_lost_relays", [])
+        lost.append((url, reason))
+        protocol.receiver.tunnelctl_lost_relays = lost  # type: ignore[attr-defined]
     else:
         callback(url, reason)
+
+
+def lost_relays(connection: object) -> list[tuple[str, str]]:
+    """``(url, reason)`` of relays lost before ``tunnelctl_on_relay_lost`` was set."""
+    lost = getattr(connection, "tunnelctl_lost_relays", [])
+    return list(lost) if isinstance(lost, list) else []
 
 
 def _patch_relay_loss() -> None:
@@ -340,6 +350,12 @@ def _patch_relay_loss() -> None:
         # means the server no longer knows or accepts the allocation.
         closing = getattr(self.receiver, "_closing", False)
         if relay_transport(self) and not closing and isinstance(exc, stun.TransactionError):
+            if _error_code(exc) == FORBIDDEN:
+                # RFC 8656 §12: the server refuses that one peer address (coturn's
+                # denied-peer-ip ranges, e.g. the peer's private host candidate);
+                # the allocation itself is fine.
+                log.debug("%s: peer address refused: %s", _url(self), _describe(exc))
+                return
             _report_relay_lost(self, f"channel bind failed: {_describe(exc)}")
 
     def connection_lost(self: aioice.ice.StunProtocol, exc: Exception | None) -> None:
@@ -351,6 +367,23 @@ def _patch_relay_loss() -> None:
 
     stun_protocol.error_received = error_received  # type: ignore[method-assign]
     stun_protocol.connection_lost = connection_lost  # type: ignore[method-assign]
+
+
+#: STUN error code 403 Forbidden (RFC 8656 §18): a permission or channel to
+#: that peer address is not allowed.
+FORBIDDEN = 403
+
+
+def _error_code(exc: BaseException) -> int | None:
+    if isinstance(exc, stun.TransactionFailed):
+        code = exc.response.attributes.get("ERROR-CODE")
+        if code:
+            return int(code[0])
+    return None
+
+
+def _url(protocol: object) -> str:
+    return str(getattr(protocol, "tunnelctl_url", "TURN server"))
 
 
 def _describe(exc: BaseException) -> str:

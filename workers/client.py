@@ -25,6 +25,7 @@ from typing import Any
 
 from aiortc import RTCDataChannel
 
+from aio.tasks import TaskSet
 from protocol.backoff import Backoff
 from protocol.frames import ResetCode
 from protocol.ice import DEFAULT_KEEPALIVE, IcePolicy, IceServer
@@ -52,7 +53,6 @@ from workers.errors import (
     TunnelError,
 )
 from workers.peer import PeerSession, warm_up_crypto
-from workers.tasks import TaskSet
 
 log = logging.getLogger("tunnelctl.client")
 

@@ -32,7 +32,7 @@ from protocol.ice import DEFAULT_KEEPALIVE, IcePolicy, IceServer
 from protocol.signaling import Answer, Candidate, IceCandidate, Offer, SignalingMessage
 from signaling.errors import LinkError
 from workers import aiortc_tuning
-from workers.aiortc_tuning import failed_servers, relay_transport
+from workers.aiortc_tuning import failed_servers, lost_relays, relay_transport
 from workers.errors import SessionFailed, TunnelUsageError
 from workers.ice import rtc_configuration
 
@@ -238,9 +238,12 @@ class PeerSession:
         return sctp.transport.transport._connection  # aioice keeps no public accessor
 
     def _watch_relays(self) -> None:
+        """Hear of lost relays from now on, and of those lost while gathering."""
         connection = self._ice_connection()
         if connection is not None:
             connection.tunnelctl_on_relay_lost = self._relay_lost
+            for url, reason in lost_relays(connection):
+                self._relay_lost(url, reason)
 
     def failed_turn_servers(self) -> list[str]:
         """TURN servers this peer's gathering got no relayed candidate from."""

@@ -24,9 +24,13 @@ import time
 import zmq
 import zmq.asyncio
 
+from aio.tasks import TaskSet
 from protocol.errors import SignalingError
 from protocol.ice import DEFAULT_KEEPALIVE, IceConfig
 from protocol.ipc import (
+    MAX_REASON_LEN,
+    ZMQ_HWM,
+    ZMQ_MAX_MSG_SIZE,
     Assign,
     Drain,
     Ended,
@@ -56,12 +60,10 @@ from workers.bridge import ServiceAddress, TunnelBridge
 from workers.errors import SessionFailed
 from workers.ice import parse_networks, restrict_host_addresses
 from workers.peer import PeerSession
-from workers.tasks import TaskSet
 
 log = logging.getLogger("tunnelctl.worker")
 
 OPEN_TIMEOUT = 30.0
-HWM = 1000
 #: An idle worker makes its prepared offer again when it is this old (seconds):
 #: its server-reflexive candidates and TURN allocation ride on NAT mappings,
 #: which commonly expire after 30 s without traffic, and a TURN server's
@@ -103,7 +105,6 @@ class SessionWorker:
         self.session_id: str | None = None
         self.peer: PeerSession | None = None
         self.bridge: TunnelBridge | None = None
-        self.bad_messages = 0
         self._done = asyncio.get_running_loop().create_future()
         self._ended_sent = False
         self._inbox: asyncio.Queue[SignalingMessage] = asyncio.Queue(maxsize=256)
@@ -111,9 +112,9 @@ class SessionWorker:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, HWM)
-        self.sock.setsockopt(zmq.RCVHWM, HWM)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, 262144 + 64)
+        self.sock.setsockopt(zmq.SNDHWM, ZMQ_HWM)
+        self.sock.setsockopt(zmq.RCVHWM, ZMQ_HWM)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, ZMQ_MAX_MSG_SIZE)
 
     async def run(self) -> str:
         """Serve until the session ends or the supervisor goes away; return why."""
@@ -161,7 +162,6 @@ class SessionWorker:
             try:
                 message = decode_ipc(data)
             except IpcError as exc:
-                self.bad_messages += 1
                 log.warning("worker %s: bad message from the supervisor: %s", self.worker_id, exc)
                 continue
             await self._handle(message)
@@ -175,12 +175,10 @@ class SessionWorker:
             asyncio.get_running_loop().create_task(self._run_session(message), name="session")
         elif isinstance(message, Relay):
             if message.session != self.session_id:
-                self.bad_messages += 1
                 return
             try:
                 signal = decode_signaling(message.message)
             except SignalingError as exc:
-                self.bad_messages += 1
                 log.warning("worker %s: bad relayed message: %s", self.worker_id, exc)
                 return
             with contextlib.suppress(asyncio.QueueFull):
@@ -233,8 +231,9 @@ class SessionWorker:
         try:
             await peer.prepare_offer()
         except BaseException:
-            bridge.close("offer not made")
-            await peer.close()
+            # Cancelled (new ICE settings) or failed: release its sockets and relays.
+            bridge.close("offer not prepared")
+            self._background.spawn(peer.close(), name="close unprepared offer")
             raise
         self.offers_prepared += 1
         return peer, bridge
@@ -295,26 +294,29 @@ class SessionWorker:
         self._prepared = asyncio.get_running_loop().create_task(self._prepare(ice), name="prepare")
 
     def _relay_lost(self, url: str, reason: str) -> None:
-        loop = asyncio.get_running_loop()
         prepared = self._prepared
         if self.session_id is None and self.ice is not None and prepared is not None:
-            stale = (
-                prepared.done()
-                and not prepared.cancelled()
-                and prepared.exception() is None
-                and prepared.result()[0].relay_lost is not None
-            )
-            if stale:  # the idle offer names a relay that no longer exists
-                self._discard_prepared()
-                self._prepared = loop.create_task(
-                    self._prepare_until_relayed(self.ice), name="prepare"
-                )
+            if prepared.done():
+                self._recheck_prepared(prepared)
+            else:  # lost while that offer is being prepared: judge it once it is
+                prepared.add_done_callback(self._recheck_prepared)
             return
         peer = self.peer
         if peer is not None and peer.relay_in_use(url):
             self._background.spawn(
                 self._end(f"TURN allocation on {url} lost", clean=False, tell_client=True)
             )
+
+    def _recheck_prepared(self, task: asyncio.Task[tuple[PeerSession, TunnelBridge]]) -> None:
+        """An idle offer that names a relay which no longer exists is prepared again."""
+        if task is not self._prepared or self.session_id is not None or self.ice is None:
+            return
+        if task.cancelled() or task.exception() is not None or task.result()[0].relay_lost is None:
+            return
+        self._discard_prepared()
+        self._prepared = asyncio.get_running_loop().create_task(
+            self._prepare_until_relayed(self.ice), name="prepare"
+        )
 
     async def _prepare_until_relayed(self, ice: IceConfig) -> tuple[PeerSession, TunnelBridge]:
         """Prepare again after a lost allocation, retrying while a TURN server fails.
@@ -326,7 +328,7 @@ class SessionWorker:
         delay = 1.0
         while True:
             peer, bridge = await self._prepare(ice)
-            failed = peer.failed_turn_servers()
+            failed = peer.failed_turn_servers() + ([peer.relay_lost] if peer.relay_lost else [])
             if not failed:
                 log.info("worker %s: offer prepared again with a fresh relay", self.worker_id)
                 return peer, bridge
@@ -467,7 +469,7 @@ class SessionWorker:
         if self._ended_sent or self.session_id is None:
             return
         self._ended_sent = True
-        reason = reason[:200]
+        reason = reason[:MAX_REASON_LEN]
         if tell_client:
             with contextlib.suppress(SessionFailed):
                 await self._relay_out(SessionEnd(session=self.session_id, reason=reason))
@@ -503,7 +505,7 @@ def worker_main(
         format=f"%(asctime)s.%(msecs)03d worker[{os.getpid()}] %(name)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
-    # aiortc/aioice (and websockets) as verbose as in the supervisor: debug at -vv.
+    # aiortc/aioice as verbose as in the supervisor: debug at -vv.
     for name in ("aiortc", "aioice"):
         logging.getLogger(name).setLevel(stack_log_level)
 

@@ -39,6 +39,7 @@ from typing import Any
 
 from aiortc import RTCDataChannel, RTCSessionDescription
 
+from aio.tasks import TaskSet
 from protocol.ice import DEFAULT_KEEPALIVE, IceServer
 from protocol.signaling import (
     Answer,
@@ -54,7 +55,6 @@ from signaling.errors import LinkDown, LinkRejected
 from signaling.link import SignalingLink
 from workers.errors import SessionFailed, SignalingRejected, TunnelUsageError
 from workers.peer import PeerSession
-from workers.tasks import TaskSet
 
 log = logging.getLogger("tunnelctl.agent")
 

@@ -7,22 +7,12 @@ milliseconds, and the children share the parent's pages copy-on-write
 measured here, ~13 MiB PSS per idle forked worker against ~66 MiB spawned.
 
 The supervisor starts this module (it never imports aiortc itself) and speaks
-to it over its stdin/stdout, one ASCII line per message::
-
-    supervisor → zygote   config JSON            (ICE settings for every worker, once,
-                                                  before the first spawn; see below)
-                          spawn WORKER_ID
-    zygote → supervisor   ready PID
-                          spawned WORKER_ID PID
-                          exited PID CODE        (CODE < 0: killed by signal -CODE)
-                          error TEXT
-
-``config`` carries ``{"ice_servers": [{"url", "username", "credential"}],
-"ice_hosts": [...], "ice_policy": "all"|"relay"}`` — on stdin, not on the
-command line, because TURN credentials must not show in ``ps``. With it, each
-idle worker prepares its PeerConnection and offer before any session asks (see
-``session_worker``). It may be sent again (fresh TURN credentials): workers
-forked after it use the new settings.
+to it over its stdin/stdout, one ASCII line per message: ``config`` and
+``spawn`` in, ``ready``, ``spawned``, ``exited`` and ``error`` out
+(:mod:`protocol.forkserver`, PROTOCOL.md §5). ``config`` may be sent again
+(fresh TURN credentials): workers forked after it use the new settings; with it,
+each idle worker prepares its PeerConnection and offer before any session asks
+(see ``session_worker``).
 
 The zygote holds no event loop, thread or ZeroMQ context when it forks, so each
 child starts clean and makes its own. It dies with the supervisor (parent-death
@@ -36,21 +26,30 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import json
 import os
-import re
 import selectors
 import signal
 import sys
 from typing import TYPE_CHECKING
 
+from protocol.forkserver import (
+    MAX_LINE,
+    Configure,
+    Exited,
+    ForkServerLineError,
+    Ready,
+    Refused,
+    Report,
+    Spawned,
+    decode_command,
+    encode_report,
+)
 from protocol.ice import DEFAULT_KEEPALIVE
 
 if TYPE_CHECKING:
     from protocol.ice import IceConfig
 
 PR_SET_PDEATHSIG = 1
-_WORKER_ID = re.compile(r"w-[0-9a-f]{16}")
 
 
 def die_with_parent() -> None:
@@ -60,26 +59,9 @@ def die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def _say(line: str) -> None:
-    data = (line + "\n").encode("ascii", "replace")
+def _say(report: Report) -> None:
     with contextlib.suppress(BrokenPipeError):
-        os.write(1, data)
-
-
-def _parse_config(text: str) -> IceConfig:
-    """The ``config`` line's JSON, validated as the supervisor's ``assign`` would be."""
-    from protocol.ice import IceConfig, IceServer
-
-    try:
-        data = json.loads(text)
-        servers = tuple(
-            IceServer(s["url"], s.get("username"), s.get("credential")) for s in data["ice_servers"]
-        )
-        hosts = tuple(str(h) for h in data["ice_hosts"])
-        return IceConfig(servers, hosts, data.get("ice_policy", "all"))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        # Not the message: it could quote a credential.
-        raise ValueError(f"bad config: {type(exc).__name__}") from None
+        os.write(1, encode_report(report))
 
 
 def _fork_worker(worker_id: str, args: argparse.Namespace, ice: IceConfig | None) -> int:
@@ -149,8 +131,7 @@ def _reap() -> None:
             return
         if pid == 0:
             return
-        code = os.waitstatus_to_exitcode(status)
-        _say(f"exited {pid} {code}")
+        _say(Exited(pid, os.waitstatus_to_exitcode(status)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     selector = selectors.DefaultSelector()
     selector.register(0, selectors.EVENT_READ, "stdin")
     selector.register(wake_r, selectors.EVENT_READ, "wake")
-    _say(f"ready {os.getpid()}")
+    _say(Ready(os.getpid()))
     pending = b""
     ice: IceConfig | None = None
     while True:
@@ -195,27 +176,23 @@ def main(argv: list[str] | None = None) -> int:
             pending += chunk
             while b"\n" in pending:
                 raw, pending = pending.split(b"\n", 1)
-                line = raw.decode("ascii", "replace").strip()
-                verb, _, rest = line.partition(" ")
-                if verb == "config":
-                    try:
-                        ice = _parse_config(rest)
-                    except ValueError as exc:
-                        _say(f"error {exc}")
+                try:
+                    command = decode_command(raw)
+                except ForkServerLineError as exc:
+                    _say(Refused(str(exc)))
                     continue
-                worker_id = rest
-                if verb == "spawn" and _WORKER_ID.fullmatch(worker_id):
-                    try:
-                        pid = _fork_worker(worker_id, args, ice)
-                    except OSError as exc:
-                        _say(f"error cannot fork: {exc.strerror}")
-                        continue
-                    _say(f"spawned {worker_id} {pid}")
-                else:
-                    _say(f"error bad command {line[:80]!r}")
-            if len(pending) > 65536:
+                if isinstance(command, Configure):
+                    ice = command.ice
+                    continue
+                try:
+                    pid = _fork_worker(command.worker, args, ice)
+                except OSError as exc:
+                    _say(Refused(f"cannot fork: {exc.strerror}"))
+                    continue
+                _say(Spawned(command.worker, pid))
+            if len(pending) > MAX_LINE:
                 pending = b""
-                _say("error line too long")
+                _say(Refused("line too long"))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from typing import Any
 
 from aiortc import RTCDataChannel
 
+from aio.tasks import TaskSet
 from protocol.errors import RemoteProtocolError
 from protocol.frames import (
     INITIAL_WINDOW,
@@ -63,7 +64,6 @@ from tests.e2e.conftest import LOOPBACK, READY, Tunnel, WebService
 from tests.e2e.test_supervisor import ctl_json
 from tunnelctl.children import Child
 from workers.peer import PeerSession
-from workers.tasks import TaskSet
 
 log = logging.getLogger("tests.hostile")
 

@@ -8,6 +8,7 @@ names of its own. Everything is removed after the module. The lab's building
 blocks (see ``scripts/natlab.py``)::
 
     site = lab.add_site("dev-x", "symmetric")      # none, cone, symmetric, udp-blocked
+    lab.add_site("dev-y", "cone", udp_timeout=5)   # its router forgets idle UDP after 5 s
     site.host.run("ip", "addr")                    # a command inside the site's host
     site.host.spawn(argv, name="...")              # a long-running one (stopped by pid)
     lab.start_web(site); device = lab.start_device(site, "dev-x")
@@ -17,6 +18,12 @@ blocks (see ``scripts/natlab.py``)::
     site.uplink.set_loss(5)                        # 5 % random loss (iptables statistic)
     lab.renumber(site)                             # new host and public address
     lab.mapped_address(site)                       # what STUN sees of a UDP socket there
+    site.mappings()                                # the router's UDP conntrack entries
+
+Devices and clients get STUN, TURN/UDP and TURN/TCP from the signaling server
+(coturn's REST secret; ``natlab.Lab(turn_auth="static")`` passes explicit
+``--stun``/``--turn`` options instead). The module's lab keeps the default
+30 s UDP timeout; a device idle past it behind a NAT meets expired mappings.
 
 Skips, with the reason, when not root, when ``ip netns`` or iptables cannot
 work here, or when coturn is missing; as root in CI a missing program fails,

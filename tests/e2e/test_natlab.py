@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,7 +27,7 @@ import pytest
 
 from tests.e2e.natlab_support import natlab, natlab_lab, require_natlab, tcp_reachable
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.natlab]
 
 __all__ = ["natlab_lab"]  # a fixture: imported for pytest, not unused
 
@@ -64,17 +65,22 @@ def test_case_connects_on_the_expected_path_and_transfers_intact(
 ) -> None:
     result = matrix.run(device_nat, client_nat)
     print(natlab.table_row(result))
+    for warning in result.warnings:
+        print(f"    ! {warning}")
     assert result.connected, result.error
     assert result.transfer_ok, result.error
     expected = expected_path(device_nat, client_nat)
     if (device_nat, client_nat) == ("cone", "cone") and result.path == "relay":
-        # TODO(issue 7, set-up on real paths): remove once the first checks are
-        # paced. Hole punching needs the peer's check to open its NAT first; the
-        # device's first check arrives before it and is dropped, aioice resends
-        # it only after 500 ms, and with aggressive nomination a relay pair that
-        # succeeds meanwhile wins (about one run in three here).
+        # TODO(issue 7, set-up on real paths): remove once a relay pair cannot
+        # win this race. Hole punching needs the peer's check to open its NAT
+        # first, so the device's first check is dropped and sent again (at
+        # once, since workers/aiortc_tuning.py resends it when the peer's check
+        # arrives; after 500 ms before that), and with aggressive nomination a
+        # relay pair that succeeds meanwhile wins. Seen 1 run in 6 with the
+        # 500 ms wait, not since; a strict failure here would be that race.
         pytest.xfail("cone-cone took the relay: the first hole-punching check was dropped")
     assert result.path == expected, result
+    assert result.device_path == result.path, result  # both ends see the same pair
 
     through_turn = sum(sum(side.values()) for side in result.turn_bytes.values())
     if expected == "direct":
@@ -86,6 +92,7 @@ def test_case_connects_on_the_expected_path_and_transfers_intact(
             # Its only way out: TURN over TCP carried the whole transfer.
             assert result.turn_bytes[side]["tcp"] >= natlab.BIG_SIZE, result.turn_bytes
             assert result.relay_transport == "tcp"
+            assert result.relay_via[side] == "tcp", result
 
 
 # -- the building blocks other tests use ----------------------------------------------
@@ -109,6 +116,21 @@ def test_nat_kinds_map_ports_as_documented(natlab_lab: Any) -> None:
     with pytest.raises(natlab.LabError, match="no STUN answer"):
         lab.mapped_address(blocked, 40001)
     assert tcp_reachable(blocked, natlab.PUBLIC_ADDR, natlab.SIGNAL_PORT)
+
+
+def test_idle_udp_mappings_expire_after_the_routers_timeout(natlab_lab: Any) -> None:
+    lab = natlab_lab
+    site = lab.add_site("t-expiry", "symmetric", udp_timeout=2)
+    assert site.router.run("sysctl", "-n", "net.netfilter.nf_conntrack_udp_timeout") == "2\n"
+    first = lab.mapped_address(site, 40001)
+    assert lab.mapped_address(site, 40001) == first  # in use: the mapping holds
+
+    deadline = time.monotonic() + 15
+    while any("sport=40001 " in entry for entry in site.mappings()):
+        assert time.monotonic() < deadline, site.mappings()
+        time.sleep(0.2)  # polling the router's table: conntrack sends no event here
+    # A new mapping, with a new random port: what a peer idle past the timeout meets.
+    assert lab.mapped_address(site, 40001) != first
 
 
 def test_partition_drops_everything_between_two_sites_until_restored(natlab_lab: Any) -> None:
@@ -188,10 +210,10 @@ def test_a_failed_build_leaves_no_namespace_process_or_file(monkeypatch: Any) ->
     assert lab.signal.proc.poll() is not None and lab.coturn.proc.poll() is not None
 
 
-def test_coturn_with_the_turn_rest_shared_secret_relays_a_session() -> None:
-    """coturn's ``use-auth-secret``: time-limited usernames and HMAC passwords work."""
+def test_explicit_turn_options_with_a_static_coturn_user_relay_a_session() -> None:
+    """``--stun``/``--turn``/``--turn-user`` and a long-term coturn user, no handout."""
     require_natlab()
-    with natlab.Lab(turn_auth="secret", tag=f"{os.getpid()}s") as lab:
+    with natlab.Lab(turn_auth="static", tag=f"{os.getpid()}s") as lab:
         natlab.build_matrix_lab(lab, ["symmetric"])
         matrix = natlab.Matrix(lab)
         try:
@@ -200,4 +222,4 @@ def test_coturn_with_the_turn_rest_shared_secret_relays_a_session() -> None:
             matrix.close()
     print(natlab.table_row(result))
     assert result.transfer_ok, result.error
-    assert result.path == "relay" and result.relay_transport == "udp", result
+    assert result.path == "relay" and result.device_path == "relay", result

@@ -62,7 +62,15 @@ class LoggedChild(Child):
             if not self.logged.wait_for(
                 lambda: sum(fragment in line for line in self.stderr_lines) >= count, timeout
             ):
-                raise AssertionError(f"{self.name}: {fragment!r} not logged {count} times")
+                relevant = [
+                    line
+                    for line in self.stderr_lines
+                    if "TURN" in line or "worker w-" in line or "ICE server" in line
+                ]
+                raise AssertionError(
+                    f"{self.name}: {fragment!r} not logged {count} times; "
+                    + " | ".join(relevant[-15:])
+                )
 
 
 @dataclass
@@ -136,7 +144,9 @@ class RelayLab:
             {"TUNNEL_TOKEN": self.token("client1", "client", ("dev1",))},
             "client",
         )
-        return child, child.wait_line("forwarding ", READY)
+        line = child.wait_line("forwarding ", READY)
+        print(line)  # the set-up time and the path, for the record
+        return child, line
 
     def logs(self) -> str:
         return "\n".join(line for c in self.children for line in c.stderr_lines)
@@ -211,7 +221,10 @@ def test_relay_only_through_coturn_with_signaled_credentials(lab: RelayLab) -> N
     print(f"relay set-up (connect start to forwarding line): {time.perf_counter() - started:.2f} s")
     assert "relay path (relay/relay over " in line, line
     address = line.split()[1]
+    fetch_started = time.perf_counter()
     big = http_get(address, "/big")
+    seconds = time.perf_counter() - fetch_started
+    print(f"16 MiB through coturn in {seconds:.2f} s ({len(big) / seconds / 2**20:.1f} MiB/s)")
     assert hashlib.sha256(big).hexdigest() == lab.web.big_sha256
 
     (row,) = sessions_json(runtime)

@@ -1,0 +1,181 @@
+"""Random interleavings of what workers, clients, the fork server, the clock and the
+operator can do, against the supervisor's core: its promises hold in every order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from protocol.ipc import Heartbeat
+from supervisor.events import ForkServerDown, ForkServerUp, ForkWorker, StopRequested
+from supervisor.pool import WorkerState
+from supervisor.sessions import ACTIVE, ENDED, LIVE
+from tests.supervisor_harness import DEVICE, Stage, assigned, session_ends, session_id
+
+POOL_SIZE = 2
+MAX_SESSIONS = 3
+
+requests = st.tuples(st.just("request"), st.integers(0, 11), st.sampled_from(["c1", "c2", "c3"]))
+starts = st.tuples(st.sampled_from(["spawn", "hello"]), st.integers(0, 5))
+ops = st.one_of(
+    requests,
+    requests,
+    requests,
+    requests,
+    starts,
+    starts,
+    starts,
+    st.tuples(st.just("connected"), st.integers(0, 5)),
+    st.tuples(st.just("ended"), st.integers(0, 5)),
+    st.tuples(st.just("wedge"), st.integers(0, 5)),
+    st.tuples(
+        st.just("exit"),
+        st.integers(0, 5),
+        st.sampled_from([None, 0, 1, -9, -11]),
+        st.booleans(),
+    ),
+    st.tuples(st.just("left"), st.integers(0, 11)),
+    st.tuples(st.just("kill"), st.integers(0, 11)),
+    st.tuples(st.just("advance"), st.sampled_from([0.1, 0.6, 1.0, 2.5, 6.0, 16.0])),
+    st.tuples(st.just("fork_server"), st.booleans()),
+)
+
+
+def pick(items: list[str], index: int) -> str | None:
+    return items[index % len(items)] if items else None
+
+
+def apply(stage: Stage, op: tuple[Any, ...], exited: set[str], wedged: set[str]) -> None:
+    kind = op[0]
+    pool = [w for w in stage.core.pool]
+    if kind == "request":
+        stage.request(session_id(op[1]), op[2])
+    elif kind == "spawn":
+        if (worker := pick(stage.forked(), op[1])) is not None and worker in stage.core.pool:
+            stage.spawn(worker)
+    elif kind == "hello":
+        starting = [w.id for w in pool if w.starting and w.pid is not None]
+        if (worker := pick(starting, op[1])) is not None:
+            stage.hello(worker)
+    elif kind in ("connected", "ended"):
+        owning = [w.id for w in pool if w.session is not None and w.state is WorkerState.BUSY]
+        if (worker := pick(owning, op[1])) is not None:
+            session = stage.worker(worker).session
+            assert session is not None
+            if kind == "connected":
+                stage.connected(worker, session)
+            else:
+                stage.ended(worker, session)
+    elif kind == "wedge":  # it stops answering heartbeats
+        if (worker := pick([w.id for w in pool], op[1])) is not None:
+            wedged.add(worker)
+    elif kind == "exit":
+        alive = [w.id for w in pool if w.pid is not None and w.id not in exited]
+        if (worker := pick(alive, op[1])) is not None:
+            exited.add(worker)
+            stage.exit(worker, op[2], report_first=op[3])
+    elif kind == "left":
+        stage.client_left(session_id(op[1]))
+    elif kind == "kill":
+        stage.control("kill", session=session_id(op[1]))
+    elif kind == "advance":
+        left = op[1]
+        while left > 0:  # live workers beat once a second
+            stage.advance(min(left, 1.0))
+            left -= 1.0
+            for worker in list(stage.core.pool):
+                if worker.id not in wedged and worker.id not in exited and not worker.starting:
+                    stage.send(worker.id, Heartbeat())
+    elif kind == "fork_server":
+        stage.feed(ForkServerUp(4000) if op[1] else ForkServerDown(-9))
+    elif kind == "stop":
+        stage.feed(StopRequested(op[1]))
+
+
+def check(stage: Stage, requested: set[str], ended: dict[str, str], stopped_at: int | None) -> None:
+    core = stage.core
+    # One worker, one session, ever.
+    workers = [w for w, _ in assigned(stage.out)]
+    assert len(workers) == len(set(workers)), "a worker was assigned twice"
+    for worker in core.pool:
+        live = [r for r in core.sessions if r.worker == worker.id and r.state in LIVE]
+        assert len(live) <= 1
+    reserved = [w.reserved_for for w in core.pool if w.state is WorkerState.RESERVED]
+    assert len(reserved) == len(set(reserved))
+    # No session lost: live, or ended with a reason, or told why at the client.
+    for row in core.sessions:
+        assert row.state in ACTIVE or row.state in ENDED
+        if row.state in ENDED:
+            assert row.reason, row
+            ended[row.id] = row.reason
+    told = session_ends(stage.out)
+    for session in requested:
+        assert session in core.sessions or session in ended or session in told, session
+    # Limits.
+    assert core.sessions.active(DEVICE) <= MAX_SESSIONS
+    assert core.pool.available() <= POOL_SIZE
+    assert len(reserved) <= MAX_SESSIONS
+    owning = [w for w in core.pool if core.sessions.of_worker(w.id)]
+    assert len(owning) <= MAX_SESSIONS
+    if stopped_at is not None:
+        assert not [a for a in stage.out[stopped_at:] if isinstance(a, ForkWorker)]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(ops, min_size=20, max_size=80),
+    st.integers(0, 2**16),
+    st.integers(10, 100),
+    st.sampled_from([0.0, 2.0]),
+)
+def test_random_interleavings_keep_the_cores_promises(
+    script: list[tuple[Any, ...]], seed: int, stop_at: int, drain: float
+) -> None:
+    stage = Stage(seed=seed, pool_size=POOL_SIZE, max_sessions=MAX_SESSIONS, max_restarts=2)
+    stage.boot()
+    requested: set[str] = set()
+    ended: dict[str, str] = {}
+    exited: set[str] = set()
+    wedged: set[str] = set()
+    stopped_at: int | None = None
+    script = list(script)
+    if stop_at < len(script):  # stop somewhere after the start, or not at all
+        script.insert(stop_at, ("stop", drain))
+    for op in script:
+        if op[0] == "request":
+            requested.add(session_id(op[1]))
+        if op[0] == "stop":
+            stopped_at = len(stage.out)
+        apply(stage, op, exited, wedged)
+        check(stage, requested, ended, stopped_at)
+    deadline = stage.core.next_deadline()
+    assert deadline is None or deadline >= stage.now
+    event(f"assigned {min(len(assigned(stage.out)), 4)}+")
+    event(f"crashes {min(stage.core.counters['worker_crashes'], 2)}+")
+    event(f"ended {min(len(ended), 3)}+")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(ops, min_size=10, max_size=50), st.integers(0, 2**16))
+def test_every_session_ends_once_all_workers_exit_and_time_passes(
+    script: list[tuple[Any, ...]], seed: int
+) -> None:
+    stage = Stage(seed=seed, pool_size=POOL_SIZE, max_sessions=MAX_SESSIONS)
+    stage.boot()
+    exited: set[str] = set()
+    wedged: set[str] = set()
+    for op in script:
+        apply(stage, op, exited, wedged)
+    stage.feed(StopRequested(1.0))
+    for _ in range(30):  # each process dies when told to, or when it is killed
+        for worker in list(stage.core.pool):
+            if worker.pid is not None and worker.id not in exited:
+                exited.add(worker.id)
+                stage.exit(worker.id, -15)
+        stage.advance(1.0)
+    for row in stage.core.sessions:
+        assert row.state in ENDED, row
+        assert row.reason
+    assert stage.core.stopped
