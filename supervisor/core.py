@@ -400,7 +400,7 @@ class SupervisorCore:
         row = self.sessions.get(session)
         if row is None:
             raise SupervisorError(f"no session {session}")
-        if row.state in (SessionState.EXITED, SessionState.FATAL):
+        if row.state in (SessionState.STOPPING, SessionState.EXITED, SessionState.FATAL):
             raise SupervisorError(f"session {session} is already {row.state.value}")
         reason = "session killed by the operator"
         row.move(now, SessionEvent.STOP, reason=reason)

@@ -394,6 +394,27 @@ def test_a_cold_start_that_times_out_ends_its_session() -> None:
     assert assigned(stage.out) == []
 
 
+def test_a_cold_start_given_up_on_holds_no_place_while_its_exit_is_awaited() -> None:
+    stage = Stage(pool_size=0, max_sessions=1)
+    stage.boot()
+    stage.request(session_id(1))
+    (dying,) = stage.forked()
+    stage.spawn(dying)
+    stage.advance(SPAWN_TIMEOUT + 0.01)
+    assert stage.row(session_id(1))["state"] == "exited"
+    assert stage.worker(dying).state is W.RESERVED  # killed; reserved until its exit is seen
+    stage.request(session_id(2))  # the limit counts sessions, not processes being killed
+    (fresh,) = stage.forked()
+    assert stage.worker(fresh).reserved_for == session_id(2)
+    stage.request(session_id(3))
+    assert session_ends(stage.out)[session_id(3)] == "device is at its session limit"
+    stage.exit(dying, -9)
+    assert dying not in stage.core.pool
+    stage.spawn(fresh)
+    stage.hello(fresh)
+    assert assigned(stage.out) == [(fresh, session_id(2))]
+
+
 def test_fork_server_death_fails_cold_starts_and_restarts_it_after_backoff() -> None:
     stage = Stage(pool_size=0)
     stage.boot()
@@ -538,6 +559,8 @@ def test_operator_kill_stops_the_worker_then_sigkills_a_straggler() -> None:
     assert stage.control("kill", session=session) == {"session": session}
     assert stage.row(session)["state"] == "stopping"
     assert session_ends(stage.out) == {session: "session killed by the operator"}
+    # A second kill while it stops is an answer for the operator, not an internal error.
+    assert stage.control("kill", session=session) == f"session {session} is already stopping"
     stage.advance(STOP_GRACE)
     assert KillProcess(stage.pids[worker], hard=True) in stage.out
     stage.exit(worker, -9)
