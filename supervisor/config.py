@@ -206,7 +206,7 @@ class SupervisorConfig:
     backoff_cap: float = 30.0
     drain_timeout: float = 10.0
     max_sessions: int = 64
-    max_negotiating_per_client: int = 4
+    max_negotiating_per_client: int = 8
     negotiation_timeout: float = 10.0
     max_workers: int = 80
 
