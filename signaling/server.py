@@ -36,9 +36,10 @@ moment a TCP connection is accepted: at most ``total`` connections (and never
 more than the file-descriptor limit leaves room for, so running out of
 descriptors is not how the server learns it is full); at most
 ``unauthenticated`` not yet authenticated, each for at most ``auth_timeout``
-seconds from its accept, and when they are all taken the *oldest* is dropped
-for the newcomer (a flood of idle sockets cannot keep a real login out: it
-authenticates in milliseconds); at most ``per_identity`` authenticated
+seconds from its accept, and when they are all taken the oldest is dropped
+for the newcomer, the oldest of those that have not sent their HTTP request
+yet if any (a flood of idle sockets cannot keep a real login out: it sends
+its request at once and authenticates in milliseconds); at most ``per_identity`` authenticated
 connections of one token ``sub`` (more are closed with 4503). Lines that
 remote input causes (failed authentication, refused connections, closes for
 abuse) are rate-limited (:class:`~aio.logs.LogThrottle`).
@@ -57,12 +58,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import http
 import itertools
 import logging
 import os
 import resource
 import signal
+import sys
+import termios
 import time
 from collections import Counter
 from collections.abc import Callable, Hashable
@@ -147,6 +151,21 @@ def _peer_name(ws: ServerConnection) -> str:
     if isinstance(address, tuple) and len(address) >= 2:
         return f"{address[0]}:{address[1]}"
     return str(address)
+
+
+def _has_spoken(ws: ServerConnection) -> bool:
+    """Whether ``ws`` sent anything: its HTTP request was read, or bytes of it
+    wait in the kernel (the event loop may not have read them yet in a flood)."""
+    if ws.request is not None:
+        return True
+    sock = ws.transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        pending = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return False
+    return int.from_bytes(pending, sys.byteorder) > 0
 
 
 def _close_code(ws: ServerConnection) -> int:
@@ -422,7 +441,12 @@ class SignalingServer:
         self._unauthenticated[ws] = asyncio.get_running_loop().time()
 
     def _evict_oldest(self, cap: str) -> None:
-        oldest = next(iter(self._unauthenticated))
+        # Silent sockets first: a real client sends its HTTP request the moment
+        # it connects, so a flood of idle sockets only ever evicts itself.
+        oldest = next(
+            (ws for ws in self._unauthenticated if not _has_spoken(ws)),
+            next(iter(self._unauthenticated)),
+        )
         self._unauthenticated.pop(oldest)
         self._tcp.discard(oldest)
         self._refused[f"evicted_{cap}"] += 1

@@ -398,13 +398,20 @@ async def test_a_flood_of_idle_sockets_does_not_keep_a_login_out() -> None:
     """Unauthenticated slots are full: the oldest idle socket makes room for a newcomer."""
     caps = ConnectionCaps(unauthenticated=4)
     async with SignalingServer(SECRET, port=0, caps=caps) as srv:
+        # Connected and upgraded before the flood, not authenticated yet.
+        slow = await open_ws(srv.url)
         idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(12)]
         try:
+            # Accepted after every idle socket (one accept queue, in order).
             ws = await join(srv, "alice", "client", ["dev1"])
             stats = srv.stats()
             assert stats["unauthenticated"] <= 4
-            assert stats["refused.evicted_unauthenticated"] >= 8 - 1
+            assert stats["refused.evicted_unauthenticated"] >= 12 + 2 - 4
+            # Silent sockets went first: the one that spoke HTTP is still there.
+            await send(slow, Auth(token("bob", "client", ["dev1"])))
+            assert await recv(slow) == Welcome("bob", "client")
             await ws.close()
+            await slow.close()
         finally:
             for sock in idle:
                 sock.close()
