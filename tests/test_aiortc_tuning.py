@@ -155,6 +155,41 @@ async def test_an_unreachable_stun_server_delays_the_offer_by_the_bound_only() -
     assert took < 5.0  # aioice alone waits 5 s; the bound is STUN_TIMEOUT
 
 
+@pytest.mark.e2e
+async def test_a_stun_server_that_never_answers_waits_no_longer_than_the_relay(
+    tmp_path: Any,
+) -> None:
+    """UDP blocked, TURN over TCP the way out: once the relay is allocated, a STUN
+    lookup still pending is not waited for (it would cost STUN_TIMEOUT per offer)."""
+    from protocol.ice import turn_rest_credential
+    from tests.e2e.turn_support import TURN_SECRET, Coturn, have_coturn
+
+    if not have_coturn():
+        pytest.skip("needs coturn's turnserver (apt-get install coturn)")
+    coturn = Coturn(tmp_path)
+    try:
+        coturn.wait_ready(TIMEOUT)
+        username, password = turn_rest_credential(TURN_SECRET, int(time.time()) + 600, "t")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as hole:
+            hole.bind(("127.0.0.1", 0))
+            servers = [
+                IceServer(f"stun:127.0.0.1:{hole.getsockname()[1]}"),
+                IceServer(f"turn:127.0.0.1:{coturn.port}?transport=tcp", username, password),
+            ]
+            peer = PeerSession("s-tuning-test-3", Outbox().send, ice_servers=servers)
+            try:
+                started = time.monotonic()
+                sdp = await asyncio.wait_for(peer.prepare_offer(), TIMEOUT)
+                took = time.monotonic() - started
+            finally:
+                await peer.close()
+    finally:
+        coturn.stop()
+    print(f"\noffer with a relay and a silent STUN server in {took * 1000:.0f} ms")
+    assert "typ relay" in sdp and "typ srflx" not in sdp
+    assert took < aiortc_tuning.STUN_TIMEOUT
+
+
 def _channel_bind_error(code: int, reason: str) -> aioice.stun.TransactionFailed:
     response = aioice.stun.Message(
         message_method=aioice.stun.Method.CHANNEL_BIND,

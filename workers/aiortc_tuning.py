@@ -41,7 +41,9 @@ A dead path is noticed in bounded time, and connects lose no time to NATs:
 * **A bounded STUN lookup.** A STUN server that cannot be reached (UDP
   blocked, path down) would hold gathering for :data:`GATHER_TIMEOUT`; real
   STUN round trips are far below :data:`STUN_TIMEOUT`, after which the lookup
-  is dropped (host and relay candidates are unaffected).
+  is dropped (host and relay candidates are unaffected), and once a relay is
+  allocated a pending lookup gets only :data:`STUN_GRACE` (see
+  :func:`_wait_for_servers`).
 * **A bound on DataChannel message reassembly**: see
   :func:`_bound_message_reassembly`.
 
@@ -83,6 +85,8 @@ VERIFIED: Final = {"aiortc": "1.16.", "aioice": "0.13."}
 GATHER_TIMEOUT: Final = 5.0
 #: Seconds a STUN lookup may take before gathering goes on without it.
 STUN_TIMEOUT: Final = 1.0
+#: Seconds a STUN lookup may still take once every TURN allocation is done.
+STUN_GRACE: Final = 0.05
 #: The environment variable that keeps aiortc/aioice stock (tests, comparisons).
 STOCK_ENV: Final = "TUNNELCTL_STOCK_AIORTC"
 #: Consent checks per keepalive period: four can be lost in a row before the
@@ -214,12 +218,14 @@ def _patch_gathering() -> None:
                     labels[asyncio.ensure_future(lookup)] = f"STUN server {server.url}"
         if not labels:
             return candidates
-        done, pending = await asyncio.wait(labels, timeout=min(timeout, GATHER_TIMEOUT))
+        started = asyncio.get_running_loop().time()
+        done, pending = await _wait_for_servers(labels, min(timeout, GATHER_TIMEOUT))
+        waited = asyncio.get_running_loop().time() - started
         failed: list[str] = getattr(self, "tunnelctl_failed", [])
         self.tunnelctl_failed = failed  # type: ignore[attr-defined]
         for task in pending:
             task.cancel()
-            log.warning("%s: no answer in %g s", labels[task], min(timeout, GATHER_TIMEOUT))
+            log.warning("%s: no answer in %.1f s", labels[task], waited)
             failed.append(labels[task])
         seen = {(c.type, c.host, c.port) for c in candidates}
         for task in done:
@@ -238,6 +244,40 @@ def _patch_gathering() -> None:
         return candidates
 
     aioice.ice.Connection.get_component_candidates = get_component_candidates  # type: ignore[method-assign]
+
+
+async def _wait_for_servers(
+    labels: dict[asyncio.Task[Any], str], timeout: float
+) -> tuple[set[asyncio.Task[Any]], set[asyncio.Task[Any]]]:
+    """Wait for the servers' answers, at most ``timeout``; return (done, pending).
+
+    A STUN answer takes one round trip, a TURN allocation at least two (three
+    over TCP). So once every TURN server has answered and a relay is
+    allocated, a STUN lookup still pending lost its packets or is blocked (UDP
+    blocked, TURN over TCP the way out: a common network): it gets
+    :data:`STUN_GRACE` more, not the rest of :data:`STUN_TIMEOUT`. Without a
+    relay, lookups get their full time.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    done: set[asyncio.Task[Any]] = set()
+    pending = set(labels)
+    while pending and loop.time() < deadline:
+        finished, pending = await asyncio.wait(
+            pending, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
+        )
+        done |= finished
+        turn_pending = any(labels[t].startswith("TURN") for t in pending)
+        relayed = any(
+            labels[t].startswith("TURN") and not t.cancelled() and t.exception() is None
+            for t in done
+        )
+        if pending and relayed and not turn_pending:
+            grace = min(STUN_GRACE, max(0.0, deadline - loop.time()))
+            finished, pending = await asyncio.wait(pending, timeout=grace)
+            done |= finished
+            break
+    return done, pending
 
 
 async def _relay(

@@ -129,6 +129,7 @@ class PeerSession:
         channel = self.pc.createDataChannel(label, ordered=True, protocol=self.channel_protocol)
         channel.on("open", lambda: self._resolve_channel(channel))
         aiortc_tuning.set_keepalive(self.pc, self.keepalive)
+        self._watch_relays()  # before gathering: an allocation can be lost during it
         return channel
 
     async def start_offer(self) -> str:
@@ -304,6 +305,7 @@ class PeerSession:
             raise SessionFailed(f"invalid {description.type} from the peer: {exc}") from None
         self._remote_set = True
         aiortc_tuning.set_keepalive(self.pc, self.keepalive)
+        self._watch_relays()
         early, self._early_candidates = self._early_candidates, []
         for candidate in early:
             await self._add_candidate(candidate)

@@ -259,7 +259,10 @@ class SessionWorker:
             except Exception as exc:  # the old offer stays; try again next period
                 log.warning("worker %s: cannot refresh the prepared offer: %s", self.worker_id, exc)
                 continue
-            failed = fresh.result()[0].failed_turn_servers()
+            peer = fresh.result()[0]
+            failed = peer.failed_turn_servers()
+            if peer.relay_lost is not None:  # lost while gathering
+                failed.append(peer.relay_lost)
             if failed:
                 # Never trade a relay for none: a lost allocation is noticed and
                 # re-gathered on its own (_relay_lost), with backoff.
@@ -270,9 +273,10 @@ class SessionWorker:
                 )
                 self._close_prepared(fresh, "TURN server failed")
                 continue
-            if self.session_id is not None or ice != self.ice:
-                # Assigned meanwhile (it took the old offer), or new settings came
-                # (_ice_changed prepares for them): this one is not wanted.
+            if self.session_id is not None or ice != self.ice or self._prepared is not current:
+                # Assigned meanwhile (it took the old offer), or new settings or a
+                # lost relay came (_ice_changed, _relay_lost prepare for them, and
+                # say so when done): this one is not wanted.
                 self._close_prepared(fresh, "prepared offer not needed")
                 continue
             self._discard_prepared("prepared offer replaced")
