@@ -29,12 +29,12 @@ from typing import Any
 
 import pytest
 
+from harness import Child
 from protocol.ice import turn_rest_credential
 from signaling.auth import issue_token
 from tests.e2e.conftest import LOOPBACK, READY, WebService
 from tests.e2e.test_tunnel import http_get
 from tests.e2e.turn_support import TURN_SECRET, Coturn, free_port, have_coturn, make_test_ca
-from tunnelctl.children import Child
 
 pytestmark = [
     pytest.mark.e2e,
@@ -88,7 +88,7 @@ class RelayLab:
     def child(self, args: list[str], env: dict[str, str], name: str) -> LoggedChild:
         if self.ca is not None:
             env = {**env, "SSL_CERT_FILE": str(self.ca)}
-        child = LoggedChild(args, env=env, name=name)
+        child = LoggedChild.tunnelctl(args, env=env, name=name)
         self.children.append(child)
         return child
 
