@@ -228,15 +228,16 @@ def _patch_gathering() -> None:
         self.tunnelctl_failed = failed  # type: ignore[attr-defined]
         for task in pending:
             task.cancel()
-            log.warning("%s: no answer in %.1f s", labels[task], waited)
+            _server_failed(labels[task], f"no answer in {waited:.1f} s")
             failed.append(labels[task])
         seen = {(c.type, c.host, c.port) for c in candidates}
         for task in done:
             exc = task.exception()
             if exc is not None:
-                log.warning("%s: %s", labels[task], _describe(exc))
+                _server_failed(labels[task], _describe(exc))
                 failed.append(labels[task])
                 continue
+            _FAILING.discard(labels[task])
             candidate, relay_protocol = task.result()
             if relay_protocol is not None:
                 self._protocols.append(relay_protocol)
@@ -247,6 +248,18 @@ def _patch_gathering() -> None:
         return candidates
 
     aioice.ice.Connection.get_component_candidates = get_component_candidates  # type: ignore[method-assign]
+
+
+#: Servers whose last answer in this process was a failure. An idle worker
+#: gathers again every 20 s, and behind a network that blocks UDP the same
+#: servers fail every time: said once at WARNING, then at DEBUG until a success.
+_FAILING: set[str] = set()
+
+
+def _server_failed(label: str, why: str) -> None:
+    level = logging.DEBUG if label in _FAILING else logging.WARNING
+    _FAILING.add(label)
+    log.log(level, "%s: %s", label, why)
 
 
 async def _wait_for_servers(
