@@ -78,10 +78,10 @@ from typing import Any
 
 from aiortc import RTCDataChannel, RTCPeerConnection
 
+from harness import Child, ChildFailed
 from signaling.auth import issue_token
 from supervisor.control import request as control_request
 from supervisor.errors import ControlError
-from tunnelctl.children import Child, ChildFailed
 from workers.client import ClientTunnel
 from workers.errors import SessionFailed
 from workers.ice import parse_networks, restrict_host_addresses, rtc_configuration
@@ -119,7 +119,7 @@ class LoggedChild(Child):
 
     def __init__(
         self,
-        args: Sequence[str],
+        argv: Sequence[str],
         *,
         env: dict[str, str] | None,
         name: str,
@@ -127,7 +127,7 @@ class LoggedChild(Child):
     ) -> None:
         self.log_counts: dict[str, int] = {}  # warning/error lines, ids masked -> count
         self.log_file = log_file
-        super().__init__(args, env=env, name=name)
+        super().__init__(argv, env=env, name=name)
 
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
@@ -252,7 +252,7 @@ class Bench:
                 ]
             )
         )
-        child = LoggedChild(
+        child = LoggedChild.tunnelctl(
             ["start", "--config", str(config), "--runtime-dir", str(runtime)],
             env=None,
             name=f"supervisor {name}",
@@ -998,7 +998,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     secret = secrets.token_hex(32)
     aborted: str | None = None
     try:
-        signal_child = LoggedChild(
+        signal_child = LoggedChild.tunnelctl(
             ["signal", "--host", LOOPBACK, "--port", "0"],
             env={"TUNNEL_SECRET": secret},
             name="signal",

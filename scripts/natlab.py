@@ -60,10 +60,11 @@ counters, ``null`` on a direct path), ``relay_via`` (each end's own relay
 transport as it reports it, ``null`` when it relays nothing itself),
 ``turn_bytes`` (the counters) and ``error``.
 
-The building blocks (:class:`Lab`, :class:`Site`, :class:`Namespace`,
-:class:`Process`) are for tests too: ``tests/e2e/natlab_support.py`` wraps them
-in fixtures (run a command in a namespace, drop packets between sites, change
-a site's address, add random loss with iptables ``statistic``).
+The building blocks (:class:`Lab`, :class:`Site`, :class:`Namespace`) are for
+tests too: ``tests/e2e/natlab_support.py`` wraps them in fixtures (run a command
+in a namespace, drop packets between sites, change a site's address, add random
+loss with iptables ``statistic``). Long-running processes are ``harness.Child``
+(``Namespace.spawn``), whose failed waits raise :class:`LabError`.
 
 This script imports no ``tunnelctl`` code (ARCHITECTURE.md): it starts the
 verbs as processes, ``python -m tunnelctl ...`` with this interpreter.
@@ -86,13 +87,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from harness import Child
 from protocol.ice import turn_rest_credential
 from signaling.auth import issue_token
 
@@ -241,126 +242,6 @@ def run(argv: Sequence[str], *, check: bool = True, timeout: float = COMMAND_TIM
     return done.stdout
 
 
-# -- processes --------------------------------------------------------------------------
-
-
-class Process:
-    """A long-running child whose stdout is watched for a readiness line; stopped by pid.
-
-    Like ``tunnelctl.children.Child`` (which scripts may not import), but for
-    any program and any readiness line, behind ``ip netns exec``.
-    """
-
-    def __init__(
-        self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, name: str
-    ) -> None:
-        self.name = name
-        full_env = dict(os.environ)
-        full_env.update(env or {})
-        full_env.setdefault("PYTHONUNBUFFERED", "1")
-        self.proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=full_env,
-            text=True,
-            # Its own session: a Ctrl-C meant for the lab reaches the lab alone,
-            # which then stops its children in order.
-            start_new_session=True,
-        )
-        self._lines: deque[str] = deque(maxlen=2000)  # stdout: bounded, the tail matters
-        self._seen = 0
-        self._eof = False
-        self._cursor = 0
-        self.stderr_lines: deque[str] = deque(maxlen=200)
-        self.stderr_count = 0  # lines read so far, a mark for :meth:`stderr_since`
-        self._changed = threading.Condition()
-        self._readers = [
-            threading.Thread(target=self._read_stdout, daemon=True),
-            threading.Thread(target=self._read_stderr, daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait_line(self, pattern: str, timeout: float = READY_TIMEOUT) -> str:
-        """The next stdout line containing ``pattern``; LabError on exit or after ``timeout``."""
-        return self.wait_lines([pattern], timeout)[0]
-
-    def wait_lines(self, patterns: Sequence[str], timeout: float = READY_TIMEOUT) -> list[str]:
-        """The next stdout lines containing each of ``patterns``, in any order."""
-        deadline = time.monotonic() + timeout
-        found: dict[str, str] = {}
-        with self._changed:
-            while True:
-                first = self._seen - len(self._lines)
-                while self._cursor < self._seen:
-                    index = self._cursor - first
-                    self._cursor += 1
-                    for pattern in patterns:
-                        if pattern not in found and index >= 0 and pattern in self._lines[index]:
-                            found[pattern] = self._lines[index]
-                    if len(found) == len(patterns):
-                        return [found[p] for p in patterns]
-                if self._eof:
-                    pattern = next(p for p in patterns if p not in found)
-                    code = self.proc.wait(timeout=5)
-                    raise LabError(
-                        f"{self.name} exited with {code} before {pattern!r}; "
-                        f"stderr: {self.stderr_tail()}"
-                    )
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    pattern = next(p for p in patterns if p not in found)
-                    raise LabError(
-                        f"{self.name}: no {pattern!r} line within {timeout:g} s; "
-                        f"stderr: {self.stderr_tail()}"
-                    )
-                self._changed.wait(left)
-
-    def stderr_tail(self, lines: int = 5) -> str:
-        return " | ".join(list(self.stderr_lines)[-lines:]) or "(empty)"
-
-    def stderr_since(self, mark: int) -> list[str]:
-        """The stderr lines read after ``stderr_count`` was ``mark`` (those still kept)."""
-        lines = list(self.stderr_lines)
-        return lines[max(0, len(lines) - (self.stderr_count - mark)) :]
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
-        """SIGTERM, then SIGKILL after ``timeout``; the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
-        for reader in self._readers:
-            reader.join(timeout=2)
-        return self.proc.returncode
-
-    def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._changed:
-                self._lines.append(line.rstrip("\n"))
-                self._seen += 1
-                self._changed.notify_all()
-        with self._changed:
-            self._eof = True
-            self._changed.notify_all()
-
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.stderr_lines.append(line.rstrip("\n"))
-            self.stderr_count += 1
-
-
 # -- namespaces -------------------------------------------------------------------------
 
 #: Our chains in a namespace's filter table, each hooked first into INPUT, OUTPUT
@@ -405,9 +286,9 @@ class Namespace:
 
     def spawn(
         self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, name: str
-    ) -> Process:
+    ) -> Child:
         """Start a long-running process inside this namespace."""
-        return Process(self.argv(argv), env=env, name=name)
+        return Child(self.argv(argv), env=env, name=name, failure=LabError)
 
     def pids(self) -> list[int]:
         out = run(["ip", "netns", "pids", self.name], check=False)
@@ -550,12 +431,12 @@ class Lab:
         self.public = Namespace(f"{self.prefix}-pub")
         self.sites: dict[str, Site] = {}
         self.namespaces: list[Namespace] = []
-        self.processes: list[Process] = []
+        self.processes: list[Child] = []
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
         self.big_sha256 = ""
         self.signal_url = f"ws://{PUBLIC_ADDR}:{SIGNAL_PORT}/signal"
-        self.coturn: Process | None = None
-        self.signal: Process | None = None
+        self.coturn: Child | None = None
+        self.signal: Child | None = None
         self._renumbered = 0
 
     def __enter__(self) -> Lab:
@@ -591,9 +472,11 @@ class Lab:
             )  # fmt: skip
             self.processes.append(signal_server)
             self._write_big_file()
-            signal_server.wait_line("listening ")
+            signal_server.wait_line("listening ", READY_TIMEOUT)
             # Its verbose log names each listener once it is open.
-            self.coturn.wait_lines(["TCP listener opened on", "UDP listener opened on"])
+            self.coturn.wait_lines(
+                ["TCP listener opened on", "UDP listener opened on"], READY_TIMEOUT, anywhere=True
+            )
         except BaseException:
             self.close()
             raise
@@ -694,7 +577,7 @@ class Lab:
         for builtin in hooks:
             ns.iptables("-I", builtin, "1", "-j", COUNT_CHAIN)
 
-    def _start_coturn(self) -> Process:
+    def _start_coturn(self) -> Child:
         lines = [
             f"listening-ip={PUBLIC_ADDR}",
             f"relay-ip={PUBLIC_ADDR}",
@@ -750,12 +633,12 @@ class Lab:
 
     def tunnelctl(
         self, site: Site, args: Sequence[str], *, env: Mapping[str, str] | None = None, name: str
-    ) -> Process:
+    ) -> Child:
         process = site.host.spawn([sys.executable, "-m", "tunnelctl", *args], env=env, name=name)
         self.processes.append(process)
         return process
 
-    def start_web(self, site: Site) -> Process:
+    def start_web(self, site: Site) -> Child:
         """An HTTP server on 127.0.0.1:WEB_PORT inside ``site`` serving ``/big``."""
         web = site.host.spawn(
             [sys.executable, "-m", "http.server", str(WEB_PORT), "--bind", "127.0.0.1",
@@ -763,7 +646,7 @@ class Lab:
             name=f"web {site.name}",
         )  # fmt: skip
         self.processes.append(web)
-        web.wait_line("Serving HTTP")
+        web.wait_line("Serving HTTP", READY_TIMEOUT)
         return web
 
     def start_device(self, site: Site, device: str, *, extra: Sequence[str] = ()) -> Device:
@@ -777,12 +660,12 @@ class Lab:
             env={**env, "TUNNEL_TOKEN": self.token(device, "device")},
             name=f"device {device}",
         )  # fmt: skip
-        process.wait_line("registered ")
+        process.wait_line("registered ", READY_TIMEOUT)
         return Device(self, site, device, runtime, process)
 
     def start_client(
         self, site: Site, device: str, *, service: str = "web", extra: Sequence[str] = ()
-    ) -> Process:
+    ) -> Child:
         """``tunnelctl connect`` in ``site`` forwarding a local port to ``device``/``service``."""
         ice, env = self.ice_args()
         return self.tunnelctl(
@@ -845,8 +728,8 @@ class Lab:
         host, port = out.split()
         return host, int(port)
 
-    def stop(self, process: Process) -> None:
-        process.stop()
+    def stop(self, process: Child) -> None:
+        process.stop(STOP_TIMEOUT)
         with contextlib.suppress(ValueError):
             self.processes.remove(process)
 
@@ -861,7 +744,7 @@ class Lab:
                 process.proc.send_signal(signal.SIGTERM)  # all at once: they drain in parallel
         for process in reversed(self.processes):
             with contextlib.suppress(Exception):
-                process.stop()
+                process.stop(STOP_TIMEOUT)
         self.processes.clear()
         for ns in reversed(self.namespaces):
             # Workers forked by a supervisor, anything a test ran: all in a
@@ -896,7 +779,7 @@ class Device:
     site: Site
     id: str
     runtime: Path
-    process: Process
+    process: Child
 
     def sessions(self) -> list[dict[str, Any]]:
         out = self.site.host.run(
@@ -1050,7 +933,7 @@ class Matrix:
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
         self.device: Device | None = None
-        self.web: Process | None = None
+        self.web: Child | None = None
 
     def run(self, device_nat: str, client_nat: str) -> CaseResult:
         if self.device is None or self.device.site.nat != device_nat:

@@ -54,6 +54,10 @@ _M = TypeVar("_M", Welcome, Registered)
 #: Close codes after which reconnecting is pointless (PROTOCOL.md §1.6).
 FINAL_CLOSE_CODES = {4401: "authentication failed", 4409: "replaced by a newer connection"}
 HANDSHAKE_TIMEOUT = 10.0
+#: Reconnect delays: full jitter up to 10 s, so a device is back within seconds
+#: of a signaling server's return (issue 7) while a restarted server still sees
+#: its peers spread over those 10 s rather than all at once.
+RECONNECT_BACKOFF_CAP = 10.0
 
 
 class LinkState(enum.Enum):
@@ -118,7 +122,7 @@ class SignalingLink:
         self._used_token = ""
         self._on_message = on_message
         self._device = device
-        self._backoff = backoff or Backoff()
+        self._backoff = backoff or Backoff(cap=RECONNECT_BACKOFF_CAP)
         self._on_state = on_state
         self._reconnect = reconnect
         # A command a person just typed should say "cannot reach" at once rather

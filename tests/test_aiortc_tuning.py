@@ -9,6 +9,7 @@ the bound is the feature (an unreachable STUN server must not cost aioice's 5 s)
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -153,6 +154,25 @@ async def test_an_unreachable_stun_server_delays_the_offer_by_the_bound_only() -
     print(f"\noffer with an unreachable STUN server in {took:.2f} s")
     assert "typ host" in sdp and "typ srflx" not in sdp
     assert took < 5.0  # aioice alone waits 5 s; the bound is STUN_TIMEOUT
+
+
+async def test_a_server_failing_at_every_gathering_is_warned_about_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An idle worker re-gathers every 20 s: behind a firewall the same server fails
+    each time, and the log says so once (WARNING), not three times a minute."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as hole:
+        hole.bind(("127.0.0.1", 0))
+        url = f"stun:127.0.0.1:{hole.getsockname()[1]}"
+        with caplog.at_level(logging.DEBUG, logger="tunnelctl.ice"):
+            for _ in range(2):
+                peer = PeerSession("s-tuning-test-3", Outbox().send, ice_servers=[IceServer(url)])
+                try:
+                    await asyncio.wait_for(peer.prepare_offer(), TIMEOUT)
+                finally:
+                    await peer.close()
+    about = [r for r in caplog.records if url in r.getMessage()]
+    assert [r.levelno for r in about] == [logging.WARNING, logging.DEBUG], about
 
 
 @pytest.mark.e2e

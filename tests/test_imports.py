@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("aio", "protocol", "signaling", "supervisor", "workers", "tunnelctl")
+PACKAGES = ("aio", "harness", "protocol", "signaling", "supervisor", "workers", "tunnelctl")
 FORBIDDEN = {
+    # The process harness is shared by the CLI, the scripts and the tests: it
+    # may import none of our packages, so that importing it imports no tunnelctl.
+    "harness": set(PACKAGES) - {"harness"},
     "aio": {"protocol", "signaling", "supervisor", "workers", "tunnelctl", "aiortc", "zmq"},
     "protocol": {"signaling", "supervisor", "workers", "tunnelctl", "aiortc", "websockets", "zmq"},
     "signaling": {"supervisor", "workers", "tunnelctl", "aiortc"},
@@ -48,16 +51,17 @@ def test_nothing_imports_the_cli() -> None:
             assert "tunnelctl" not in imported_roots(path), path
 
 
-#: The one module of the CLI package that scripts still import: the child-process
-#: harness that ``tunnelctl demo``, the benchmark and the e2e tests share.
-CLI_HARNESS = frozenset({"tunnelctl.children"})
-
-
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "scripts").glob("*.py")))
 def test_scripts_do_not_import_the_cli(script: str) -> None:
     """Scripts are clients of the packages, like the CLI, never of the CLI."""
-    bad = imported_roots(ROOT / "scripts" / script, CLI_HARNESS) & {"tunnelctl"}
+    bad = imported_roots(ROOT / "scripts" / script) & {"tunnelctl"}
     assert not bad, f"scripts/{script} imports {sorted(bad)}"
+
+
+def test_the_harness_imports_only_the_standard_library() -> None:
+    for path in sorted((ROOT / "harness").rglob("*.py")):
+        outside = imported_roots(path) - set(sys.stdlib_module_names) - {"harness"}
+        assert not outside, f"{path.relative_to(ROOT)} imports {sorted(outside)}"
 
 
 def test_every_package_is_typed() -> None:

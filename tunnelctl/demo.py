@@ -21,8 +21,8 @@ import urllib.request
 
 import click
 
+from harness import Child, ChildFailed
 from signaling.auth import issue_token
-from tunnelctl.children import Child, ChildFailed
 
 READY_TIMEOUT = 30.0
 PAGE = b"""<!doctype html>
@@ -79,7 +79,7 @@ def run_demo(*, once: bool, size_mib: int) -> int:
     children: list[Child] = []
     common = ["--ice-host", "127.0.0.1"]
     try:
-        signal_child = Child(
+        signal_child = Child.tunnelctl(
             ["signal", "--port", "0"], env={"TUNNEL_SECRET": secret}, name="signal"
         )
         children.append(signal_child)
@@ -88,7 +88,7 @@ def run_demo(*, once: bool, size_mib: int) -> int:
         click.echo(f"sample web service http://127.0.0.1:{service_port}/")
 
         device_token = issue_token(secret, sub="demo-device", role="device", ttl=86400)
-        device = Child(
+        device = Child.tunnelctl(
             [
                 "start",
                 "--signal",
@@ -109,7 +109,7 @@ def run_demo(*, once: bool, size_mib: int) -> int:
         client_token = issue_token(
             secret, sub="demo-client", role="client", devices=["demo-device"], ttl=86400
         )
-        client = Child(
+        client = Child.tunnelctl(
             [
                 "connect",
                 "--signal",

@@ -42,7 +42,8 @@ A dead path is noticed in bounded time, and connects lose no time to NATs:
   blocked, path down) would hold gathering for :data:`GATHER_TIMEOUT`; real
   STUN round trips are far below :data:`STUN_TIMEOUT`, after which the lookup
   is dropped (host and relay candidates are unaffected), and once a relay is
-  allocated a pending lookup gets only :data:`STUN_GRACE` (see
+  allocated a pending lookup gets only :data:`STUN_GRACE`, and a TURN server
+  that has not answered yet about as long as that relay took (see
   :func:`_wait_for_servers`).
 * **A bound on DataChannel message reassembly**: see
   :func:`_bound_message_reassembly`.
@@ -87,6 +88,8 @@ GATHER_TIMEOUT: Final = 5.0
 STUN_TIMEOUT: Final = 1.0
 #: Seconds a STUN lookup may still take once every TURN allocation is done.
 STUN_GRACE: Final = 0.05
+#: Least time a TURN allocation may still take once another relay is allocated.
+TURN_GRACE: Final = 0.25
 #: The environment variable that keeps aiortc/aioice stock (tests, comparisons).
 STOCK_ENV: Final = "TUNNELCTL_STOCK_AIORTC"
 #: Consent checks per keepalive period: four can be lost in a row before the
@@ -225,15 +228,16 @@ def _patch_gathering() -> None:
         self.tunnelctl_failed = failed  # type: ignore[attr-defined]
         for task in pending:
             task.cancel()
-            log.warning("%s: no answer in %.1f s", labels[task], waited)
+            _server_failed(labels[task], f"no answer in {waited:.1f} s")
             failed.append(labels[task])
         seen = {(c.type, c.host, c.port) for c in candidates}
         for task in done:
             exc = task.exception()
             if exc is not None:
-                log.warning("%s: %s", labels[task], _describe(exc))
+                _server_failed(labels[task], _describe(exc))
                 failed.append(labels[task])
                 continue
+            _FAILING.discard(labels[task])
             candidate, relay_protocol = task.result()
             if relay_protocol is not None:
                 self._protocols.append(relay_protocol)
@@ -246,6 +250,18 @@ def _patch_gathering() -> None:
     aioice.ice.Connection.get_component_candidates = get_component_candidates  # type: ignore[method-assign]
 
 
+#: Servers whose last answer in this process was a failure. An idle worker
+#: gathers again every 20 s, and behind a network that blocks UDP the same
+#: servers fail every time: said once at WARNING, then at DEBUG until a success.
+_FAILING: set[str] = set()
+
+
+def _server_failed(label: str, why: str) -> None:
+    level = logging.DEBUG if label in _FAILING else logging.WARNING
+    _FAILING.add(label)
+    log.log(level, "%s: %s", label, why)
+
+
 async def _wait_for_servers(
     labels: dict[asyncio.Task[Any], str], timeout: float
 ) -> tuple[set[asyncio.Task[Any]], set[asyncio.Task[Any]]]:
@@ -255,11 +271,14 @@ async def _wait_for_servers(
     over TCP). So once every TURN server has answered and a relay is
     allocated, a STUN lookup still pending lost its packets or is blocked (UDP
     blocked, TURN over TCP the way out: a common network): it gets
-    :data:`STUN_GRACE` more, not the rest of :data:`STUN_TIMEOUT`. Without a
-    relay, lookups get their full time.
+    :data:`STUN_GRACE` more, not the rest of :data:`STUN_TIMEOUT`. A TURN
+    server still silent when another has allocated gets as long again as that
+    took (at least :data:`TURN_GRACE`), not the rest of the gathering timeout.
+    Without a relay, every server gets its full time.
     """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    started = loop.time()
+    deadline = started + timeout
     done: set[asyncio.Task[Any]] = set()
     pending = set(labels)
     while pending and loop.time() < deadline:
@@ -272,12 +291,23 @@ async def _wait_for_servers(
             labels[t].startswith("TURN") and not t.cancelled() and t.exception() is None
             for t in done
         )
-        if pending and relayed and not turn_pending:
-            grace = min(STUN_GRACE, max(0.0, deadline - loop.time()))
-            finished, pending = await asyncio.wait(pending, timeout=grace)
+        if pending and relayed:
+            # A TURN server still silent once another has allocated a relay is
+            # most likely unreachable the same way (UDP blocked, TCP the way
+            # out: the relay over TCP took more round trips than one over UDP
+            # would have). It gets as long again as the first relay took.
+            grace = max(TURN_GRACE, loop.time() - started) if turn_pending else STUN_GRACE
+            finished, pending = await asyncio.wait(
+                pending, timeout=min(grace, max(0.0, deadline - loop.time()))
+            )
             done |= finished
             break
     return done, pending
+
+
+#: Local preference of a relayed candidate by how we reach the relay (RFC 8445
+#: §5.1.2.1 leaves it to the agent; 65535 is aioice's one value for all).
+RELAY_LOCAL_PREFERENCE: Final = {"udp": 65535, "tcp": 32767, "tls": 16383}
 
 
 async def _relay(
@@ -296,6 +326,13 @@ async def _relay(
     # Relays on one server over UDP and TCP share an address: tell them apart.
     transport = url.relay_transport or "udp"
     candidate.foundation = aioice.candidate.candidate_foundation("relay", transport, candidate.host)
+    # aioice gives every relay the same priority, so the first relay check to
+    # succeed wins, often TCP's (the NAT lab saw slower TURN/TCP paths while
+    # TURN/UDP worked). Prefer UDP, then TCP, then TLS, as browsers do
+    # (RFC 8445 §5.1.2.2: the local preference is ours to choose).
+    candidate.priority = aioice.candidate.candidate_priority(
+        component, "relay", local_pref=RELAY_LOCAL_PREFERENCE[transport]
+    )
     protocol.tunnelctl_url = server.url  # type: ignore[attr-defined]
     protocol.tunnelctl_relay_transport = transport  # type: ignore[attr-defined]
     log.debug("relayed candidate %s:%d via %s", candidate.host, candidate.port, server.url)

@@ -31,6 +31,7 @@ from protocol.frames import ResetCode
 from protocol.ice import DEFAULT_KEEPALIVE, IcePolicy, IceServer
 from protocol.mux import Role
 from protocol.signaling import (
+    MAX_REASON_LEN,
     Candidate,
     Error,
     IceServers,
@@ -359,7 +360,9 @@ class ClientTunnel:
     ) -> None:
         if notify and peer.session_id != self._ended_by_device and self.link.state is LinkState.UP:
             with contextlib.suppress(LinkDown):
-                await self.link.send(SessionEnd(session=peer.session_id, reason=reason[:200]))
+                await self.link.send(
+                    SessionEnd(session=peer.session_id, reason=reason[:MAX_REASON_LEN])
+                )
         if wait:
             await peer.close()
         else:
@@ -465,7 +468,6 @@ class PortForward:
         self.service = service
         self.host = host
         self.port = port
-        self.connections = 0
         self._server: asyncio.Server | None = None
 
     async def start(self) -> tuple[str, int]:
@@ -482,7 +484,6 @@ class PortForward:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
         bridge = await self.tunnel.current_bridge()
         if bridge is None:
             log.warning("no tunnel to %s; resetting a local connection", self.tunnel.device)

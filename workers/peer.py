@@ -245,6 +245,12 @@ class PeerSession:
             for url, reason in lost_relays(connection):
                 self._relay_lost(url, reason)
 
+    def relay_servers(self) -> list[str]:
+        """The TURN server URLs this peer's gathering got a relayed candidate from."""
+        connection = self._ice_connection()
+        protocols = connection._protocols if connection is not None else []
+        return [str(p.tunnelctl_url) for p in protocols if relay_transport(p) is not None]
+
     def failed_turn_servers(self) -> list[str]:
         """TURN servers this peer's gathering got no relayed candidate from."""
         return [s for s in failed_servers(self._ice_connection()) if s.startswith("TURN")]

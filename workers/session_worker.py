@@ -261,16 +261,15 @@ class SessionWorker:
                 log.warning("worker %s: cannot refresh the prepared offer: %s", self.worker_id, exc)
                 continue
             peer = fresh.result()[0]
-            failed = peer.failed_turn_servers()
-            if peer.relay_lost is not None:  # lost while gathering
-                failed.append(peer.relay_lost)
-            if failed:
-                # Never trade a relay for none: a lost allocation is noticed and
+            if _usable_relays(peer) < _usable_relays(_result(current)):
+                # Never trade relays for fewer (a TURN server failing now, or
+                # lost while gathering): a lost allocation is noticed and
                 # re-gathered on its own (_relay_lost), with backoff.
+                failed = [*peer.failed_turn_servers(), peer.relay_lost or ""]
                 log.warning(
-                    "worker %s: %s failed; keeping the prepared offer",
+                    "worker %s: %s; keeping the prepared offer",
                     self.worker_id,
-                    ", ".join(failed),
+                    "; ".join(f for f in failed if f) or "fewer relays",
                 )
                 self._close_prepared(fresh, "TURN server failed")
                 continue
@@ -329,10 +328,12 @@ class SessionWorker:
         delay = 1.0
         while True:
             peer, bridge = await self._prepare(ice)
-            failed = peer.failed_turn_servers() + ([peer.relay_lost] if peer.relay_lost else [])
-            if not failed:
+            # One relay is enough: behind a network that blocks UDP, TURN over
+            # UDP fails every time while TURN over TCP serves.
+            if _usable_relays(peer):
                 log.info("worker %s: offer prepared again with a fresh relay", self.worker_id)
                 return peer, bridge
+            failed = peer.failed_turn_servers() + ([peer.relay_lost] if peer.relay_lost else [])
             if self._session_waiting.is_set():
                 return peer, bridge
             log.warning(
@@ -486,6 +487,22 @@ class SessionWorker:
     def _finish(self, reason: str) -> None:
         if not self._done.done():
             self._done.set_result(reason)
+
+
+def _result(
+    task: asyncio.Task[tuple[PeerSession, TunnelBridge]] | None,
+) -> PeerSession | None:
+    """The prepared peer of a finished, successful preparation, else ``None``."""
+    if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+        return None
+    return task.result()[0]
+
+
+def _usable_relays(peer: PeerSession | None) -> int:
+    """How many relays an offer holds that are not known to be lost."""
+    if peer is None:
+        return 0
+    return len(peer.relay_servers()) - (1 if peer.relay_lost is not None else 0)
 
 
 def worker_main(

@@ -1,8 +1,8 @@
 """Fixtures that start real ``tunnelctl`` processes on loopback.
 
-Every process is started with ``tunnelctl.children.Child`` and stopped by pid
-in the fixture's teardown; readiness is the process's own stdout line, waited
-for with a deadline.
+Every process is started with ``harness.Child`` and stopped by pid in the
+fixture's teardown; readiness is the process's own stdout line, waited for
+with a deadline.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from harness import Child
 from signaling.auth import issue_token
-from tunnelctl.children import Child
 
 READY = 30.0
 LOOPBACK = ["--ice-host", "127.0.0.1"]
@@ -98,7 +98,7 @@ class Tunnel:
         expose = expose or f"web=http://127.0.0.1:{self.web.port}"
         runtime = tempfile.mkdtemp(prefix=f"tunnelctl-{device}-")
         self.runtime_dirs.append(runtime)
-        child = Child(
+        child = Child.tunnelctl(
             [
                 "start",
                 "--runtime-dir",
@@ -121,7 +121,7 @@ class Tunnel:
         self, device: str = "dev1", service: str = "web", *, token: str | None = None
     ) -> Child:
         token = token or self.token("client1", "client", (device,))
-        child = Child(
+        child = Child.tunnelctl(
             [
                 "connect",
                 "--signal",
@@ -155,7 +155,7 @@ def tunnel() -> Iterator[Tunnel]:
     children: list[Child] = []
     runtime_dirs: list[str] = []
     try:
-        signal_child = Child(
+        signal_child = Child.tunnelctl(
             ["signal", "--port", "0"], env={"TUNNEL_SECRET": secret}, name="signal"
         )
         children.append(signal_child)

@@ -37,6 +37,7 @@ from typing import Any
 from aiortc import RTCDataChannel
 
 from aio.tasks import TaskSet
+from harness import Child
 from protocol.errors import RemoteProtocolError
 from protocol.frames import (
     INITIAL_WINDOW,
@@ -62,7 +63,6 @@ from protocol.signaling import (
 from signaling.link import SignalingLink
 from tests.e2e.conftest import LOOPBACK, READY, Tunnel, WebService
 from tests.e2e.test_supervisor import ctl_json
-from tunnelctl.children import Child
 from workers.peer import PeerSession
 
 log = logging.getLogger("tests.hostile")
@@ -285,13 +285,13 @@ def running_device(
     children: list[Child] = []
     runtime = Path(tempfile.mkdtemp(prefix="tunnelctl-hostile-", dir=workdir))
     try:
-        signal_child = Child(
+        signal_child = Child.tunnelctl(
             ["signal", "--port", "0", *signal_args], env={"TUNNEL_SECRET": secret}, name="signal"
         )
         children.append(signal_child)
         url = signal_child.wait_line("listening ", READY).split()[1]
         tunnel = Tunnel(secret, url, web, children, [str(runtime)])
-        supervisor = Child(
+        supervisor = Child.tunnelctl(
             [
                 "start",
                 "--runtime-dir",

@@ -32,7 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tunnelctl.children import Child
+from harness import Child
 
 _counter = itertools.count()
 
@@ -81,7 +81,7 @@ class Netns:
         self.run("iptables", "-w", "10", *rule)
 
     def child(self, args: Sequence[str], *, env: dict[str, str], name: str) -> Child:
-        child = Child(args, env=env, name=name, prefix=self.prefix)
+        child = Child.tunnelctl(args, env=env, name=name, prefix=self.prefix)
         self.children.append(child)
         return child
 

@@ -28,8 +28,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from harness import Child
 from tests.e2e.conftest import READY, Tunnel
-from tunnelctl.children import Child
 
 #: Deadline for anything that must happen "promptly" (a reset, an EOF): generous,
 #: so it catches hangs without flaking on a loaded machine. Tests print the

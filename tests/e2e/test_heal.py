@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from harness import Child
 from signaling.auth import issue_token
 from tests.e2e.conftest import BIG_SIZE, LOOPBACK, READY
 from tests.e2e.netns_support import Netns, netns_unavailable
-from tunnelctl.children import Child
 
 pytestmark = pytest.mark.e2e
 

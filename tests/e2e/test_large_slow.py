@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from harness import Child
 from protocol.frames import INITIAL_WINDOW
 from tests.e2e.conftest import READY, Tunnel
 from tests.e2e.large_support import (
@@ -36,7 +37,6 @@ from tests.e2e.large_support import (
     wait_for,
     worker_pid,
 )
-from tunnelctl.children import Child
 from workers.bridge import CHANNEL_HIGH, STREAM_SEND_HIGH
 
 pytestmark = pytest.mark.e2e

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import Child
 from tests.e2e.conftest import READY, Tunnel
 from tests.e2e.test_supervisor import (
     Download,
@@ -25,7 +26,6 @@ from tests.e2e.test_supervisor import (
     start_supervisor,
     wait_gone,
 )
-from tunnelctl.children import Child
 
 pytestmark = pytest.mark.e2e
 
@@ -94,7 +94,7 @@ def test_clients_reconnect_by_themselves_after_a_supervisor_restart(
         assert supervisor.stop(timeout=READY) == 0
     assert wait_gone(pids, READY) == []
 
-    again = Child(
+    again = Child.tunnelctl(
         ["start", "--config", str(tmp_path / "tunnel.toml"), "--runtime-dir", str(runtime)],
         name="supervisor again",
     )
@@ -126,7 +126,7 @@ def test_thirty_seconds_without_signaling(tunnel: Tunnel, tmp_path: Path) -> Non
     assert hashlib.sha256(during.body or b"").hexdigest() == tunnel.web.big_sha256
     outage = time.monotonic() - outage_started
 
-    restarted = Child(
+    restarted = Child.tunnelctl(
         ["signal", "--port", port], env={"TUNNEL_SECRET": tunnel.secret}, name="signal again"
     )
     tunnel.children.append(restarted)

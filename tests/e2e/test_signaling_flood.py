@@ -19,11 +19,11 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from harness import Child
 from protocol.signaling import Welcome, decode_signaling
 from signaling.auth import issue_token
 from tests.e2e.conftest import READY
 from tests.e2e.hostile_support import vm_rss
-from tunnelctl.children import Child
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -51,7 +51,9 @@ class Server:
 @contextlib.contextmanager
 def start_server(args: Sequence[str] = (), prefix: Sequence[str] = ()) -> Iterator[Server]:
     secret = secrets.token_hex(32)
-    child = Child(["signal", "--port", "0", *args], env={"TUNNEL_SECRET": secret}, prefix=prefix)
+    child = Child.tunnelctl(
+        ["signal", "--port", "0", *args], env={"TUNNEL_SECRET": secret}, prefix=prefix
+    )
     try:
         url = child.wait_line("listening ", READY).split()[1]
         yield Server(secret, child, url)

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import zmq
 
+from harness import Child
 from tests.e2e.conftest import LOOPBACK, READY, Tunnel
-from tunnelctl.children import Child
 
 pytestmark = pytest.mark.e2e
 
@@ -89,7 +89,7 @@ def start_supervisor(
 ) -> tuple[Child, Path]:
     runtime = tmp_path / "run"
     config = write_config(tunnel, tmp_path / "tunnel.toml", devices)
-    child = Child(
+    child = Child.tunnelctl(
         ["start", "--config", str(config), "--runtime-dir", str(runtime)], name="supervisor"
     )
     tunnel.children.append(child)
@@ -99,7 +99,7 @@ def start_supervisor(
 
 def connect(tunnel: Tunnel, device: str, client: str) -> tuple[Child, str]:
     token = tunnel.token(client, "client", (device,))
-    child = Child(
+    child = Child.tunnelctl(
         [
             "connect",
             "--signal",
@@ -325,7 +325,7 @@ def test_established_sessions_outlive_the_signaling_server(tunnel: Tunnel, tmp_p
     assert during.error is None
     assert hashlib.sha256(during.body or b"").hexdigest() == tunnel.web.big_sha256
     # The signaling server comes back on the same port; the device re-registers by itself.
-    restarted = Child(
+    restarted = Child.tunnelctl(
         ["signal", "--port", port], env={"TUNNEL_SECRET": tunnel.secret}, name="signal"
     )
     tunnel.children.append(restarted)

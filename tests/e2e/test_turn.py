@@ -29,12 +29,12 @@ from typing import Any
 
 import pytest
 
+from harness import Child
 from protocol.ice import turn_rest_credential
 from signaling.auth import issue_token
 from tests.e2e.conftest import LOOPBACK, READY, WebService
 from tests.e2e.test_tunnel import http_get
 from tests.e2e.turn_support import TURN_SECRET, Coturn, free_port, have_coturn, make_test_ca
-from tunnelctl.children import Child
 
 pytestmark = [
     pytest.mark.e2e,
@@ -88,7 +88,7 @@ class RelayLab:
     def child(self, args: list[str], env: dict[str, str], name: str) -> LoggedChild:
         if self.ca is not None:
             env = {**env, "SSL_CERT_FILE": str(self.ca)}
-        child = LoggedChild(args, env=env, name=name)
+        child = LoggedChild.tunnelctl(args, env=env, name=name)
         self.children.append(child)
         return child
 
@@ -330,6 +330,12 @@ async def test_every_stun_and_turn_server_is_gathered_and_failures_are_logged(
         assert len(relays) == 2, lines  # TURN over UDP and over TCP, side by side
         assert len({line.split()[0] for line in relays}) == 2  # distinct foundations
         assert len(srflx) == 1, lines  # from the second STUN server
+        relay_priority = {
+            protocol.tunnelctl_relay_transport: protocol.local_candidate.priority
+            for protocol in peer._ice_connection()._protocols
+            if hasattr(protocol, "tunnelctl_relay_transport")
+        }
+        assert relay_priority["udp"] > relay_priority["tcp"], relay_priority  # UDP first
         failed = peer.failed_turn_servers()
         assert failed == [f"TURN server turn:127.0.0.1:{dead}"]
         assert f"STUN server stun:127.0.0.1:{dead}" in caplog.text
