@@ -16,13 +16,9 @@ same rules: :class:`Service` and :class:`~protocol.ice.IceServer` raise ``ValueE
 :class:`DeviceConfig` and :class:`SupervisorConfig` raise ``ConfigError`` naming
 the field. Tokens and TURN credentials never appear in a ``repr`` or a message.
 
-Service URLs (``--expose NAME=URL``; ``NAME = "URL"`` in the file) name one TCP
-endpoint: ``http://HOST[:PORT]`` (port 80 by default), ``https://`` (443),
-``ws://`` (80), ``wss://`` (443), ``tcp://HOST:PORT``, or a bare ``HOST:PORT``;
-IPv6 hosts go in brackets. A path, query, fragment or user info is refused: the
-device forwards a byte stream to that address and knows nothing of HTTP. ICE
-server URLs are those of RFC 7064 (STUN) and RFC 7065 (TURN) that our ICE stack
-can honour (:mod:`protocol.ice`): ``stun:HOST[:PORT]``,
+Service URLs are those of :mod:`supervisor.services`. ICE server URLs are
+those of RFC 7064 (STUN) and RFC 7065 (TURN) that our ICE stack can honour
+(:mod:`protocol.ice`): ``stun:HOST[:PORT]``,
 ``turn:HOST[:PORT][?transport=udp|tcp]``, ``turns:HOST[:PORT]``.
 """
 
@@ -39,7 +35,6 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from protocol.frames import MAX_SERVICE_LEN, is_valid_service_name
 from protocol.ice import (
     DEFAULT_KEEPALIVE,
     ICE_POLICIES,
@@ -50,6 +45,13 @@ from protocol.ice import (
 )
 from protocol.signaling import ID_PATTERN, is_valid_id
 from supervisor.errors import ConfigError
+from supervisor.services import (
+    SERVICE_SCHEMES,
+    Service,
+    is_valid_host,
+    parse_service,
+    service_from_url,
+)
 from supervisor.toml_keys import (
     check_keys,
     get_integer,
@@ -77,14 +79,6 @@ __all__ = [
     "parse_service",
 ]
 
-#: Service URL schemes and their default ports (``None``: the URL must give one).
-SERVICE_SCHEMES: Final[Mapping[str, int | None]] = {
-    "http": 80,
-    "https": 443,
-    "tcp": None,
-    "ws": 80,
-    "wss": 443,
-}
 MAX_POOL_SIZE: Final = 32
 MAX_SESSIONS_PER_DEVICE: Final = 1024
 MAX_WORKERS: Final = 4096
@@ -123,31 +117,8 @@ _ICE_SERVER_KEYS: Final = ("url", "username", "credential", "credential_env")
 _MAX_CONFIG_BYTES: Final = 1 << 20
 _MAX_TOKEN_BYTES: Final = 64 << 10
 
-_LABEL: Final = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-_HOSTNAME_RE: Final = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}\.?")
-# "localhost:5432" would otherwise parse as scheme "localhost".
-_BARE_HOST_PORT_RE: Final = re.compile(r"(?:[^:/@\[\]]+|\[[0-9A-Fa-f:.]+\]):\d+")
-
 
 # --- the configuration --------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Service:
-    """A service a device exposes: clients reach ``host:port`` by ``name``, nothing else."""
-
-    name: str
-    host: str
-    port: int
-
-    def __post_init__(self) -> None:
-        _check_service_name(self.name)
-        if not _is_valid_host(self.host):
-            raise ValueError(f"bad service host {self.host!r}")
-        if isinstance(self.port, bool) or not isinstance(self.port, int):
-            raise ValueError(f"bad service port {self.port!r}: expected an integer")
-        if not 1 <= self.port <= 65535:
-            raise ValueError(f"bad port {self.port}: expected 1-65535")
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,69 +255,6 @@ class SupervisorConfig:
             )
 
 
-# --- services -----------------------------------------------------------------
-
-
-def parse_service(spec: str) -> Service:
-    """Parse ``NAME=URL`` (``web=http://127.0.0.1:8080``, ``db=127.0.0.1:5432``).
-
-    Raises ``ValueError`` saying what is wrong.
-    """
-    name, sep, url = spec.partition("=")
-    if not sep:
-        raise ValueError(f"expected NAME=URL (e.g. web=http://127.0.0.1:8080), got {spec!r}")
-    return _service(name, url)
-
-
-def _service(name: str, url: str) -> Service:
-    _check_service_name(name)
-    if _BARE_HOST_PORT_RE.fullmatch(url):
-        url = "tcp://" + url
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # e.g. an unclosed "[" of an IPv6 host
-        raise ValueError(f"bad service URL {url!r}: bad host") from None
-    if "@" in parts.netloc:  # not echoed: it may hold a password
-        raise ValueError("bad service URL: a service URL takes no user or password")
-    if parts.scheme not in SERVICE_SCHEMES:
-        raise ValueError(
-            f"bad service URL {url!r}: scheme must be one of "
-            f"{', '.join(SERVICE_SCHEMES)} (or a bare HOST:PORT for tcp)"
-        )
-    try:
-        explicit_port = parts.port
-    except ValueError:
-        raise ValueError(f"bad service URL {url!r}: bad port") from None
-    port = SERVICE_SCHEMES[parts.scheme] if explicit_port is None else explicit_port
-    if not parts.hostname or port is None:
-        raise ValueError(f"bad service URL {url!r}: needs a host and a port")
-    if not 1 <= port <= 65535:
-        raise ValueError(f"bad service URL {url!r}: bad port {port}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"bad service URL {url!r}: a service is a host and port, no path")
-    if not _is_valid_host(parts.hostname):
-        raise ValueError(f"bad service URL {url!r}: bad host {parts.hostname!r}")
-    return Service(name, parts.hostname, port)
-
-
-def _check_service_name(name: str) -> None:
-    if not is_valid_service_name(name):
-        raise ValueError(
-            f"bad service name {name!r}: use 1-{MAX_SERVICE_LEN} letters, digits, "
-            "'.', '_', '-', starting with a letter or digit"
-        )
-
-
-def _is_valid_host(host: object) -> bool:
-    if not isinstance(host, str):
-        return False
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return len(host) <= 253 and _HOSTNAME_RE.fullmatch(host) is not None
-    return True
-
-
 # --- the other values ---------------------------------------------------------
 
 
@@ -361,7 +269,7 @@ def _check_signal_url(url: str, path: str) -> None:
     if (
         parts is None
         or parts.scheme not in ("ws", "wss")
-        or not _is_valid_host(parts.hostname)
+        or not is_valid_host(parts.hostname)
         or parts.fragment
     ):
         raise ConfigError(path, f"expected a ws:// or wss:// URL with a host, got {url!r}")
@@ -476,7 +384,7 @@ def _device(
         if not isinstance(url, str):
             raise wrong_type(service_at, "a string (the service URL)", url)
         with under(service_at):
-            services.append(_service(name, url))
+            services.append(service_from_url(name, url))
     token = _token(table, at, env, here)
     file = table.get("token_file")
     with under(at):
