@@ -405,10 +405,7 @@ class SupervisorCore:
         reason = "session killed by the operator"
         row.move(now, SessionEvent.STOP, reason=reason)
         self._out.append(SendSignal(row.device, SessionEnd(session=row.id, reason=reason)))
-        worker = self.pool.get(row.worker) if row.worker is not None else None
-        if worker is not None:
-            self._out.append(SendToWorker(worker.id, Stop(reason=reason)))
-            worker.kill_at = now + STOP_GRACE
+        self._stop_worker(now, row, reason)
 
     def end_client_sessions(self, now: float, device: str, client: str, reason: str) -> None:
         """End every live session of ``client`` on ``device`` (its token expired or
@@ -427,10 +424,14 @@ class SupervisorCore:
             if row.state is SessionState.BACKOFF:
                 row.start_at = None
             row.move(now, SessionEvent.STOP, reason=reason)
-            worker = self.pool.get(row.worker) if row.worker is not None else None
-            if worker is not None:
-                self._out.append(SendToWorker(worker.id, Stop(reason=reason)))
-                worker.kill_at = now + STOP_GRACE
+            self._stop_worker(now, row, reason)
+
+    def _stop_worker(self, now: float, row: SessionRow, reason: str) -> None:
+        """Tell the row's worker, if it has one, to end; SIGKILL it after the grace."""
+        worker = self.pool.get(row.worker) if row.worker is not None else None
+        if worker is not None:
+            self._out.append(SendToWorker(worker.id, Stop(reason=reason)))
+            worker.kill_at = now + STOP_GRACE
 
     def _give_up(self, now: float, row: SessionRow) -> None:
         """A negotiation not done in time (an offer nobody answers holds a worker)."""
@@ -439,10 +440,7 @@ class SupervisorCore:
         row.give_up_at = None
         row.move(now, SessionEvent.STOP, reason=reason)
         self._out.append(SendSignal(row.device, SessionEnd(session=row.id, reason=reason)))
-        worker = self.pool.get(row.worker) if row.worker is not None else None
-        if worker is not None:
-            self._out.append(SendToWorker(worker.id, Stop(reason=reason)))
-            worker.kill_at = now + STOP_GRACE
+        self._stop_worker(now, row, reason)
 
     # -- periodic work -------------------------------------------------------------------------
 
