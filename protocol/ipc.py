@@ -4,7 +4,8 @@ Pure codec: no sockets, no ZeroMQ. The adapters put these bytes in ZeroMQ frames
 
 Worker messages (§3)
     :class:`Hello`, :class:`Assign`, :class:`Relay`, :class:`StateReport`,
-    :class:`Heartbeat`, :class:`Ended`, :class:`Drain`, :class:`Stop` (union
+    :class:`Heartbeat`, :class:`Ended`, :class:`Drain`, :class:`Stop`,
+    :class:`Release`, :class:`Released` (union
     :data:`IpcMessage`) are frozen, slotted dataclasses that validate when they
     are built: building one the wire cannot carry raises
     :class:`~protocol.errors.LocalProtocolError`.
@@ -83,6 +84,8 @@ __all__ = [
     "IpcError",
     "IpcMessage",
     "Relay",
+    "Release",
+    "Released",
     "StateReport",
     "Stop",
     "decode_control_reply",
@@ -410,8 +413,47 @@ class Stop:
         check_str("stop.reason", self.reason, max_chars=MAX_REASON_LEN)
 
 
+@dataclass(frozen=True, slots=True)
+class Release:
+    """``release`` (sup → worker): the session's negotiation was given up; drop it
+    and go back to the pool (answer ``released``), or, if it connected meanwhile,
+    end it without telling the client (answer ``ended``) and exit."""
+
+    session: str
+    reason: str
+
+    TYPE: ClassVar[str] = "release"
+
+    def __post_init__(self) -> None:
+        check_session("release.session", self.session)
+        check_str("release.reason", self.reason, max_chars=MAX_REASON_LEN)
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """``released`` (worker → sup): the session is dropped, a fresh offer is being
+    prepared; the worker is idle again, as after ``hello``."""
+
+    session: str
+
+    TYPE: ClassVar[str] = "released"
+
+    def __post_init__(self) -> None:
+        check_session("released.session", self.session)
+
+
 IpcMessage: TypeAlias = (
-    Hello | Assign | IceUpdate | Relay | StateReport | Heartbeat | Ended | Drain | Stop
+    Hello
+    | Assign
+    | IceUpdate
+    | Relay
+    | StateReport
+    | Heartbeat
+    | Ended
+    | Drain
+    | Stop
+    | Release
+    | Released
 )
 
 _MESSAGE_CLASSES: Final[tuple[type[IpcMessage], ...]] = (
@@ -424,6 +466,8 @@ _MESSAGE_CLASSES: Final[tuple[type[IpcMessage], ...]] = (
     Ended,
     Drain,
     Stop,
+    Release,
+    Released,
 )
 _MESSAGE_TYPES: Final[Mapping[str, type[IpcMessage]]] = {cls.TYPE: cls for cls in _MESSAGE_CLASSES}
 _FIELD_NAMES: Final[Mapping[type[IpcMessage], tuple[str, ...]]] = {

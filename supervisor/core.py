@@ -40,7 +40,9 @@ from protocol.ice import IceConfig, IceServer
 from protocol.ipc import (
     Drain,
     Heartbeat,
+    IceUpdate,
     Relay,
+    Release,
     Stop,
     new_worker_id,
 )
@@ -276,12 +278,13 @@ class SupervisorCore:
                 self._forget(worker)
         if worker.reserved_for is not None:
             row = self.sessions.get(worker.reserved_for)
-            if row is not None and row.state is SessionState.STARTING:
+            if row is None or row.state not in (SessionState.STARTING, SessionState.STOPPING):
+                return  # given up on meanwhile: its client was told then
+            if row.state is SessionState.STARTING:
                 row.move(now, SessionEvent.ENDED, reason=reason)
-            elif row is not None and row.state is SessionState.STOPPING:
+            else:
                 row.move(now, SessionEvent.EXITED)  # stopped before it had a worker
-            if row is not None:
-                self._out.append(SendSignal(row.device, SessionEnd(session=row.id, reason=reason)))
+            self._out.append(SendSignal(row.device, SessionEnd(session=row.id, reason=reason)))
             return
         if self.stopping:
             return
@@ -434,13 +437,38 @@ class SupervisorCore:
             worker.kill_at = now + STOP_GRACE
 
     def _give_up(self, now: float, row: SessionRow) -> None:
-        """A negotiation not done in time (an offer nobody answers holds a worker)."""
+        """A negotiation not done in time (an offer nobody answers holds a worker).
+
+        The session ends at once and its client is told, here and only here; its
+        worker is asked to ``release`` it and come back to the pool with a fresh
+        offer (``released``), so a client that never answers costs no fork.
+        """
         reason = f"negotiation not done in {self.config.negotiation_timeout:g} s; given up"
         log.info("session %s (client %s): %s", row.id, row.client, reason)
         row.give_up_at = None
-        row.move(now, SessionEvent.STOP, reason=reason)
+        row.move(now, SessionEvent.ENDED, reason=reason)
         self._out.append(SendSignal(row.device, SessionEnd(session=row.id, reason=reason)))
-        self._stop_worker(now, row, reason)
+        cold = self.pool.reserved_for(row.id)
+        if cold is not None:  # forked for it, not started yet: a pool worker from now on
+            cold.move(WorkerEvent.RELEASED)
+            cold.reserved_for = None
+            return
+        worker = self.pool.get(row.worker) if row.worker is not None else None
+        if worker is None or worker.state is not WorkerState.BUSY:
+            return
+        worker.releasing, worker.kill_at = row.id, now + STOP_GRACE
+        self._out.append(SendToWorker(worker.id, Release(session=row.id, reason=reason)))
+
+    def released(self, now: float, worker: Worker) -> None:
+        """``worker`` dropped its given-up session: it is idle again, as after hello."""
+        worker.move(WorkerEvent.RELEASED)
+        worker.session = worker.releasing = worker.kill_at = None
+        if self.stopping:
+            self._kill(worker, hard=False)
+            return
+        log.info("worker %s (pid %s) back in the pool", worker.id, worker.pid)
+        if self.issued_ice:  # settings sent while it was busy did not reach it
+            self._out.append(SendToWorker(worker.id, IceUpdate.of(self.ice())))
 
     # -- periodic work -------------------------------------------------------------------------
 

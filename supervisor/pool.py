@@ -8,12 +8,17 @@ them (:data:`WORKER_TRANSITIONS`; anything else raises
 
     spawning ──hello──► idle ──take──► busy ──ended──► exiting
     reserved ──hello──────────────────► busy
+                        idle ◄──released── busy   (its negotiation was given up)
+    spawning ◄──released── reserved                (given up before its hello)
     any state but gone ──exit──► gone      (late messages, "ended" included, still count)
 
 ``gone`` is the process's exit seen (pidfd); the worker is forgotten once its
-sessions are judged (clean end or crash, :mod:`supervisor.core`). A worker that
-was given a session is never offered to another: only ``idle`` workers are taken,
-and taking one moves it out of ``idle`` in the same step.
+sessions are judged (clean end or crash, :mod:`supervisor.core`). A worker is
+never offered to two sessions at once: only ``idle`` workers are taken, and
+taking one moves it out of ``idle`` in the same step. A busy worker goes back to
+``idle`` only by ``released``, its answer to the ``release`` of a session whose
+negotiation was given up (PROTOCOL.md §3): that session is over by then. A cold
+start whose session is given up before its hello joins the pool the same way.
 
 ``tunnelctl status`` shows ``reserved`` as ``spawning`` and ``gone`` as
 ``exiting`` (PROTOCOL.md §4): to an operator both are the same phase.
@@ -42,6 +47,7 @@ class WorkerEvent(enum.Enum):
     HELLO = "hello"  # the worker's first message
     TAKE = "take"  # a session request takes an idle worker
     ENDED = "ended"  # the worker says its session ended
+    RELEASED = "released"  # its session was given up; it joins the pool
     EXIT = "exit"  # its process exited
 
 
@@ -52,6 +58,8 @@ WORKER_TRANSITIONS: dict[tuple[WorkerState, WorkerEvent], WorkerState] = {
     (W.RESERVED, WE.HELLO): W.BUSY,
     (W.IDLE, WE.TAKE): W.BUSY,
     (W.BUSY, WE.ENDED): W.EXITING,
+    (W.BUSY, WE.RELEASED): W.IDLE,
+    (W.RESERVED, WE.RELEASED): W.SPAWNING,
     (W.EXITING, WE.ENDED): W.EXITING,
     (W.GONE, WE.ENDED): W.GONE,  # "ended" read after the pidfd fired: still a clean end
     (W.SPAWNING, WE.EXIT): W.GONE,
@@ -97,7 +105,8 @@ class Worker:
     pid: int | None = None
     session: str | None = None
     kill_reason: str | None = None  # why the supervisor killed it (it is no crash of its own)
-    kill_at: float | None = None  # SIGKILL then if still there (after a kill's Stop)
+    kill_at: float | None = None  # SIGKILL then if still there (after a Stop or Release)
+    releasing: str | None = None  # the given-up session it was told to release
 
     def move(self, event: WorkerEvent) -> WorkerState:
         """Apply ``event``; return the state it left."""
@@ -148,6 +157,17 @@ class Pool:
     def remove(self, worker: Worker) -> None:
         self._workers.pop(worker.id, None)
 
+    def reserved_for(self, session: str) -> Worker | None:
+        """The cold start forked for ``session``, still on its way and not given up on."""
+        return next(
+            (
+                w
+                for w in self._workers.values()
+                if w.state is W.RESERVED and w.reserved_for == session and w.kill_reason is None
+            ),
+            None,
+        )
+
     def take_idle(self) -> Worker | None:
         """The first idle worker, moved to ``busy``: no other session can get it."""
         worker = next((w for w in self._workers.values() if w.state is W.IDLE), None)
@@ -160,11 +180,13 @@ class Pool:
         return sum(1 for w in self._workers.values() if w.state is not W.GONE)
 
     def available(self) -> int:
-        """Idle workers and pool workers on their way, not given up on."""
+        """Idle workers, pool workers on their way and workers being released,
+        not given up on."""
         return sum(
             1
             for w in self._workers.values()
-            if w.state in (W.SPAWNING, W.IDLE) and w.kill_reason is None
+            if (w.state in (W.SPAWNING, W.IDLE) or (w.state is W.BUSY and w.releasing))
+            and w.kill_reason is None
         )
 
     def count(self, *shown: str) -> int:

@@ -21,6 +21,7 @@ from protocol.ipc import (
     IpcError,
     IpcMessage,
     Relay,
+    Released,
     StateReport,
     decode_ipc,
 )
@@ -134,5 +135,10 @@ def _on_message(core: SupervisorCore, now: float, worker: Worker, message: IpcMe
         if row.state in LIVE:
             row.move(now, SessionEvent.ENDED, reason=message.reason)
         log.info("session %s ended: %s", row.id, message.reason)
+    elif isinstance(message, Released):
+        if worker.state is not WorkerState.BUSY or message.session != worker.releasing:
+            bad_worker(core, f"worker {worker.id}: released a session it was not asked to")
+            return
+        core.released(now, worker)
     else:
         bad_worker(core, f"worker {worker.id}: unexpected {type(message).__name__}")

@@ -20,6 +20,8 @@ from protocol.ipc import (
     Hello,
     IpcMessage,
     Relay,
+    Release,
+    Released,
     StateReport,
     decode_control_reply,
     encode_control_request,
@@ -169,6 +171,9 @@ class Stage:
     def ended(self, worker: str, session: str, reason: str = "peer hung up") -> list[Action]:
         return self.send(worker, Ended(session, reason, True))
 
+    def released(self, worker: str, session: str) -> list[Action]:
+        return self.send(worker, Released(session))
+
     def control(self, cmd: str, **args: object) -> Any:
         actions = self.feed(
             ControlFrames((b"cli", b"", encode_control_request(ControlRequest(cmd, args))))
@@ -217,6 +222,15 @@ def session_ends(actions: Iterable[Action]) -> dict[str, str]:
     }
 
 
+def releases(actions: Iterable[Action]) -> list[tuple[str, str]]:
+    """(worker, session) of each ``release`` sent."""
+    return [
+        (a.worker, a.message.session)
+        for a in of(SendToWorker, actions)
+        if isinstance(a.message, Release)
+    ]
+
+
 def relayed(actions: Iterable[Action]) -> list[tuple[str, str]]:
     return [
         (a.worker, a.message.message)
@@ -241,6 +255,7 @@ __all__ = [
     "heartbeats",
     "of",
     "relayed",
+    "releases",
     "session_ends",
     "session_id",
 ]

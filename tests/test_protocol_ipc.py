@@ -32,6 +32,8 @@ from protocol.ipc import (
     IpcError,
     IpcMessage,
     Relay,
+    Release,
+    Released,
     StateReport,
     Stop,
     decode_control_reply,
@@ -123,6 +125,16 @@ IPC_VECTORS: list[tuple[str, IpcMessage]] = [
         70617468 a5 72656c6179 a4 70616972 ab 7372666c782f72656c6179 af
         72656c61795f7472616e73706f7274 c0""",
         StateReport(SID, "connected", "relay", "srflx/relay", None),
+    ),
+    (
+        """83 a1 76 01 a1 74 a7 72656c65617365 a1 62 82 a7 73657373696f6e ae
+        732d303132333435363738396162 a6 726561736f6e a8 676976656e207570""",
+        Release(SID, "given up"),
+    ),
+    (
+        """83 a1 76 01 a1 74 a8 72656c6561736564 a1 62 81 a7 73657373696f6e ae
+        732d303132333435363738396162""",
+        Released(SID),
     ),
 ]
 
@@ -248,6 +260,8 @@ EXAMPLES: list[IpcMessage] = [
     Drain(0.001),
     Drain(1e300),
     Stop("supervisor shutting down"),
+    Release(SID, "negotiation not done in 5 s; given up"),
+    Released(SID),
 ]
 
 
@@ -267,6 +281,8 @@ def test_every_message_type_is_exercised() -> None:
         Ended,
         Drain,
         Stop,
+        Release,
+        Released,
     }
     wire_types = {msgpack.unpackb(encode_ipc(m))["t"] for m in EXAMPLES}
     assert wire_types == {
@@ -279,6 +295,8 @@ def test_every_message_type_is_exercised() -> None:
         "ended",
         "drain",
         "stop",
+        "release",
+        "released",
     }
 
 

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from protocol.forkserver import describe_exit
 from protocol.ice import IceConfig, IceServer
-from protocol.ipc import Assign, Drain, Heartbeat, IceUpdate, Relay, Stop, encode_ipc
+from protocol.ipc import (
+    Assign,
+    Drain,
+    Heartbeat,
+    IceUpdate,
+    Relay,
+    Release,
+    Stop,
+    encode_ipc,
+)
 from protocol.signaling import (
     Answer,
     Candidate,
@@ -23,12 +34,14 @@ from supervisor.events import (
     ForkServerDown,
     ForkServerUp,
     ForkWorker,
+    SendSignal,
     SendToWorker,
     SignalReceived,
     Started,
     StartForkServer,
     Stopped,
     Stopping,
+    StopRequested,
     WorkerFrames,
     WorkerGone,
     WorkerSpawned,
@@ -53,6 +66,7 @@ from tests.supervisor_harness import (
     heartbeats,
     of,
     relayed,
+    releases,
     session_ends,
     session_id,
 )
@@ -65,6 +79,8 @@ EXPECTED = {
     (W.RESERVED, WE.HELLO): W.BUSY,
     (W.IDLE, WE.TAKE): W.BUSY,
     (W.BUSY, WE.ENDED): W.EXITING,
+    (W.BUSY, WE.RELEASED): W.IDLE,
+    (W.RESERVED, WE.RELEASED): W.SPAWNING,
     (W.EXITING, WE.ENDED): W.EXITING,
     (W.GONE, WE.ENDED): W.GONE,
     (W.SPAWNING, WE.EXIT): W.GONE,
@@ -162,6 +178,24 @@ def test_one_client_may_hold_only_a_few_negotiations() -> None:
     assert session_ends(stage.request(session_id(4), client="hog")) == {}
 
 
+GIVEN_UP = "negotiation not done in 5 s; given up"
+
+
+def given_up_stage(**tuning: Any) -> tuple[Stage, str, str]:
+    """A booted stage whose first session's negotiation was just given up;
+    returns (stage, session, worker), the worker asked to release it."""
+    # Heartbeats are not the subject: the fake workers stay silent for longer than 5 s.
+    tuning = {"pool_size": 1, "negotiation_timeout": 5.0, "heartbeat_timeout": 60.0} | tuning
+    stage = Stage(**tuning)
+    stage.boot()
+    session = session_id(1)
+    stage.request(session, client="hog")
+    stage.start_forked()  # the refill
+    worker = stage.worker_of(session)
+    stage.advance(5.0)
+    return stage, session, worker
+
+
 def test_an_unanswered_negotiation_is_given_up_and_frees_its_slot() -> None:
     stage = Stage(pool_size=1, max_negotiating_per_client=1, negotiation_timeout=5.0)
     stage.boot()
@@ -170,12 +204,135 @@ def test_an_unanswered_negotiation_is_given_up_and_frees_its_slot() -> None:
     worker = stage.worker_of(session)
     assert session_ends(stage.advance(4.9)) == {}
     actions = stage.advance(0.2)
-    assert session_ends(actions) == {session: "negotiation not done in 5 s; given up"}
-    assert SendToWorker(worker, Stop("negotiation not done in 5 s; given up")) in actions
-    assert stage.row(session)["state"] == "stopping"
-    stage.ended(worker, session, "supervisor asked")
+    assert session_ends(actions) == {session: GIVEN_UP}
+    assert SendToWorker(worker, Release(session, GIVEN_UP)) in actions
+    # Ended at once, with the reason: the slot is free before the worker answers.
     assert stage.row(session)["state"] == "exited"
+    assert stage.row(session)["reason"] == GIVEN_UP
     assert session_ends(stage.request(session_id(2), client="hog")) == {}
+
+
+def test_a_released_worker_goes_back_to_the_pool_and_serves_the_next_session() -> None:
+    stage, session, worker = given_up_stage()
+    assert releases(stage.out) == [(worker, session)]
+    assert stage.core.pool.available() == 2  # the refill, and the worker coming back
+    stage.advance(1.0)  # its answer takes a while: neither killed nor replaced meanwhile
+    assert not of(KillProcess, stage.out) and len(of(ForkWorker, stage.out)) == 2
+    forks = len(of(ForkWorker, stage.out))
+    actions = stage.released(worker, session)
+    assert stage.worker(worker).state is W.IDLE and stage.worker(worker).session is None
+    assert stage.core.counters["bad_worker_messages"] == 0
+    assert session_ends(actions) == {}  # its client was told once, at the give-up
+    assert stage.control("status")["pool"]["idle"] == 2
+    # The next session takes it (the first idle worker), and nothing is forked for it.
+    actions = stage.request(session_id(2))
+    assert assigned(actions) == [(worker, session_id(2))]
+    assert len(of(ForkWorker, stage.out)) == forks
+    stage.connected(worker, session_id(2))
+    assert stage.row(session_id(2))["state"] == "running"
+    assert stage.row(session)["state"] == "exited"  # the old row is not its again
+    stage.ended(worker, session_id(2))
+    stage.exit(worker, 0)
+    assert stage.row(session_id(2))["reason"] == "peer hung up"
+    assert stage.row(session)["reason"] == GIVEN_UP
+    assert stage.core.counters["worker_crashes"] == 0
+
+
+def test_a_released_worker_gets_the_ice_servers_issued_while_it_was_busy() -> None:
+    stage, session, worker = given_up_stage()
+    turn = IceServer("turn:127.0.0.1:3478", "1767229200:dev-a", "c2VjcmV0")
+    stage.feed(SignalReceived(DEVICE, IceServers((turn,))))
+    assert not [a for a in stage.out if a == SendToWorker(worker, IceUpdate.of(stage.core.ice()))]
+    actions = stage.released(worker, session)
+    assert SendToWorker(worker, IceUpdate.of(stage.core.ice())) in actions
+
+
+def test_a_worker_that_connected_just_before_the_release_ends_and_exits() -> None:
+    """The race: the channel opened as the give-up fired. The client was told the
+    session is over, so the worker ends it without a word to the client and exits."""
+    stage, session, worker = given_up_stage()
+    stage.connected(worker, session)  # sent before the release reached it
+    assert stage.row(session)["state"] == "exited"  # too late: it stays given up
+    stage.ended(worker, session, GIVEN_UP)  # its answer to the release
+    assert stage.worker(worker).state is W.EXITING
+    forks = len(of(ForkWorker, stage.out))
+    actions = stage.exit(worker, 0)
+    assert len(of(ForkWorker, actions)) == 0  # the refill made at the take still stands
+    assert worker not in stage.core.pool
+    assert stage.row(session)["reason"] == GIVEN_UP
+    assert [a for a in stage.out if isinstance(a, SendSignal)] == [
+        SendSignal(DEVICE, SessionEnd(session, GIVEN_UP))
+    ]
+    assert stage.core.counters["worker_crashes"] == 0
+    # A late "released" from it (it cannot send one after "ended") would be refused.
+    assert len(of(ForkWorker, stage.out)) == forks
+
+
+@pytest.mark.parametrize("code", [0, 1, -11])
+def test_a_worker_that_exits_instead_of_releasing_is_replaced(code: int) -> None:
+    stage, session, worker = given_up_stage()
+    forks = len(of(ForkWorker, stage.out))
+    actions = stage.exit(worker, code)
+    assert worker not in stage.core.pool
+    assert stage.row(session)["reason"] == GIVEN_UP  # ended at the give-up, never a crash
+    assert stage.core.counters["worker_crashes"] == 0
+    assert session_ends(actions) == {}
+    assert len(of(ForkWorker, stage.out)) == forks  # pool_size 1: the refill is enough
+    assert stage.core.pool.available() == 1
+
+
+def test_a_worker_that_never_answers_the_release_is_killed() -> None:
+    stage, session, worker = given_up_stage()
+    stage.advance(STOP_GRACE)
+    assert KillProcess(stage.pids[worker], hard=True) in stage.out
+    stage.exit(worker, -9)
+    assert stage.row(session)["reason"] == GIVEN_UP
+    assert stage.core.counters["worker_crashes"] == 0
+
+
+def test_released_is_accepted_only_for_the_session_being_released() -> None:
+    stage, session, worker = busy_stage(negotiation_timeout=5.0)
+    stage.released(worker, session)  # running, never asked to release
+    assert stage.worker(worker).state is W.BUSY
+    stage, session, worker = given_up_stage()
+    stage.released(worker, session_id(9))
+    assert stage.worker(worker).state is W.BUSY
+    assert stage.core.counters["bad_worker_messages"] == 1
+    stage.released(worker, session)
+    stage.released(worker, session)  # twice: it is idle already
+    assert stage.worker(worker).state is W.IDLE
+    assert stage.core.counters["bad_worker_messages"] == 2
+
+
+def test_released_workers_respect_the_worker_ceiling_and_end_refusals() -> None:
+    """At max_workers a hog's given-up sessions hold every process; released, they
+    serve the next sessions with no fork, and the ceiling is never crossed."""
+    stage = Stage(pool_size=1, max_workers=2, negotiation_timeout=5.0)
+    stage.boot()
+    stage.request(session_id(1), client="hog")
+    stage.start_forked()
+    stage.request(session_id(2), client="hog2")
+    assert stage.core.pool.alive() == 2
+    refused = session_ends(stage.request(session_id(3), client="alice"))
+    assert refused == {session_id(3): "device is busy: 2 worker processes"}
+    stage.advance(5.0)
+    forks = len(of(ForkWorker, stage.out))
+    for worker, session in releases(stage.out):
+        stage.released(worker, session)
+    assert stage.core.pool.count("idle") == 2 and stage.core.pool.alive() == 2
+    for n in (4, 5):
+        assert session_ends(stage.request(session_id(n), client="alice")) == {}
+        assert stage.core.pool.alive() <= 2
+    assert len(of(ForkWorker, stage.out)) == forks
+    assert {s for _, s in assigned(stage.out)} >= {session_id(4), session_id(5)}
+
+
+def test_a_worker_released_while_the_supervisor_stops_is_terminated() -> None:
+    stage, session, worker = given_up_stage()
+    stage.feed(StopRequested(5.0))
+    assert SendToWorker(worker, Drain(5.0)) in stage.out
+    actions = stage.released(worker, session)
+    assert KillProcess(stage.pids[worker], hard=False) in actions
 
 
 def test_a_session_that_connects_in_time_is_not_given_up() -> None:
@@ -382,7 +539,7 @@ def test_a_worker_that_never_starts_is_given_up_and_retried_with_backoff() -> No
 
 
 def test_a_cold_start_that_times_out_ends_its_session() -> None:
-    stage = Stage(pool_size=0)
+    stage = Stage(pool_size=0, negotiation_timeout=60.0)
     stage.boot()
     stage.request(session_id(1))
     (worker,) = stage.forked()
@@ -394,8 +551,33 @@ def test_a_cold_start_that_times_out_ends_its_session() -> None:
     assert assigned(stage.out) == []
 
 
+@pytest.mark.parametrize("says_hello", [True, False])
+def test_a_cold_start_given_up_joins_the_pool_and_its_client_is_told_once(
+    says_hello: bool,
+) -> None:
+    stage = Stage(pool_size=0, negotiation_timeout=5.0)
+    stage.boot()
+    stage.request(session_id(1))
+    (worker,) = stage.forked()
+    stage.spawn(worker)
+    stage.advance(5.0)
+    assert stage.row(session_id(1))["reason"] == GIVEN_UP
+    assert releases(stage.out) == []  # nothing to release: it has no session yet
+    assert stage.worker(worker).state is W.SPAWNING
+    if says_hello:
+        stage.hello(worker)
+        assert stage.worker(worker).state is W.IDLE
+        assert assigned(stage.request(session_id(2))) == [(worker, session_id(2))]
+        assert len(of(ForkWorker, stage.out)) == 1
+    else:
+        stage.advance(SPAWN_TIMEOUT)  # its start times out: the client is not told again
+        assert KillProcess(stage.pids[worker], hard=True) in stage.out
+        assert assigned(stage.out) == []
+    assert [a.message for a in of(SendSignal, stage.out)] == [SessionEnd(session_id(1), GIVEN_UP)]
+
+
 def test_a_cold_start_given_up_on_holds_no_place_while_its_exit_is_awaited() -> None:
-    stage = Stage(pool_size=0, max_sessions=1)
+    stage = Stage(pool_size=0, max_sessions=1, negotiation_timeout=60.0)
     stage.boot()
     stage.request(session_id(1))
     (dying,) = stage.forked()

@@ -6,6 +6,9 @@ says ``hello``, and waits for ``assign``. Then it runs one session — the
 device side of PROTOCOL.md §2 — relaying its signaling through the supervisor
 (PROTOCOL.md §3), reports its state and counters in heartbeats, and exits when
 the session ends. Whatever goes wrong in aiortc can only take this process down.
+One exception: a session whose negotiation the supervisor gave up (``release``)
+was never used, so the worker drops it, prepares a fresh offer and is idle again
+(``released``) instead of exiting.
 
 Liveness, both ways: it sends a heartbeat every interval; it exits by itself
 when the supervisor's heartbeats stop for the timeout, or at once when the
@@ -41,6 +44,8 @@ from protocol.ipc import (
     IpcError,
     IpcMessage,
     Relay,
+    Release,
+    Released,
     StateReport,
     Stop,
     decode_ipc,
@@ -99,6 +104,10 @@ class SessionWorker:
         self._prepared: asyncio.Task[tuple[PeerSession, TunnelBridge]] | None = None
         self._background = TaskSet(log)
         self._session_waiting = asyncio.Event()  # set once assigned: stop retrying
+        self._session: asyncio.Task[None] | None = None
+        self._refresh: asyncio.Task[None] | None = None
+        self._connected = False  # the session's DataChannel opened: it cannot be released
+        self._assigned_ice: IceConfig | None = None  # the last session's (the newest) settings
         self.endpoint = endpoint
         self.supervisor_pid = supervisor_pid
         self.heartbeat_interval = heartbeat_interval
@@ -129,13 +138,14 @@ class SessionWorker:
         ]
         if self.ice is not None:
             self._prepared = loop.create_task(self._prepare(self.ice), name="prepare")
-            tasks.append(loop.create_task(self._keep_prepared_fresh(), name="refresh"))
+            self._refresh = loop.create_task(self._keep_prepared_fresh(), name="refresh")
         try:
             reason: str = await self._done
             return reason
         finally:
-            for task in tasks:
-                task.cancel()
+            for task in [*tasks, self._refresh, self._session]:
+                if task is not None:
+                    task.cancel()
             await self._close_session()
             self.sock.close(linger=500)  # let the last message (ended) reach the supervisor
             self.ctx.term()
@@ -172,8 +182,10 @@ class SessionWorker:
             if self.session_id is not None:
                 log.warning("worker %s: second assign ignored", self.worker_id)
                 return
-            self.session_id = message.session
-            asyncio.get_running_loop().create_task(self._run_session(message), name="session")
+            self.session_id, self._assigned_ice = message.session, message.ice
+            self._session = asyncio.get_running_loop().create_task(
+                self._run_session(message), name="session"
+            )
         elif isinstance(message, Relay):
             if message.session != self.session_id:
                 return
@@ -190,6 +202,8 @@ class SessionWorker:
             asyncio.get_running_loop().create_task(self._drain(message.timeout), name="drain")
         elif isinstance(message, Stop):
             await self._end(message.reason, clean=True, tell_client=False)
+        elif isinstance(message, Release):
+            await self._release(message)
         # Heartbeat: beat() above is all it takes; others are worker → supervisor only.
 
     async def _heartbeats(self) -> None:
@@ -410,6 +424,10 @@ class SessionWorker:
             pump.cancel()
             await self._end(str(exc), clean=False, tell_client=True)
             return
+        except asyncio.CancelledError:  # released: the negotiation was given up
+            pump.cancel()
+            raise
+        self._connected = True
         path = peer.nominated_path()
         log.info("session %s: connected, %s", assign.session, path or "unknown path")
         await self._send(
@@ -456,7 +474,47 @@ class SessionWorker:
                 self._send(StateReport(session=self.session_id, state=state))
             )
 
+    async def _release(self, release: Release) -> None:
+        """The supervisor gave this session's negotiation up and told the client.
+
+        Its PeerConnection cannot serve another session (its offer went to a
+        client that did not answer): close it, prepare a fresh offer, and be
+        idle again. A session whose channel opened meanwhile is ended instead,
+        and the worker exits as after any session.
+        """
+        if release.session != self.session_id or self._ended_sent:
+            return
+        if self._connected:
+            await self._end(release.reason, clean=True, tell_client=False)
+            return
+        log.info(
+            "worker %s: session %s released: %s", self.worker_id, release.session, release.reason
+        )
+        session, self._session = self._session, None
+        if session is not None:
+            session.cancel()
+            await asyncio.wait([session])
+        peer, bridge = self.peer, self.bridge
+        self.session_id, self.peer, self.bridge = None, None, None
+        self._inbox = asyncio.Queue(maxsize=256)
+        self._session_waiting.clear()
+        if bridge is not None:
+            bridge.close("negotiation given up")
+        if peer is not None:
+            # Closed before the next assign: its late callbacks find no session.
+            await peer.close()
+        loop = asyncio.get_running_loop()
+        self.ice = self._assigned_ice or self.ice
+        if self.ice is not None:
+            self._prepared = loop.create_task(self._prepare(self.ice), name="prepare")
+            if self._refresh is None or self._refresh.done():
+                self._refresh = loop.create_task(self._keep_prepared_fresh(), name="refresh")
+        await self._send(Released(session=release.session))
+
     async def _drain(self, timeout: float) -> None:
+        if self.session_id is None:  # released just before the supervisor began to stop
+            self._finish("supervisor stopping")
+            return
         if self.bridge is None:
             await self._end("supervisor stopping", clean=True, tell_client=True)
             return

@@ -260,6 +260,20 @@ class HostileDevice:
                 return row
         raise AssertionError(f"session {session_id}: no matching row in {timeout:g} s: {row}")
 
+    async def status(
+        self, accept: Callable[[dict[str, Any]], bool], timeout: float = REPLY
+    ) -> dict[str, Any]:
+        """The ``status --json`` reply once ``accept(status)`` holds."""
+        deadline = time.monotonic() + timeout
+        status: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            reply = await asyncio.to_thread(ctl_json, self.runtime, "status")
+            assert isinstance(reply, dict)
+            status = dict(reply)
+            if accept(status):
+                return status
+        raise AssertionError(f"no matching status in {timeout:g} s: {status}")
+
     async def worker_pid(self, session_id: str) -> int:
         row = await self.session_row(
             session_id, lambda r: r["state"] == "running" and r["worker_pid"] is not None

@@ -40,6 +40,9 @@ from tests.e2e.hostile_support import (
 from tests.e2e.test_supervisor import ctl_json
 from tests.e2e.test_tunnel import http_get
 
+#: The device's ``negotiation_timeout`` (its default).
+NEGOTIATION_TIMEOUT = 10.0
+
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("loopback_ice")]
 
 
@@ -58,9 +61,11 @@ class RawClient:
             device.tunnel.signal_url, device.token(client), self.inbox.put_nowait, fail_fast=True
         )
 
-    async def next(self, kind: type[SignalingMessage], session: str) -> SignalingMessage:
+    async def next(
+        self, kind: type[SignalingMessage], session: str, timeout: float = REPLY
+    ) -> SignalingMessage:
         """The next message of type ``kind`` about ``session`` (others are skipped)."""
-        async with asyncio.timeout(REPLY):
+        async with asyncio.timeout(timeout):
             while True:
                 message = await self.inbox.get()
                 if isinstance(message, kind) and getattr(message, "session", None) == session:
@@ -167,6 +172,42 @@ async def test_a_slot_hog_does_not_keep_a_legitimate_client_out(device: HostileD
         f"\nlegitimate connect next to a slot hog: forwarding after {took:.2f} s; "
         f"hog: {stats}; device workers: {workers}"
     )
+
+
+async def test_a_given_up_worker_serves_a_later_session_without_a_fork(
+    device: HostileDevice,
+) -> None:
+    """An offer nobody answers is given up; its worker process comes back to the
+    pool with a fresh offer and serves the next session: nothing is forked for it."""
+    # Every pool worker idle: the session takes the oldest, which stays the
+    # oldest idle one once it is back.
+    await device.status(lambda s: s["pool"]["idle"] >= s["pool"]["target"])
+    async with raw_client(device, "idler") as idler:
+        first = new_session_id()
+        await idler.link.send(SessionRequest(session=first, device=device.device_id))
+        await idler.next(Offer, first)
+        row = await device.session_row(first, lambda r: r["worker_pid"] is not None)
+        pid = row["worker_pid"]
+        end = await idler.next(SessionEnd, first, NEGOTIATION_TIMEOUT + REPLY)
+        assert isinstance(end, SessionEnd)
+        assert end.reason == f"negotiation not done in {NEGOTIATION_TIMEOUT:g} s; given up"
+        row = await device.session_row(first, lambda r: True)
+        assert (row["state"], row["reason"]) == ("exited", end.reason)
+        back = await device.status(
+            lambda s: any(
+                (w["pid"], w["state"], w["session"]) == (pid, "idle", None) for w in s["workers"]
+            )
+        )
+        second = new_session_id()
+        await idler.link.send(SessionRequest(session=second, device=device.device_id))
+        await idler.next(Offer, second)
+        row = await device.session_row(second, lambda r: r["worker_pid"] is not None)
+        assert row["worker_pid"] == pid  # the given-up worker, first idle in the pool
+        after = await device.status(lambda s: True)
+        pids = {w["pid"] for w in after["workers"]}
+        assert pids <= {w["pid"] for w in back["workers"]}  # nothing forked for it
+        await idler.link.send(SessionEnd(session=second, reason="done"))
+        await device.session_row(second, lambda r: r["state"] == "exited")
 
 
 # -- expiry and revocation ---------------------------------------------------------------
