@@ -3,7 +3,9 @@
 A real SessionWorker in this process, with a ZeroMQ ROUTER playing the
 supervisor: after ``release`` it closes the PeerConnection whose offer went
 unanswered, answers ``released`` with a fresh offer on the way, and serves the
-next ``assign`` with that fresh offer; a release of anything else is ignored.
+next ``assign`` with that fresh offer; a release of anything else is ignored; a
+session that connected just before its release is ended without a word to the
+client, and the worker exits.
 """
 
 from __future__ import annotations
@@ -21,17 +23,30 @@ from protocol.ice import IceConfig
 from protocol.ipc import (
     Assign,
     Drain,
+    Ended,
     Hello,
     IpcMessage,
     Relay,
     Release,
     Released,
+    StateReport,
     decode_ipc,
     encode_ipc,
     new_worker_id,
 )
-from protocol.signaling import Offer, decode_signaling, new_session_id
+from protocol.signaling import (
+    Answer,
+    Offer,
+    SessionEnd,
+    SignalingMessage,
+    decode_signaling,
+    encode_signaling,
+    new_session_id,
+)
+from workers.peer import PeerSession
 from workers.session_worker import SessionWorker
+
+pytestmark = pytest.mark.usefixtures("loopback_ice")
 
 TIMEOUT = 20.0
 HOSTS = ("127.0.0.1",)
@@ -48,13 +63,15 @@ class Supervisor:
         self.router.bind(self.endpoint)
         self.identity = b""
 
+    async def next_message(self) -> IpcMessage:
+        self.identity, payload = await asyncio.wait_for(self.router.recv_multipart(), TIMEOUT)
+        return decode_ipc(payload)
+
     async def receive(self, kind: type[IpcMessage]) -> IpcMessage:
         """The next message of ``kind`` (heartbeats, states and the like skipped)."""
-        while True:
-            self.identity, payload = await asyncio.wait_for(self.router.recv_multipart(), TIMEOUT)
-            message = decode_ipc(payload)
-            if isinstance(message, kind):
-                return message
+        while not isinstance(message := await self.next_message(), kind):
+            pass
+        return message
 
     async def offer(self) -> Offer:
         while True:
@@ -147,3 +164,46 @@ async def test_a_released_worker_told_to_drain_exits(supervisor: Supervisor) -> 
     await supervisor.receive(Released)
     await supervisor.send(Drain(5.0))
     assert await asyncio.wait_for(running, TIMEOUT) == "supervisor stopping"
+
+
+async def test_a_session_connected_before_its_release_ends_without_telling_the_client(
+    supervisor: Supervisor,
+) -> None:
+    """The race: the channel opened as the supervisor gave up (and told the client)."""
+    _, running = await start(supervisor)
+    session = new_session_id()
+    to_device: list[SignalingMessage] = []
+
+    async def outbox(message: SignalingMessage) -> None:
+        to_device.append(message)
+
+    client = PeerSession(session, outbox)
+    try:
+        await supervisor.send(assign(session))
+        offer = await supervisor.offer()
+        await client.handle_offer(offer.sdp)
+        answer = to_device[0]
+        assert isinstance(answer, Answer)
+        relayed = encode_signaling(Answer(session, answer.sdp, "c1"))
+        await supervisor.send(Relay(session, relayed))
+        while True:  # skip the states before it (checking, connecting, ...)
+            report = await supervisor.receive(StateReport)
+            assert isinstance(report, StateReport)
+            if report.state == "connected":
+                break
+        await supervisor.send(Release(session, "given up"))
+        while True:
+            message = await supervisor.next_message()
+            if isinstance(message, Relay):
+                told = decode_signaling(message.message)
+                assert not isinstance(told, SessionEnd), "the client was told twice"
+            elif isinstance(message, Released):
+                raise AssertionError("a connected session was released")
+            elif isinstance(message, Ended):
+                assert message == Ended(session, "given up", True)
+                break
+        assert await asyncio.wait_for(running, TIMEOUT) == "given up"
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await client.close()
