@@ -19,9 +19,10 @@ from protocol.ipc import (
     decode_control_request,
     encode_control_reply,
 )
-from protocol.supervision import SessionState
+from protocol.signaling import SessionEnd
+from protocol.supervision import SessionEvent, SessionState
 from supervisor.errors import SupervisorError
-from supervisor.events import ReplyControl
+from supervisor.events import ReplyControl, SendSignal
 from supervisor.pool import SHOWN_AS
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def _run(core: SupervisorCore, now: float, request: ControlRequest) -> object:
         return [row.to_json(now) for row in rows]
     if request.cmd == "kill":
         assert request.session is not None
-        core.kill_session(now, request.session)
+        kill_session(core, now, request.session)
         return {"session": request.session}
     if request.cmd == "stop":
         drain = request.drain_timeout
@@ -113,3 +114,16 @@ def build_status(core: SupervisorCore, now: float) -> dict[str, Any]:
         ],
         "counters": dict(core.counters),
     }
+
+
+def kill_session(core: SupervisorCore, now: float, session: str) -> None:
+    """The operator's ``kill``: the client is told, the worker stopped (SIGKILL after a grace)."""
+    row = core.sessions.get(session)
+    if row is None:
+        raise SupervisorError(f"no session {session}")
+    if row.state in (SessionState.STOPPING, SessionState.EXITED, SessionState.FATAL):
+        raise SupervisorError(f"session {session} is already {row.state.value}")
+    reason = "session killed by the operator"
+    row.move(now, SessionEvent.STOP, reason=reason)
+    core.emit(SendSignal(row.device, SessionEnd(session=row.id, reason=reason)))
+    core.stop_worker(now, row, reason)

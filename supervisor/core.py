@@ -53,7 +53,6 @@ from protocol.signaling import (
 )
 from protocol.supervision import SessionEvent, SessionState
 from supervisor.commands import on_control_frames
-from supervisor.errors import SupervisorError
 from supervisor.events import (
     Action,
     ConfigureForkServer,
@@ -399,37 +398,7 @@ class SupervisorCore:
         for message in pending:
             self.relay(worker.id, row.id, message)
 
-    def kill_session(self, now: float, session: str) -> None:
-        row = self.sessions.get(session)
-        if row is None:
-            raise SupervisorError(f"no session {session}")
-        if row.state in (SessionState.STOPPING, SessionState.EXITED, SessionState.FATAL):
-            raise SupervisorError(f"session {session} is already {row.state.value}")
-        reason = "session killed by the operator"
-        row.move(now, SessionEvent.STOP, reason=reason)
-        self._out.append(SendSignal(row.device, SessionEnd(session=row.id, reason=reason)))
-        self._stop_worker(now, row, reason)
-
-    def end_client_sessions(self, now: float, device: str, client: str, reason: str) -> None:
-        """End every live session of ``client`` on ``device`` (its token expired or
-        was revoked, PROTOCOL.md §1.4): its workers are told to stop."""
-        rows = [
-            r
-            for r in self.sessions
-            if (r.device, r.client) == (device, client)
-            and r.state in (SessionState.STARTING, SessionState.RUNNING, SessionState.BACKOFF)
-        ]
-        if rows:
-            log.warning(
-                "device %s: ending %d session(s) of %s: %s", device, len(rows), client, reason
-            )
-        for row in rows:
-            if row.state is SessionState.BACKOFF:
-                row.start_at = None
-            row.move(now, SessionEvent.STOP, reason=reason)
-            self._stop_worker(now, row, reason)
-
-    def _stop_worker(self, now: float, row: SessionRow, reason: str) -> None:
+    def stop_worker(self, now: float, row: SessionRow, reason: str) -> None:
         """Tell the row's worker, if it has one, to end; SIGKILL it after the grace."""
         worker = self.pool.get(row.worker) if row.worker is not None else None
         if worker is not None:

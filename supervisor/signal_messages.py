@@ -67,7 +67,7 @@ def on_signal(core: SupervisorCore, now: float, device: str, message: SignalingM
         _on_session_request(core, now, device, message)
         return
     if isinstance(message, Revoke):
-        core.end_client_sessions(now, device, message.client, f"client {message.reason}")
+        end_client_sessions(core, now, device, message.client, f"client {message.reason}")
         return
     if isinstance(message, Error):
         # unknown_session: both ends said session_end at once; the server forgot it first.
@@ -149,3 +149,23 @@ def _on_session_request(
         return
     log.info("session %s: client %s asks for %s", row.id, client, device)
     core.assign(now, row)
+
+
+def end_client_sessions(
+    core: SupervisorCore, now: float, device: str, client: str, reason: str
+) -> None:
+    """End every live session of ``client`` on ``device`` (its token expired or
+    was revoked, PROTOCOL.md §1.4): its workers are told to stop."""
+    rows = [
+        r
+        for r in core.sessions
+        if (r.device, r.client) == (device, client)
+        and r.state in (SessionState.STARTING, SessionState.RUNNING, SessionState.BACKOFF)
+    ]
+    if rows:
+        log.warning("device %s: ending %d session(s) of %s: %s", device, len(rows), client, reason)
+    for row in rows:
+        if row.state is SessionState.BACKOFF:
+            row.start_at = None
+        row.move(now, SessionEvent.STOP, reason=reason)
+        core.stop_worker(now, row, reason)
