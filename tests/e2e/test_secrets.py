@@ -10,16 +10,13 @@ server and the workers must not hold the device token in their environment.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import READY
+from tests.e2e.test_supervisor import ctl_json
 from tests.e2e.test_tunnel import http_get
 from tests.e2e.test_turn import RelayLab, _lab, assert_no_credentials_logged
 from tests.e2e.turn_support import TURN_SECRET, have_coturn
@@ -59,14 +56,7 @@ def environment(pid: int) -> dict[str, str]:
 
 
 def status(runtime: Path) -> dict[str, object]:
-    out = subprocess.run(
-        [sys.executable, "-m", "tunnelctl", "status", "--json", "--runtime-dir", str(runtime)],
-        capture_output=True,
-        text=True,
-        timeout=READY,
-        check=True,
-    )
-    result = json.loads(out.stdout)
+    result = ctl_json(runtime, "status")
     assert isinstance(result, dict)
     return result
 

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import re
 import secrets
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,6 +30,7 @@ from harness import Child
 from protocol.ice import turn_rest_credential
 from signaling.auth import issue_token
 from tests.e2e.conftest import LOOPBACK, READY, WebService
+from tests.e2e.test_supervisor import ctl_json
 from tests.e2e.test_tunnel import http_get
 from tests.e2e.turn_support import TURN_SECRET, Coturn, free_port, have_coturn, make_test_ca
 
@@ -187,14 +185,7 @@ def _lab(*, tls: bool) -> Iterator[RelayLab]:
 
 
 def sessions_json(runtime: Path) -> list[dict[str, object]]:
-    out = subprocess.run(
-        [sys.executable, "-m", "tunnelctl", "sessions", "--json", "--runtime-dir", str(runtime)],
-        capture_output=True,
-        text=True,
-        timeout=READY,
-        check=True,
-    )
-    rows = json.loads(out.stdout)
+    rows = ctl_json(runtime, "sessions")
     assert isinstance(rows, list)
     return rows
 
