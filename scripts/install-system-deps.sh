@@ -4,8 +4,10 @@
 # client in front of it), coturn (the STUN/TURN server of tests/e2e/test_turn.py
 # and of the NAT lab, scripts/natlab), iptables (the NAT routers), iproute2
 # (`ip netns`) and util-linux (`prlimit`: the signaling server under a low
-# descriptor limit, tests/e2e/test_signaling_flood.py). scripts/test.sh calls
-# it before pytest.
+# descriptor limit, tests/e2e/test_signaling_flood.py), chromium (the browser
+# client's tests, driven by Playwright's Python client: no browser download),
+# redis-server (the signaling cluster's shared state) and OpenSSH (ssh through
+# `connect --stdio`). scripts/test.sh calls it before pytest.
 #
 #   install-system-deps.sh
 #
@@ -23,7 +25,8 @@
 set -euo pipefail
 
 # program on PATH -> Debian package that provides it
-declare -A PACKAGE_OF=([nginx]=nginx [curl]=curl [turnserver]=coturn [iptables]=iptables [ip]=iproute2 [prlimit]=util-linux)
+declare -A PACKAGE_OF=([nginx]=nginx [curl]=curl [turnserver]=coturn [iptables]=iptables [ip]=iproute2 [prlimit]=util-linux
+    [chromium]=chromium [redis-server]=redis-server [sshd]=openssh-server [ssh]=openssh-client [scp]=openssh-client)
 
 # Debian puts nginx, iptables and ip in /usr/sbin, which a non-root PATH may lack.
 PATH="$PATH:/usr/sbin:/sbin"
