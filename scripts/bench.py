@@ -56,25 +56,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import http.server
 import json
 import logging
 import os
 import platform
+import random
 import re
 import secrets
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiortc import RTCDataChannel, RTCPeerConnection
 
@@ -230,7 +233,13 @@ class Bench:
     def client_token(self, sub: str, device: str) -> str:
         return issue_token(self.secret, sub=sub, role="client", devices=(device,), ttl=3600)
 
-    def start_supervisor(self, name: str, pool_size: int, max_sessions: int) -> Supervisor:
+    def start_supervisor(
+        self,
+        name: str,
+        pool_size: int,
+        max_sessions: int,
+        services: Mapping[str, str] | None = None,
+    ) -> Supervisor:
         device = f"bench-{name}"
         runtime = self.workdir / f"run-{name}"
         config = self.workdir / f"{name}.toml"
@@ -247,7 +256,12 @@ class Bench:
                     f'id = "{device}"',
                     f'token = "{token}"',
                     "[devices.services]",
-                    f'web = "http://{LOOPBACK}:{self.service_port}"',
+                    *(
+                        f'{key} = "{url}"'
+                        for key, url in (
+                            services or {"web": f"http://{LOOPBACK}:{self.service_port}"}
+                        ).items()
+                    ),
                     "",
                 ]
             )
@@ -690,6 +704,488 @@ def summarize(lines: Sequence[str]) -> list[str]:
     return [f"{n} x {line}" if n > 1 else line for line, n in counts.items()]
 
 
+# -- the data path: throughput, request latency, chatty round trips ------------------------
+
+PATTERN = random.Random(10).randbytes(MIB)  # incompressible, the same in every process
+SMALL_BODY = b"x" * 100
+ECHO_SIZE = 64
+ECHO_CONNECTIONS = 10
+ECHO_WARMUP = 0.3  # seconds of round trips before counting (streams opened, caches warm)
+IO_TIMEOUT = 120.0  # one transfer, one request, one echo connection's first answer
+DCBENCH = ROOT / "scripts" / "dcbench.py"
+DCBENCH_TIMEOUT = 300.0
+AGGREGATE_SESSIONS = (1, 2, 4)
+_DIGESTS: dict[int, str] = {}
+
+
+def pattern_chunks(size: int) -> Iterable[memoryview]:
+    """``size`` bytes of :data:`PATTERN`, repeated, as slices of at most 1 MiB."""
+    view = memoryview(PATTERN)
+    while size > 0:
+        chunk = view[: min(size, MIB)]
+        size -= len(chunk)
+        yield chunk
+
+
+def pattern_digest(size: int) -> str:
+    if size not in _DIGESTS:
+        digest = hashlib.sha256()
+        for chunk in pattern_chunks(size):
+            digest.update(chunk)
+        _DIGESTS[size] = digest.hexdigest()
+    return _DIGESTS[size]
+
+
+def set_nodelay(sock: socket.socket | None) -> None:
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# The services behind the device, in a process of their own (``bench.py --serve``) so
+# that the load generator here and the servers there do not share one GIL.
+
+
+async def serve_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A minimal HTTP/1.1 keep-alive server: ``GET /bytes/N`` (N bytes of the pattern),
+    ``GET /small`` (100 bytes), ``POST /sha256`` (the body's SHA-256, hex)."""
+    set_nodelay(writer.get_extra_info("socket"))
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            request, *lines = head.decode("latin-1").split("\r\n")
+            method, target, _ = request.split(" ", 2)
+            length = 0
+            for line in lines:
+                name, _, value = line.partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value)
+            if method == "GET" and target.startswith("/bytes/"):
+                size = int(target.removeprefix("/bytes/"))
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+                for chunk in pattern_chunks(size):
+                    writer.write(chunk)
+                    await writer.drain()
+            elif method == "POST" and target == "/sha256":
+                digest = hashlib.sha256()
+                while length:
+                    data = await reader.read(min(length, MIB))
+                    if not data:
+                        return
+                    digest.update(data)
+                    length -= len(data)
+                body = digest.hexdigest().encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            elif method == "GET" and target == "/small":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + SMALL_BODY)
+            else:
+                writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
+        pass
+    finally:
+        writer.close()
+
+
+class EchoServer(asyncio.Protocol):
+    """Writes back whatever it reads: the fast local service of the chatty case."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        set_nodelay(transport.get_extra_info("socket"))
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+def serve_main() -> int:
+    """``bench.py --serve``: run the HTTP and echo services until SIGTERM."""
+
+    async def serve() -> None:
+        http_server = await asyncio.start_server(serve_http, LOOPBACK, 0, limit=MIB)
+        loop = asyncio.get_running_loop()
+        echo_server = await loop.create_server(EchoServer, LOOPBACK, 0)
+        print(
+            f"serving http {http_server.sockets[0].getsockname()[1]} "
+            f"echo {echo_server.sockets[0].getsockname()[1]}",
+            flush=True,
+        )
+        stop = loop.create_future()
+        loop.add_signal_handler(signal.SIGTERM, resolve, stop)
+        await stop
+
+    run_fast(serve())
+    return 0
+
+
+def run_fast(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` on uvloop when it imports (the services must not be the bottleneck)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+# Clients, blocking (each runs in a thread of its own, sockets release the GIL).
+
+
+def connect_to(port: int) -> socket.socket:
+    sock = socket.create_connection((LOOPBACK, port), timeout=IO_TIMEOUT)
+    set_nodelay(sock)
+    return sock
+
+
+def read_response(sock: socket.socket, sink: Callable[[memoryview], None] | None = None) -> bytes:
+    """Read one HTTP response; return its body, or feed it to ``sink`` and return b""."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = sock.recv(65536)
+        if not data:
+            raise BenchError("the connection closed before a response header")
+        head += data
+    head, _, rest = head.partition(b"\r\n\r\n")
+    status = head.split(b" ", 2)[1]
+    if status != b"200":
+        raise BenchError(f"HTTP status {status.decode(errors='replace')}")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")[1:]
+        if line.lower().startswith(b"content-length:")
+    )
+    if sink is None:
+        while len(rest) < length:
+            data = sock.recv(65536)
+            if not data:
+                raise BenchError("the connection closed in the middle of a response")
+            rest += data
+        return rest
+    sink(memoryview(rest))
+    got = len(rest)
+    buffer = bytearray(MIB)
+    view = memoryview(buffer)
+    while got < length:
+        n = sock.recv_into(view, min(MIB, length - got))
+        if n == 0:
+            raise BenchError(f"the connection closed after {got} of {length} bytes")
+        sink(view[:n])
+        got += n
+    return b""
+
+
+def http_download(port: int, size: int) -> float:
+    """Seconds to GET ``size`` bytes from the web service at ``port``, checksum checked."""
+    digest = hashlib.sha256()
+    with connect_to(port) as sock:
+        started = time.perf_counter()
+        sock.sendall(b"GET /bytes/%d HTTP/1.1\r\nHost: bench\r\n\r\n" % size)
+        read_response(sock, digest.update)
+        elapsed = time.perf_counter() - started
+    if digest.hexdigest() != pattern_digest(size):
+        raise BenchError(f"download of {size} bytes through port {port}: checksum mismatch")
+    return elapsed
+
+
+def http_upload(port: int, size: int) -> float:
+    """Seconds to POST ``size`` bytes and get the server's SHA-256 of them, checked."""
+    with connect_to(port) as sock:
+        started = time.perf_counter()
+        sock.sendall(b"POST /sha256 HTTP/1.1\r\nHost: bench\r\nContent-Length: %d\r\n\r\n" % size)
+        for chunk in pattern_chunks(size):
+            sock.sendall(chunk)
+        body = read_response(sock)
+        elapsed = time.perf_counter() - started
+    if body.decode() != pattern_digest(size):
+        raise BenchError(f"upload of {size} bytes through port {port}: checksum mismatch")
+    return elapsed
+
+
+def http_requests(port: int, count: int) -> list[float]:
+    """Seconds per small GET, ``count`` of them over one keep-alive connection."""
+    samples = []
+    request = b"GET /small HTTP/1.1\r\nHost: bench\r\n\r\n"
+    with connect_to(port) as sock:
+        for i in range(count + 10):
+            started = time.perf_counter()
+            sock.sendall(request)
+            if read_response(sock) != SMALL_BODY:
+                raise BenchError("small request: wrong body")
+            if i >= 10:  # the first ones open the stream and warm the path
+                samples.append(time.perf_counter() - started)
+    return samples
+
+
+class EchoClient(asyncio.Protocol):
+    """Keeps one 64-byte request in flight: the next goes out when the answer is back."""
+
+    def __init__(self) -> None:
+        self.payload = secrets.token_bytes(ECHO_SIZE)
+        self.round_trips = 0
+        self.received = 0
+        self.running = True
+        self.first = asyncio.get_running_loop().create_future()
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        set_nodelay(transport.get_extra_info("socket"))
+        transport.write(self.payload)
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        while self.received >= ECHO_SIZE:
+            self.received -= ECHO_SIZE
+            self.round_trips += 1
+            resolve(self.first)
+            if self.running:
+                self.transport.write(self.payload)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        resolve(self.lost)
+
+
+async def echo_rate(port: int, seconds: float) -> float:
+    """Round trips per second of :data:`ECHO_CONNECTIONS` connections, one 64-byte
+    request/response in flight on each."""
+    loop = asyncio.get_running_loop()
+    clients: list[EchoClient] = []
+    try:
+        for _ in range(ECHO_CONNECTIONS):
+            _, client = await loop.create_connection(EchoClient, LOOPBACK, port)
+            clients.append(client)
+        await asyncio.wait_for(asyncio.gather(*(c.first for c in clients)), IO_TIMEOUT)
+        await asyncio.sleep(ECHO_WARMUP)
+        before, started = sum(c.round_trips for c in clients), time.perf_counter()
+        # A measurement window, not a synchronisation: the clients run meanwhile.
+        await asyncio.sleep(seconds)
+        done, elapsed = sum(c.round_trips for c in clients), time.perf_counter() - started
+    finally:
+        for client in clients:
+            client.running = False
+            client.transport.close()
+    if any(c.lost.done() and c.running for c in clients):
+        raise BenchError("an echo connection was lost")
+    return (done - before) / elapsed
+
+
+def dcbench(stack: str, test: str, *, size: int = 0, seconds: float = 0.0) -> float:
+    """One figure from ``scripts/dcbench.py``: a bare DataChannel between two processes."""
+    argv = [sys.executable, str(DCBENCH), "--stack", stack, "--test", test, "--json"]
+    argv += ["--bytes", str(size)] if test == "throughput" else ["--seconds", f"{seconds:g}"]
+    done = subprocess.run(
+        argv,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=DCBENCH_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    if done.returncode != 0:
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        raise BenchError(f"dcbench --stack {stack} --test {test} exited {done.returncode}: {tail}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(result["mbps" if test == "throughput" else "rate"])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class DataPath:
+    """The processes of the data-path phase and the figures measured so far."""
+
+    bench: Bench
+    args: argparse.Namespace
+    http_port: int
+    echo_port: int
+    services_pid: int
+    sup: Supervisor
+    web: list[int] = field(default_factory=list)  # local ports of `tunnelctl connect` to web
+    echo: int = 0  # local port of the `tunnelctl connect` to echo
+    connect_pids: list[int] = field(default_factory=list)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    cpu: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, key: str, value: float) -> None:
+        self.samples.setdefault(key, []).append(value)
+
+    async def measure(self, key: str, what: Callable[[], Awaitable[float]]) -> None:
+        """Record one sample of ``key``; a failure is listed and the run goes on."""
+        try:
+            self.add(key, await what())
+        except (BenchError, OSError, TimeoutError, subprocess.SubprocessError, ValueError) as exc:
+            self.bench.problems.append(f"{key}: {type(exc).__name__}: {exc}")
+
+
+def mbps(size: int, seconds: float) -> float:
+    return size / seconds / 1e6
+
+
+async def start_forward(
+    bench: Bench, sup: Supervisor, service: str, token: Path
+) -> tuple[int, int]:
+    """Start ``tunnelctl connect`` to ``service``; return its pid and local port."""
+    argv = ["connect", "--signal", bench.signal_url, "--device", sup.device]
+    argv += ["--service", service, "--listen", f"{LOOPBACK}:0", "--ice-host", LOOPBACK]
+    child = LoggedChild.tunnelctl(
+        [*argv, "--token-file", str(token)],
+        env=None,
+        name=f"connect {service}",
+        log_file=bench.log_dir / f"connect-{service}-{len(bench.children)}.log"
+        if bench.log_dir
+        else None,
+    )
+    bench.children.append(child)
+    line = await asyncio.to_thread(child.wait_line, "forwarding ", READY_TIMEOUT)
+    return child, int(line.split()[1].rpartition(":")[2])
+
+
+async def measure_data_path(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    """Phases 3-6 of the report: DataChannels, the tunnel, direct, aggregate."""
+    services = LoggedChild(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--serve"],
+        env=None,
+        name="services",
+    )
+    bench.children.append(services)
+    line = await asyncio.to_thread(services.wait_line, "serving ", READY_TIMEOUT)
+    _, _, http_port, _, echo_port = line.split()
+    sup = await asyncio.to_thread(
+        bench.start_supervisor,
+        "data",
+        len(AGGREGATE_SESSIONS) + 1,
+        16,
+        {"web": f"http://{LOOPBACK}:{http_port}", "echo": f"tcp://{LOOPBACK}:{echo_port}"},
+    )
+    token = bench.workdir / "data-client.jwt"
+    token.write_text(bench.client_token("bench-data", sup.device))
+    token.chmod(0o600)
+    data = DataPath(bench, args, int(http_port), int(echo_port), services.pid, sup)
+    forwards: list[LoggedChild] = []
+    try:
+        for _ in range(max(AGGREGATE_SESSIONS)):
+            child, port = await start_forward(bench, sup, "web", token)
+            forwards.append(child)
+            data.web.append(port)
+        child, data.echo = await start_forward(bench, sup, "echo", token)
+        forwards.append(child)
+        data.connect_pids = [child.pid for child in forwards]
+        for rep in range(args.reps):
+            await measure_round(data, rep)
+        for sessions in AGGREGATE_SESSIONS:
+            for _ in range(args.reps):
+                await measure_aggregate(data, sessions)
+        await sup.status()  # the workers' pids, for the leak check
+    finally:
+        # Clients first: a session that the device ends is, to its client, a loss.
+        for child in forwards:
+            await asyncio.to_thread(child.stop)
+        await stop_supervisor(bench, sup)
+    return data_report(data)
+
+
+async def measure_round(data: DataPath, rep: int) -> None:
+    """One repetition of every single-session figure, the kinds interleaved so that a
+    change in the machine's load hits all of them alike."""
+    args = data.args
+    size = args.transfer_mib * MIB
+    web, direct = data.web[0], data.http_port
+
+    steps: list[tuple[str, Callable[[], Awaitable[float]]]] = [
+        ("stock_dc_mbps", lambda: asyncio.to_thread(dcbench, "stock", "throughput", size=size)),
+        ("project_dc_mbps", lambda: asyncio.to_thread(dcbench, "project", "throughput", size=size)),
+        ("tunnel_download_mbps", lambda: transfer(http_download, web, size)),
+        ("tunnel_upload_mbps", lambda: transfer(http_upload, web, size)),
+        ("direct_download_mbps", lambda: transfer(http_download, direct, size)),
+        ("direct_upload_mbps", lambda: transfer(http_upload, direct, size)),
+        ("stock_dc_echo_rate", lambda: asyncio.to_thread(dcbench_echo, args.echo_seconds)),
+        ("echo_rate", lambda: echo_rate(data.echo, args.echo_seconds)),
+        ("direct_echo_rate", lambda: echo_rate(data.echo_port, args.echo_seconds)),
+    ]
+    for key, what in steps if rep % 2 == 0 else steps[::-1]:
+        await data.measure(key, what)
+    for prefix, port in (("", web), ("direct_", direct)):
+        try:
+            samples = await asyncio.to_thread(http_requests, port, args.requests)
+        except (BenchError, OSError) as exc:
+            data.bench.problems.append(f"{prefix}requests: {type(exc).__name__}: {exc}")
+            continue
+        ms = sorted(s * 1000 for s in samples)
+        data.add(f"{prefix}request_p50_ms", statistics.median(ms))
+        data.add(f"{prefix}request_p99_ms", percentile(ms, 0.99))
+
+
+def dcbench_echo(seconds: float) -> float:
+    return dcbench("stock", "echo", seconds=seconds)
+
+
+async def transfer(fn: Callable[[int, int], float], port: int, size: int) -> float:
+    return mbps(size, await asyncio.to_thread(fn, port, size))
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of already sorted values."""
+    index = min(len(sorted_values) - 1, max(0, round(q * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+async def measure_aggregate(data: DataPath, sessions: int) -> None:
+    """``sessions`` downloads at once, one per session; the supervisor's CPU share."""
+    size = data.args.aggregate_mib * MIB
+    status = await data.sup.status()
+    workers = [int(w["pid"]) for w in status["workers"]]
+    others = [data.services_pid, os.getpid(), *data.connect_pids, *workers]
+    sup_before = cpu_seconds(data.sup.child.pid)
+    others_before = sum(cpu_seconds(p) for p in others)
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(
+            *(asyncio.to_thread(http_download, port, size) for port in data.web[:sessions])
+        )
+    except (BenchError, OSError) as exc:
+        data.bench.problems.append(f"aggregate {sessions}: {type(exc).__name__}: {exc}")
+        return
+    elapsed = time.perf_counter() - started
+    sup_used = cpu_seconds(data.sup.child.pid) - sup_before
+    all_used = sup_used + sum(cpu_seconds(p) for p in others) - others_before
+    data.add(f"aggregate_{sessions}_mbps", mbps(size * sessions, elapsed))
+    data.cpu.setdefault(str(sessions), []).append(sup_used / all_used if all_used > 0 else 0.0)
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+        "samples": [round(v, 4) for v in values],
+    }
+
+
+def data_report(data: DataPath) -> dict[str, Any]:
+    figures = {key: spread(values) for key, values in data.samples.items() if values}
+    cpu = {n: spread(values) for n, values in data.cpu.items() if values}
+    return {
+        "params": {
+            "reps": data.args.reps,
+            "transfer_mib": data.args.transfer_mib,
+            "aggregate_mib_per_session": data.args.aggregate_mib,
+            "requests": data.args.requests,
+            "echo_seconds": data.args.echo_seconds,
+            "echo_connections": ECHO_CONNECTIONS,
+            "echo_size": ECHO_SIZE,
+        },
+        "figures": figures,
+        "supervisor_cpu_share": cpu,
+    }
+
+
 # -- statistics and output ------------------------------------------------------------------
 
 
@@ -720,6 +1216,204 @@ def ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
     return None
 
 
+SUMMARY_FIGURES = (
+    "stock_dc_mbps",
+    "project_dc_mbps",
+    "tunnel_download_mbps",
+    "tunnel_upload_mbps",
+    "direct_download_mbps",
+    "direct_upload_mbps",
+    "request_p50_ms",
+    "request_p99_ms",
+    "direct_request_p50_ms",
+    "direct_request_p99_ms",
+    "echo_rate",
+    "stock_dc_echo_rate",
+    "direct_echo_rate",
+)
+#: (name, figure, over): the ratios of the report, each figure to (1), (2) or (4).
+RATIOS = (
+    ("project_dc_over_stock_dc", "project_dc_mbps", "stock_dc_mbps"),
+    ("tunnel_download_over_stock_dc", "tunnel_download_mbps", "stock_dc_mbps"),
+    ("tunnel_upload_over_stock_dc", "tunnel_upload_mbps", "stock_dc_mbps"),
+    ("tunnel_download_over_project_dc", "tunnel_download_mbps", "project_dc_mbps"),
+    ("tunnel_upload_over_project_dc", "tunnel_upload_mbps", "project_dc_mbps"),
+    ("direct_download_over_stock_dc", "direct_download_mbps", "stock_dc_mbps"),
+    ("echo_over_stock_dc_echo", "echo_rate", "stock_dc_echo_rate"),
+    ("direct_echo_over_stock_dc_echo", "direct_echo_rate", "stock_dc_echo_rate"),
+)
+
+
+def make_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The flat ``summary`` object: one median per figure (None where it is missing)."""
+    data = report.get("data_path", {})
+    figures = data.get("figures", {})
+
+    def median(key: str) -> float | None:
+        return figures[key]["median"] if key in figures else None
+
+    setup = report.get("setup", {})
+    pss = report.get("memory", {}).get("pss_per_session_mib") or {}
+    cpu = data.get("supervisor_cpu_share", {}).get(str(max(AGGREGATE_SESSIONS)))
+    summary: dict[str, Any] = {key: median(key) for key in SUMMARY_FIGURES}
+    summary |= {
+        "setup_p50_ms": setup.get("warm", {}).get("p50_ms"),
+        "bare_setup_p50_ms": setup.get("bare", {}).get("p50_ms"),
+        "aggregate_mbps": {str(n): median(f"aggregate_{n}_mbps") for n in AGGREGATE_SESSIONS},
+        "supervisor_cpu_share": cpu["median"] if cpu else None,
+        "pss_mib_per_session": pss.get("mean"),
+        "cpu_count": os.cpu_count(),
+    }
+    return summary
+
+
+def make_ratios(summary: dict[str, Any]) -> dict[str, float | None]:
+    def div(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    ratios = {name: div(summary[a], summary[b]) for name, a, b in RATIOS}
+    aggregate = summary["aggregate_mbps"]
+    ratios["aggregate_4_over_1"] = div(aggregate["4"], aggregate["1"])
+    ratios["aggregate_2_over_1"] = div(aggregate["2"], aggregate["1"])
+    ratios["warm_setup_over_bare"] = div(summary["setup_p50_ms"], summary["bare_setup_p50_ms"])
+    return ratios
+
+
+def goals(
+    summary: dict[str, Any], ratios: dict[str, float | None]
+) -> list[tuple[str, bool | None]]:
+    """Issue 10's goals, each with whether this run met it (None: not measured)."""
+
+    def at_least(value: float | None, floor: float) -> bool | None:
+        return None if value is None else value >= floor
+
+    def within(value: float | None, limit: float | None, slack: float) -> bool | None:
+        return None if value is None or limit is None else value <= limit + slack
+
+    cpu = summary["supervisor_cpu_share"]
+    return [
+        ("tunnel download >= 3x stock DC", at_least(ratios["tunnel_download_over_stock_dc"], 3)),
+        ("tunnel upload >= 3x stock DC", at_least(ratios["tunnel_upload_over_stock_dc"], 3)),
+        (
+            "tunnel >= 0.9x project DC (both ways)",
+            at_least(
+                min(
+                    ratios["tunnel_download_over_project_dc"] or 0,
+                    ratios["tunnel_upload_over_project_dc"] or 0,
+                ),
+                0.9,
+            )
+            if ratios["tunnel_download_over_project_dc"] is not None
+            else None,
+        ),
+        (
+            "request p50 <= direct + 1.5 ms",
+            within(summary["request_p50_ms"], summary["direct_request_p50_ms"], 1.5),
+        ),
+        (
+            "request p99 <= direct + 5 ms",
+            within(summary["request_p99_ms"], summary["direct_request_p99_ms"], 5.0),
+        ),
+        ("chatty >= 3x stock DC echo", at_least(ratios["echo_over_stock_dc_echo"], 3)),
+        ("4 sessions >= 0.9x one session", at_least(ratios["aggregate_4_over_1"], 0.9)),
+        ("supervisor < 5 % of the CPU", None if cpu is None else cpu < 0.05),
+        ("set-up p50 <= 1.5x bare", within(ratios["warm_setup_over_bare"], GOAL_WARM_RATIO, 0)),
+        ("<= 25 MiB PSS per session", within(summary["pss_mib_per_session"], GOAL_PSS_MIB, 0)),
+    ]
+
+
+def render_data_path(report: dict[str, Any]) -> list[str]:
+    data = report["data_path"]
+    figures = data["figures"]
+    params = data["params"]
+    summary, ratios = report["summary"], report["ratios"]
+    out = [
+        f"3-6. data path: median of {params['reps']} run(s) (min-max), kinds interleaved; "
+        "MB/s = 10^6 bytes/s",
+        f"   {'figure':<46}{'median':>12}{'min-max':>20}   ratio",
+    ]
+
+    def row(label: str, key: str, unit: str, note: str = "") -> None:
+        f = figures.get(key)
+        if f is None:
+            out.append(f"   {label:<46}{'-':>12}{'':>20}   not measured")
+            return
+        value = f"{f['median']:.2f} {unit}" if f["median"] < 100 else f"{f['median']:.0f} {unit}"
+        low_high = f"{f['min']:.4g}-{f['max']:.4g}"
+        out.append(f"   {label:<46}{value:>12}{low_high:>20}   {note}")
+
+    def x(name: str, base: str) -> str:
+        value = ratios.get(name)
+        return f"{value:.2f}x {base}" if value is not None else ""
+
+    size = f"{params['transfer_mib']} MiB"
+    row(f"(1) stock aiortc DataChannel, {size}", "stock_dc_mbps", "MB/s", "1.00x (1)")
+    row(
+        f"(2) project DataChannel, {size}",
+        "project_dc_mbps",
+        "MB/s",
+        x("project_dc_over_stock_dc", "(1)"),
+    )
+    for way in ("download", "upload"):
+        row(
+            f"(3) tunnel {way}, {size}, sha256 checked",
+            f"tunnel_{way}_mbps",
+            "MB/s",
+            x(f"tunnel_{way}_over_stock_dc", "(1)")
+            + ", "
+            + x(f"tunnel_{way}_over_project_dc", "(2)"),
+        )
+    row(
+        f"(5) direct download, {size}",
+        "direct_download_mbps",
+        "MB/s",
+        x("direct_download_over_stock_dc", "(1)"),
+    )
+    row(f"(5) direct upload, {size}", "direct_upload_mbps", "MB/s")
+    n = params["requests"]
+    for q in ("p50", "p99"):
+        row(
+            f"(3) small request {q}, {n} on one connection",
+            f"request_{q}_ms",
+            "ms",
+            delta(summary, q),
+        )
+        row(f"(5) direct small request {q}", f"direct_request_{q}_ms", "ms")
+    echo = f"{params['echo_connections']} x {params['echo_size']} B in flight"
+    row(f"(4) stock aiortc DataChannel echo, {echo}", "stock_dc_echo_rate", "rt/s", "1.00x (4)")
+    row(f"(4) tunnel echo, {echo}", "echo_rate", "rt/s", x("echo_over_stock_dc_echo", "(4)"))
+    row(
+        f"(5) direct echo, {echo}",
+        "direct_echo_rate",
+        "rt/s",
+        x("direct_echo_over_stock_dc_echo", "(4)"),
+    )
+    shares = data["supervisor_cpu_share"]
+    for sessions in AGGREGATE_SESSIONS:
+        share = shares.get(str(sessions))
+        note = f"supervisor {share['median'] * 100:.1f} % of the CPU used" if share else ""
+        row(
+            f"(6) aggregate, {sessions} session(s) x {params['aggregate_mib_per_session']} MiB",
+            f"aggregate_{sessions}_mbps",
+            "MB/s",
+            note,
+        )
+    out.append(f"   4 sessions / 1 session = {fmt_ratio(ratios['aggregate_4_over_1'])}")
+    return out
+
+
+def delta(summary: dict[str, Any], q: str) -> str:
+    tunnel, direct = summary[f"request_{q}_ms"], summary[f"direct_request_{q}_ms"]
+    return "" if tunnel is None or direct is None else f"direct + {tunnel - direct:.2f} ms"
+
+
+def render_goals(report: dict[str, Any]) -> list[str]:
+    out = ["goals (issue 10):"]
+    for text, met in goals(report["summary"], report["ratios"]):
+        out.append(f"   [{ {True: 'met', False: 'NOT met', None: 'n/a'}[met]:^7}] {text}")
+    return out
+
+
 def render(report: dict[str, Any]) -> str:
     m = report["machine"]
     out = [
@@ -729,6 +1423,25 @@ def render(report: dict[str, Any]) -> str:
         f"end {fmt_load(m['loadavg_end'])}",
         "note: this machine may be shared with other jobs; timings move with its load.",
         "",
+    ]
+    if "setup" in report:
+        out += render_setup(report)
+    if "data_path" in report:
+        out += render_data_path(report)
+        out.append("")
+    out += render_goals(report)
+    out.append("")
+    problems = report["problems"]
+    out.append(f"failures: {len(problems) if problems else 'none'}")
+    out += [f"   - {p}" for p in problems]
+    notes = report["notes"]
+    out.append(f"observations: {len(notes) if notes else 'none'}")
+    out += [f"   - {n}" for n in notes]
+    return "\n".join(out)
+
+
+def render_setup(report: dict[str, Any]) -> list[str]:
+    out = [
         f"1. session set-up, request -> DataChannel open "
         f"({report['params']['sessions']} sequential sessions each, "
         f"{report['params']['warmup']} untimed warm-up, kinds interleaved)",
@@ -797,13 +1510,7 @@ def render(report: dict[str, Any]) -> str:
     else:
         out.append("   no session worker could be measured")
     out.append("")
-    problems = report["problems"]
-    out.append(f"failures: {len(problems) if problems else 'none'}")
-    out += [f"   - {p}" for p in problems]
-    notes = report["notes"]
-    out.append(f"observations: {len(notes) if notes else 'none'}")
-    out += [f"   - {n}" for n in notes]
-    return "\n".join(out)
+    return out
 
 
 def fmt(value: float | None) -> str:
@@ -849,10 +1556,54 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="K",
         help="untimed sessions of each kind before timing (default 1)",
     )
+    parser.add_argument(
+        "--reps",
+        type=positive_int,
+        default=3,
+        metavar="R",
+        help="repetitions of each data-path figure; the median is reported (default 3)",
+    )
+    parser.add_argument(
+        "--transfer-mib",
+        type=positive_int,
+        default=64,
+        metavar="MIB",
+        help="size of each download and upload, and of the DataChannel transfers (default 64)",
+    )
+    parser.add_argument(
+        "--aggregate-mib",
+        type=positive_int,
+        default=32,
+        metavar="MIB",
+        help="size of each session's download in the aggregate figure (default 32)",
+    )
+    parser.add_argument(
+        "--requests",
+        type=positive_int,
+        default=500,
+        metavar="N",
+        help="small requests timed over one keep-alive connection (default 500)",
+    )
+    parser.add_argument(
+        "--echo-seconds",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="length of each chatty (echo) measurement (default 3)",
+    )
+    parser.add_argument(
+        "--only",
+        choices=("setup", "data"),
+        help="run only the set-up and memory phases, or only the data path",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
     parser.add_argument(
-        "--quick", action="store_true", help="a smoke test: --sessions 5 --memory-sessions 10"
+        "--quick",
+        action="store_true",
+        help="a smoke test of about a minute: --sessions 5 --memory-sessions 10 --reps 1 "
+        "--transfer-mib 16 --aggregate-mib 8 --requests 300 --echo-seconds 1",
     )
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--keep-logs",
         type=Path,
@@ -863,7 +1614,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("-v", "--verbose", action="store_true", help="log the clients' INFO lines")
     args = parser.parse_args(argv)
     if args.quick:
-        args.sessions, args.memory_sessions = 5, 10
+        args.sessions, args.memory_sessions, args.reps = 5, 10, 1
+        args.transfer_mib, args.aggregate_mib, args.requests, args.echo_seconds = 16, 8, 300, 1.0
+    if args.echo_seconds <= 0:
+        parser.error("--echo-seconds must be > 0")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
     if args.keep_logs is not None:
@@ -879,6 +1633,13 @@ def positive_int(text: str) -> int:
 
 
 async def run_phases(bench: Bench, args: argparse.Namespace, report: dict[str, Any]) -> None:
+    if args.only != "data":
+        await run_setup_phases(bench, args, report)
+    if args.only != "setup":
+        report["data_path"] = await measure_data_path(bench, args)
+
+
+async def run_setup_phases(bench: Bench, args: argparse.Namespace, report: dict[str, Any]) -> None:
     max_sessions = max(64, args.memory_sessions)
     supervisors: list[Supervisor] = []
     try:
@@ -962,6 +1723,8 @@ def is_ours(pid: int) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.serve:
+        return serve_main()
     logging.basicConfig(
         level=logging.WARNING,
         format="%(asctime)s bench %(name)s %(levelname)s %(message)s",
@@ -983,6 +1746,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "memory_sessions": args.memory_sessions,
             "warmup": args.warmup,
             "quick": args.quick,
+            "only": args.only,
         },
         "goals": {"warm_over_bare_max": GOAL_WARM_RATIO, "pss_per_session_mib_max": GOAL_PSS_MIB},
     }
@@ -1033,6 +1797,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["machine"]["loadavg_end"] = list(os.getloadavg())
     report["problems"] = problems
     report["notes"] = notes
+    report["summary"] = make_summary(report)
+    report["ratios"] = make_ratios(report["summary"])
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if aborted is None:

@@ -1,8 +1,8 @@
 """The benchmark runs end to end (``scripts/bench.py --quick``) and writes sane JSON.
 
 Only the shape and plausibility of the results are checked here, never the
-goals (set-up ratio, memory per session): those are for the report, and a
-loaded test machine would make them flaky.
+goals (set-up ratio, memory per session, throughput, latency): those are for
+the report, and a loaded test machine would make them flaky.
 """
 
 from __future__ import annotations
@@ -17,6 +17,26 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "scripts" / "bench.py"
+DCBENCH = ROOT / "scripts" / "dcbench.py"
+#: The flat summary's figures (issue 10); each must be a positive number.
+SUMMARY_NUMBERS = (
+    "tunnel_download_mbps",
+    "tunnel_upload_mbps",
+    "direct_download_mbps",
+    "request_p50_ms",
+    "request_p99_ms",
+    "direct_request_p50_ms",
+    "direct_request_p99_ms",
+    "echo_rate",
+    "direct_echo_rate",
+    "setup_p50_ms",
+    "bare_setup_p50_ms",
+    "supervisor_cpu_share",
+    "pss_mib_per_session",
+    "cpu_count",
+)
+#: Figures of scripts/dcbench.py (the bare DataChannels), from the perf-sctp branch.
+DCBENCH_NUMBERS = ("stock_dc_mbps", "project_dc_mbps", "stock_dc_echo_rate")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -35,7 +55,11 @@ def check_memory(name: str, values: dict[str, Any]) -> None:
     assert 0 < values["pss_mib"] <= values["rss_mib"] < 4096, (name, values)
 
 
-@pytest.mark.timeout(330)
+def is_positive_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+@pytest.mark.timeout(420)
 def test_quick_benchmark_writes_sane_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = subprocess.run(
@@ -43,15 +67,22 @@ def test_quick_benchmark_writes_sane_json(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=400,
     )
     # 1 means "ran, but saw a failure" (listed in the JSON); anything else is a crash.
     assert done.returncode in (0, 1), done.stderr[-3000:]
     assert "session set-up" in done.stdout and "memory" in done.stdout, done.stdout
+    assert "data path" in done.stdout and "goals" in done.stdout, done.stdout
     report = json.loads(out.read_text())
     problems = report["problems"]
 
-    assert report["params"] == {"sessions": 5, "memory_sessions": 10, "warmup": 1, "quick": True}
+    assert report["params"] == {
+        "sessions": 5,
+        "memory_sessions": 10,
+        "warmup": 1,
+        "quick": True,
+        "only": None,
+    }
     machine = report["machine"]
     assert machine["cpus"] >= 1 and machine["python"].startswith("3.")
     assert len(machine["loadavg_start"]) == len(machine["loadavg_end"]) == 3
@@ -80,3 +111,19 @@ def test_quick_benchmark_writes_sane_json(tmp_path: Path) -> None:
     assert memory["total_pss_mib"] >= sum(w["pss_mib"] for w in memory["workers"])
     assert memory["total_pss_mib"] <= memory["total_rss_mib"]
     assert isinstance(problems, list) and isinstance(report["notes"], list)
+
+    summary = report["summary"]
+    numbers = SUMMARY_NUMBERS + (DCBENCH_NUMBERS if DCBENCH.exists() else ())
+    for key in numbers:
+        assert is_positive_number(summary[key]), (key, summary[key], problems)
+    assert set(summary["aggregate_mbps"]) == {"1", "2", "4"}
+    for sessions, value in summary["aggregate_mbps"].items():
+        assert is_positive_number(value), (sessions, value, problems)
+    assert summary["supervisor_cpu_share"] < 1
+    assert summary["cpu_count"] == machine["cpus"]
+    assert summary["request_p50_ms"] <= summary["request_p99_ms"]
+    figures = report["data_path"]["figures"]
+    for key in ("tunnel_download_mbps", "tunnel_upload_mbps", "echo_rate"):
+        assert figures[key]["min"] <= figures[key]["median"] <= figures[key]["max"], figures[key]
+    if DCBENCH.exists():
+        assert is_positive_number(report["ratios"]["tunnel_download_over_stock_dc"])
