@@ -54,8 +54,14 @@ def setup_logging(verbose: int) -> None:
     redact_all_logs()  # at any verbosity, third-party debug output included
 
 
-def run_until_signal(main_coro: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    """Run ``main_coro`` until it returns or SIGINT/SIGTERM cancels it (exit 0)."""
+def run_until_signal(
+    main_coro: Callable[[], Coroutine[Any, Any, int]], *, data_path: bool = False
+) -> int:
+    """Run ``main_coro`` until it returns or SIGINT/SIGTERM cancels it (exit 0).
+
+    ``data_path``: the process carries tunnel traffic, so it runs on
+    :mod:`aio.loop`'s loop (uvloop where it imports).
+    """
 
     async def runner() -> int:
         loop = asyncio.get_running_loop()
@@ -77,6 +83,10 @@ def run_until_signal(main_coro: Callable[[], Coroutine[Any, Any, int]]) -> int:
                 return 0
             raise
 
+    if data_path:
+        from aio.loop import run
+
+        return run(runner())
     return asyncio.run(runner())
 
 
@@ -763,7 +773,7 @@ def connect(
             await forward.close()
             await tunnel.close()
 
-    sys.exit(run_until_signal(serve))
+    sys.exit(run_until_signal(serve, data_path=True))
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)

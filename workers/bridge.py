@@ -130,7 +130,9 @@ class TunnelBridge:
         self._streams: dict[int, _Stream] = {}
         self._draining = False
         self._drained = asyncio.Event()  # draining, no stream left, nothing queued
-        self._closed = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._closed = self._loop.create_future()
+        self._flush_scheduled = False
         channel.bufferedAmountLowThreshold = CHANNEL_LOW
         channel.on("message", self._on_message)
         channel.on("bufferedamountlow", self._flush)
@@ -185,6 +187,8 @@ class TunnelBridge:
 
     def close(self, reason: str = "closed") -> None:
         """Abort every stream and close the channel."""
+        if self._flush_scheduled:
+            self._flush_now()  # what was decided before the close still leaves
         self._shutdown(reason)
         with contextlib.suppress(Exception):
             self.channel.close()
@@ -269,8 +273,15 @@ class TunnelBridge:
         if stream.writer is None:
             stream.held.append(data)  # bounded: the peer's credit covers it
             return
-        stream.writer.write(data)
-        self._schedule_ack(stream)
+        writer = stream.writer
+        writer.write(data)
+        if stream.acking or writer.transport.get_write_buffer_size():
+            self._schedule_ack(stream)
+        else:
+            # The kernel took it all: credit goes back now, without a task and a
+            # wake-up per message (the mux sends WINDOW only past half the window).
+            n, stream.unacked = stream.unacked, 0
+            self.mux.acknowledge(stream_id, n)
 
     def _schedule_ack(self, stream: _Stream) -> None:
         if not stream.acking:
@@ -356,6 +367,19 @@ class TunnelBridge:
             self._kill(stream)  # the stream was reset under us
 
     def _flush(self) -> None:
+        """Send what the mux has queued, at the end of this turn of the event loop.
+
+        Everything decided in one turn (reads of several sockets, the frames of
+        one received message, their acknowledgements) goes out together: one
+        DataChannel message of several frames, so one SCTP chunk and, for small
+        frames, one packet, instead of one each (PROTOCOL.md §2.1).
+        """
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_scheduled = False
         channel = self.channel
         if self.is_closed or channel.readyState != "open":
             return

@@ -27,6 +27,7 @@ import time
 import zmq
 import zmq.asyncio
 
+import aio.loop
 from aio.logs import redact_all_logs
 from aio.tasks import TaskSet
 from protocol.errors import SignalingError
@@ -598,6 +599,6 @@ def worker_main(
         )
         return await worker.run()
 
-    reason = asyncio.run(main())
+    reason = aio.loop.run(main())
     log.info("worker %s exiting: %s", worker_id, reason)
     return 0
