@@ -27,7 +27,8 @@ How to drive a :class:`Multiplexer`:
 Guarantees: every message returned is at most ``max_message_size`` bytes and
 holds whole frames; a stream never sends more DATA than its credit; received
 data is never buffered here (it is handed out in :class:`DataReceived`, and the
-peer can only have ``initial_window`` unacknowledged bytes per stream); a stream
+peer can only have the stream's window, ``initial_window`` growing to at most
+``max_receive_window``, unacknowledged bytes per stream); a stream
 is forgotten as soon as both its halves are closed or it is reset, so memory
 stays bounded however many streams a session carries; and the RESETs that
 answer the peer (its invalid frames, its streams we refuse or reset) wait here
@@ -229,9 +230,10 @@ class _Stream:
     state: StreamState
     send_credit: int  # DATA bytes we may still send (peer's grants minus what we framed)
     # Receive side. Invariant, the heart of §2.4:
-    #   recv_credit + unacked + consumed + window_due == initial_window
+    #   recv_credit + unacked + consumed + window_due == window
     # so the peer can never make us (or the app) hold more than the window.
     recv_credit: int  # DATA bytes the peer may still send
+    window: int  # initial_window, grown with each grant up to max_receive_window
     unacked: int = 0  # handed to the app in DataReceived, not yet acknowledged
     consumed: int = 0  # acknowledged, not yet worth a WINDOW (under half the window)
     window_due: int = 0  # decided to grant, WINDOW not framed yet
@@ -319,7 +321,12 @@ class Multiplexer:
     bounds the streams alive at once, ours and the peer's together.
     ``max_message_size`` bounds the messages we send (the peer's SCTP
     ``max-message-size`` may be lower than 65 536); received messages are held to
-    the spec's 65 536. ``max_queued_resets`` bounds the RESETs answering the peer
+    the spec's 65 536. ``max_receive_window`` (default ``initial_window``: no
+    growth) is how far a stream's receive window may grow: each WINDOW grant
+    also doubles it, up to that, so a stream that keeps moving data gets the
+    credit a fast path needs in flight while one that carries a request or two
+    never has more than ``initial_window`` granted (§2.4 lets a receiver grant
+    more than it consumed). ``max_queued_resets`` bounds the RESETs answering the peer
     that :meth:`data_to_send` has not yet returned (:attr:`queued_resets`); a frame
     received while that many wait is a session error (§2.6).
     """
@@ -332,6 +339,7 @@ class Multiplexer:
         max_streams: int = 1024,
         max_message_size: int = MAX_MESSAGE_SIZE,
         max_queued_resets: int = MAX_QUEUED_RESETS,
+        max_receive_window: int | None = None,
     ) -> None:
         if not isinstance(role, Role):
             raise LocalProtocolError(f"role must be a Role, not {role!r}")
@@ -339,6 +347,12 @@ class Multiplexer:
             raise LocalProtocolError(f"initial_window {initial_window} out of 1..{MAX_WINDOW}")
         if max_streams < 1:
             raise LocalProtocolError(f"max_streams must be >= 1, not {max_streams}")
+        if max_receive_window is None:
+            max_receive_window = initial_window
+        if not initial_window <= max_receive_window <= MAX_WINDOW:
+            raise LocalProtocolError(
+                f"max_receive_window {max_receive_window} out of {initial_window}..{MAX_WINDOW}"
+            )
         if max_queued_resets < 1:
             raise LocalProtocolError(f"max_queued_resets must be >= 1, not {max_queued_resets}")
         if not _MIN_MESSAGE_SIZE <= max_message_size <= MAX_MESSAGE_SIZE:
@@ -348,9 +362,7 @@ class Multiplexer:
             )
         self._role = role
         self._initial_window = initial_window
-        # Grant credit back once half the window is consumed (§2.4): fewer WINDOW
-        # frames than per-read grants, and the sender never stalls on a full window.
-        self._grant_threshold = max(1, initial_window // 2)
+        self._max_receive_window = max_receive_window
         self._max_streams = max_streams
         self._max_message_size = max_message_size
         self._max_data_payload = min(MAX_PAYLOAD, max_message_size - HEADER_SIZE)
@@ -485,8 +497,9 @@ class Multiplexer:
     def acknowledge(self, stream_id: int, n: int) -> None:
         """The application consumed ``n`` bytes of ``stream_id``'s received data.
 
-        Once half the window has been consumed, a WINDOW returning that credit is
-        queued (call :meth:`data_to_send`). A no-op on a closed stream. Raises
+        Once half the stream's window has been consumed, a WINDOW returning that
+        credit (and growing the window, up to ``max_receive_window``) is queued
+        (call :meth:`data_to_send`). A no-op on a closed stream. Raises
         :class:`LocalProtocolError` if ``n`` is negative or more than was received
         and not yet acknowledged.
         """
@@ -505,8 +518,12 @@ class Multiplexer:
         stream.consumed += n
         # After the peer's FIN no more data comes: credit would be wasted bytes.
         receiving = stream.state in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
-        if receiving and stream.consumed >= self._grant_threshold:
-            stream.window_due += stream.consumed
+        # Grant credit back once half the window is consumed (§2.4): fewer WINDOW
+        # frames than per-read grants, and the sender never stalls on a full window.
+        if receiving and stream.consumed >= max(1, stream.window // 2):
+            growth = min(stream.window, self._max_receive_window - stream.window)
+            stream.window += growth
+            stream.window_due += stream.consumed + growth
             stream.consumed = 0
             self._grants[stream_id] = None
 
@@ -624,6 +641,7 @@ class Multiplexer:
             StreamState.OPEN,
             send_credit=self._initial_window,
             recv_credit=self._initial_window,
+            window=self._initial_window,
         )
 
     def _is_local_id(self, stream_id: int) -> bool:

@@ -360,6 +360,51 @@ def test_sender_stops_at_exactly_the_window_and_resumes_after_acknowledge() -> N
     assert client.pending_bytes(stream) == 0
 
 
+def test_receive_window_doubles_with_each_grant_up_to_its_maximum() -> None:
+    client, device = pair(initial_window=1000, max_receive_window=4000)
+    stream = client.open_stream("bulk")
+    payload = pattern(20_000)
+    client.send_data(stream, payload)
+    pump(client, device)
+    received = received_bytes(device.events(), stream)
+    assert len(received) == 1000  # the spec's initial credit, no more
+
+    # Each grant returns what was consumed and grows the window: 1000, 2000, 4000.
+    device.acknowledge(stream, 500)
+    assert sent_frames(device) == [Window(stream, 500 + 1000)]
+    device.acknowledge(stream, 500)  # under half of the grown window (1000 of 2000)
+    assert not device.wants_to_send()
+    device.acknowledge(stream, 0)
+    assert not device.wants_to_send()
+    client.receive_message(encode_frame(Window(stream, 1500)))
+    pump(client, device)
+    more = received_bytes(device.events(), stream)
+    assert len(more) == 1500  # the peer's credit: 2000 minus the 500 still unacknowledged
+    received += more
+    device.acknowledge(stream, 1500)  # consumed 500 + 1500 >= 2000 / 2
+    assert sent_frames(device) == [Window(stream, 2000 + 2000)]
+    client.receive_message(encode_frame(Window(stream, 4000)))
+
+    # At the maximum, grants only return what was consumed.
+    for _ in range(100):
+        pump(client, device)
+        new = received_bytes(device.events(), stream)
+        if not new:
+            break
+        assert len(new) <= 4000
+        received += new
+        device.acknowledge(stream, len(new))
+    assert received == payload
+    assert device._streams[stream].window == 4000
+
+
+def test_receive_window_bounds() -> None:
+    with pytest.raises(LocalProtocolError, match="max_receive_window"):
+        Multiplexer(Role.DEVICE, initial_window=1000, max_receive_window=999)
+    with pytest.raises(LocalProtocolError, match="max_receive_window"):
+        Multiplexer(Role.DEVICE, max_receive_window=MAX_WINDOW + 1)
+
+
 def test_acknowledge_errors_and_no_ops() -> None:
     client, device = pair()
     stream = client.open_stream("web")

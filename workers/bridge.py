@@ -18,10 +18,11 @@ Backpressure, end to end, so no buffer grows without bound:
   to aiortc while the channel's ``bufferedAmount`` is above ``CHANNEL_HIGH``.
 * tunnel → TCP: received data is acknowledged (credit returned to the peer)
   only after the local socket's write buffer has drained, so a slow reader holds
-  at most one window (``INITIAL_WINDOW``) per stream on this side.
+  at most one window per stream on this side: ``INITIAL_WINDOW``, grown with
+  each grant up to ``RECEIVE_WINDOW`` once the stream's reader keeps up.
 
 Per session, memory is bounded by about
-``streams * (INITIAL_WINDOW + STREAM_SEND_HIGH) + CHANNEL_HIGH``.
+``streams * (RECEIVE_WINDOW + STREAM_SEND_HIGH) + CHANNEL_HIGH``.
 
 Endings, as the applications at both ends see them: a FIN is a TCP half-close
 (``shutdown(SHUT_WR)``) and a stream whose two halves are closed closes its TCP
@@ -58,6 +59,11 @@ log = logging.getLogger("tunnelctl.bridge")
 CHANNEL_HIGH = 1024 * 1024
 CHANNEL_LOW = 256 * 1024
 STREAM_SEND_HIGH = 256 * 1024
+#: How far a stream's receive window grows (from the spec's 256 KiB): the credit
+#: in flight must cover the round trip of a WINDOW frame behind a full channel
+#: buffer, or the sender idles; with 256 KiB it ran dry in about one flush in
+#: ten during a download on loopback.
+RECEIVE_WINDOW = 1024 * 1024
 READ_SIZE = 64 * 1024
 CONNECT_TIMEOUT = 10.0
 
@@ -120,7 +126,7 @@ class TunnelBridge:
         label: str = "",
     ) -> None:
         self.channel = channel
-        self.mux = Multiplexer(role, max_streams=max_streams)
+        self.mux = Multiplexer(role, max_streams=max_streams, max_receive_window=RECEIVE_WINDOW)
         self.stats = BridgeStats()
         self._services = dict(services or {})
         self._accepts_streams = services is not None

@@ -37,14 +37,14 @@ from tests.e2e.large_support import (
     wait_for,
     worker_pid,
 )
-from workers.bridge import CHANNEL_HIGH, STREAM_SEND_HIGH
+from workers.bridge import CHANNEL_HIGH, RECEIVE_WINDOW, STREAM_SEND_HIGH
 
 pytestmark = pytest.mark.e2e
 
 LARGE = 256 * MiB
 #: What one busy stream may hold in a process by design (bridge.py's docstring):
 #: its window, its send queue and the channel's buffer.
-DESIGN_PER_STREAM = INITIAL_WINDOW + STREAM_SEND_HIGH + CHANNEL_HIGH
+DESIGN_PER_STREAM = RECEIVE_WINDOW + STREAM_SEND_HIGH + CHANNEL_HIGH
 #: Slack over the baseline for aiortc's own buffers, the allocator and the
 #: interpreter: far below the 256 MiB a missing bound would cost.
 RSS_SLACK = 64 * MiB
@@ -190,7 +190,8 @@ def test_a_slow_reader_pushes_back_to_the_service(lab: Lab) -> None:
         f"{(last.written - middle.written) / KiB:.0f} KiB while the reader read "
         f"{(last.read - middle.read) / KiB:.0f} KiB; most held by tunnelctl at once: "
         f"{max(b.held for b in samples) / KiB:.0f} KiB (design: window "
-        f"{INITIAL_WINDOW // KiB} + send queue {STREAM_SEND_HIGH // KiB} KiB + read buffers)"
+        f"{INITIAL_WINDOW // KiB}-{RECEIVE_WINDOW // KiB} + send queue "
+        f"{STREAM_SEND_HIGH // KiB} KiB + read buffers)"
     )
     for name, growth in growth_slow.items():
         report(f"slow phase: {name} RSS at the end - baseline {growth / MiB:+.2f} MiB")
