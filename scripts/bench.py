@@ -81,6 +81,7 @@ from typing import Any, cast
 
 from aiortc import RTCDataChannel, RTCPeerConnection
 
+from aio.loop import loop_name
 from harness import Child, ChildFailed
 from signaling.auth import issue_token
 from supervisor.control import request as control_request
@@ -1078,8 +1079,8 @@ async def measure_data_path(bench: Bench, args: argparse.Namespace) -> dict[str,
         data.connect_pids = [child.pid for child in forwards]
         for rep in range(args.reps):
             await measure_round(data, rep)
-        for sessions in AGGREGATE_SESSIONS:
-            for _ in range(args.reps):
+        for _ in range(args.reps):
+            for sessions in AGGREGATE_SESSIONS:
                 await measure_aggregate(data, sessions)
         await sup.status()  # the workers' pids, for the leak check
     finally:
@@ -1156,6 +1157,9 @@ async def measure_aggregate(data: DataPath, sessions: int) -> None:
     all_used = sup_used + sum(cpu_seconds(p) for p in others) - others_before
     data.add(f"aggregate_{sessions}_mbps", mbps(size * sessions, elapsed))
     data.cpu.setdefault(str(sessions), []).append(sup_used / all_used if all_used > 0 else 0.0)
+    # How busy the processes under test kept the machine's CPUs: near 1, the
+    # aggregate is bounded by CPU, not by the sessions' number.
+    data.add(f"aggregate_{sessions}_cpu_busy", all_used / elapsed / (os.cpu_count() or 1))
 
 
 def spread(values: Sequence[float]) -> dict[str, Any]:
@@ -1391,7 +1395,10 @@ def render_data_path(report: dict[str, Any]) -> list[str]:
     shares = data["supervisor_cpu_share"]
     for sessions in AGGREGATE_SESSIONS:
         share = shares.get(str(sessions))
+        busy = figures.get(f"aggregate_{sessions}_cpu_busy")
         note = f"supervisor {share['median'] * 100:.1f} % of the CPU used" if share else ""
+        if busy:
+            note += f"; CPUs {busy['median'] * 100:.0f} % busy with the processes under test"
         row(
             f"(6) aggregate, {sessions} session(s) x {params['aggregate_mib_per_session']} MiB",
             f"aggregate_{sessions}_mbps",
@@ -1418,7 +1425,8 @@ def render(report: dict[str, Any]) -> str:
     m = report["machine"]
     out = [
         "tunnelctl benchmark (everything on 127.0.0.1)",
-        f"machine: {m['cpus']} CPU(s), Python {m['python']}, {m['platform']}",
+        f"machine: {m['cpus']} CPU(s), Python {m['python']}, {m['platform']}; "
+        f"worker and connect on {m.get('event_loop', '?')}",
         f"load average (1/5/15 min): start {fmt_load(m['loadavg_start'])}, "
         f"end {fmt_load(m['loadavg_end'])}",
         "note: this machine may be shared with other jobs; timings move with its load.",
@@ -1738,6 +1746,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
+            # What the worker and `tunnelctl connect` run on (aio/loop.py).
+            "event_loop": loop_name(),
             "loadavg_start": list(os.getloadavg()),
             "shared": "the machine may be shared with other jobs",
         },
