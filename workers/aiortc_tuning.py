@@ -146,6 +146,7 @@ def install() -> bool:
     _patch_relay_loss()
     _tune_sctp()
     _tune_udp()
+    _tune_dtls_reads()
     _bound_message_reassembly()
     _bound_consent()
     _retry_checks_answered_by_peer()
@@ -733,6 +734,31 @@ def _tune_sctp() -> None:
         stock_init(self, *args, **kwargs)
         self._advertised_rwnd = RECEIVE_WINDOW
 
+    stock_t3_expired = transport_class._t3_expired
+    stock_t3_cancel = transport_class._t3_cancel
+
+    def t3_restart(self: Any) -> None:
+        # Every SACK that advances restarts T3: moving the deadline is cheaper
+        # than cancelling and re-arming a timer; the timer re-arms itself late.
+        if self._t3_handle is None:
+            self._t3_handle = self._loop.call_later(self._rto, self._t3_expired)
+            self.tunnelctl_t3_due = None
+        else:
+            self.tunnelctl_t3_due = self._loop.time() + self._rto
+
+    def t3_expired(self: Any) -> None:
+        due = getattr(self, "tunnelctl_t3_due", None)
+        self.tunnelctl_t3_due = None
+        if due is not None and due > self._loop.time():
+            self._t3_handle = self._loop.call_at(due, self._t3_expired)
+            return
+        self.tunnelctl_marked = True
+        stock_t3_expired(self)
+
+    def t3_cancel(self: Any) -> None:
+        self.tunnelctl_t3_due = None
+        stock_t3_cancel(self)
+
     def update_rto(self: Any, rtt: float) -> None:
         stock_update_rto(self, rtt)
         self._rto = max(RTO_MIN, min(self._srtt + 4 * self._rttvar, sctp.SCTP_RTO_MAX))
@@ -827,21 +853,26 @@ def _tune_sctp() -> None:
         cwnd = min(self._flight_size + burst, self._cwnd)
         retransmit_earliest = True
         window_full = False
-        for chunk in self._sent_queue:
-            if chunk._retransmit:
-                if self._fast_recovery_transmit:
-                    self._fast_recovery_transmit = False
-                elif self._flight_size >= cwnd:
-                    window_full = True
-                    break
-                self._flight_size_increase(chunk)
-                chunk._misses = 0
-                chunk._retransmit = False
-                chunk._sent_count += 1
-                out.append(bytes(chunk))
-                if retransmit_earliest:
-                    self._t3_restart()
-            retransmit_earliest = False
+        # Only a gap report or T3 marks chunks for retransmission: without one
+        # since the last complete pass, the sent queue is not scanned.
+        if getattr(self, "tunnelctl_marked", False):
+            for chunk in self._sent_queue:
+                if chunk._retransmit:
+                    if self._fast_recovery_transmit:
+                        self._fast_recovery_transmit = False
+                    elif self._flight_size >= cwnd:
+                        window_full = True
+                        break
+                    self._flight_size_increase(chunk)
+                    chunk._misses = 0
+                    chunk._retransmit = False
+                    chunk._sent_count += 1
+                    out.append(bytes(chunk))
+                    if retransmit_earliest:
+                        self._t3_restart()
+                retransmit_earliest = False
+            else:
+                self.tunnelctl_marked = False
         if not window_full:
             outbound = self._outbound_queue
             rwnd = getattr(self, "tunnelctl_rwnd", None)
@@ -968,6 +999,7 @@ def _tune_sctp() -> None:
         if uint32_gt(self._last_sacked_tsn, chunk.cumulative_tsn):
             return
         if chunk.gaps or self._fast_recovery_exit is not None:
+            self.tunnelctl_marked = True
             await stock_receive_sack(self, chunk)
             self.tunnelctl_rwnd = chunk.advertised_rwnd - self._flight_size
             return
@@ -1127,6 +1159,9 @@ def _tune_sctp() -> None:
         transmit(self)
 
     transport_class.__init__ = init  # type: ignore[method-assign]
+    transport_class._t3_restart = t3_restart  # type: ignore[method-assign]
+    transport_class._t3_expired = t3_expired  # type: ignore[method-assign]
+    transport_class._t3_cancel = t3_cancel  # type: ignore[method-assign]
     transport_class._update_rto = update_rto  # type: ignore[method-assign,assignment]
     transport_class._handle_data = handle_data  # type: ignore[method-assign]
     transport_class._receive_data_chunk = receive_data_chunk  # type: ignore[method-assign]
@@ -1150,6 +1185,29 @@ def _spawn(coroutine: Awaitable[Any]) -> None:
 #: under a hundred 1.2 KB datagrams: a worker busy for a millisecond or two drops
 #: a full congestion window's burst, and the sender falls back into recovery.
 UDP_RECEIVE_BUFFER: Final = 4 * 1024 * 1024
+
+
+def _tune_dtls_reads() -> None:
+    """Skip aiortc's read of DTLS output after every datagram received when there is none.
+
+    ``RTCDtlsTransport._write_ssl`` runs after each received record and reads
+    OpenSSL's output BIO, which raises (and catches) an error when it is empty:
+    the usual case once the handshake is done. The BIO's length says so first.
+    """
+    from aiortc.rtcdtlstransport import RTCDtlsTransport
+    from OpenSSL.SSL import _ffi, _lib  # type: ignore[attr-defined]
+
+    if not hasattr(_lib, "BIO_get_mem_data"):
+        return
+    stock = RTCDtlsTransport._write_ssl
+
+    async def write_ssl(self: RTCDtlsTransport) -> None:
+        bio = getattr(self._ssl, "_from_ssl", None)
+        if bio is not None and _lib.BIO_get_mem_data(bio, _ffi.NULL) <= 0:
+            return
+        await stock(self)
+
+    RTCDtlsTransport._write_ssl = write_ssl  # type: ignore[method-assign]
 
 
 def _tune_udp() -> None:
