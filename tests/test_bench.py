@@ -17,7 +17,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "scripts" / "bench.py"
-DCBENCH = ROOT / "scripts" / "dcbench.py"
 #: The flat summary's figures (issue 10); each must be a positive number.
 SUMMARY_NUMBERS = (
     "tunnel_download_mbps",
@@ -29,14 +28,15 @@ SUMMARY_NUMBERS = (
     "direct_request_p99_ms",
     "echo_rate",
     "direct_echo_rate",
+    "stock_dc_mbps",
+    "project_dc_mbps",
+    "stock_dc_echo_rate",
     "setup_p50_ms",
     "bare_setup_p50_ms",
     "supervisor_cpu_share",
     "pss_mib_per_session",
     "cpu_count",
 )
-#: Figures of scripts/dcbench.py (the bare DataChannels), from the perf-sctp branch.
-DCBENCH_NUMBERS = ("stock_dc_mbps", "project_dc_mbps", "stock_dc_echo_rate")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -113,8 +113,7 @@ def test_quick_benchmark_writes_sane_json(tmp_path: Path) -> None:
     assert isinstance(problems, list) and isinstance(report["notes"], list)
 
     summary = report["summary"]
-    numbers = SUMMARY_NUMBERS + (DCBENCH_NUMBERS if DCBENCH.exists() else ())
-    for key in numbers:
+    for key in SUMMARY_NUMBERS:
         assert is_positive_number(summary[key]), (key, summary[key], problems)
     assert set(summary["aggregate_mbps"]) == {"1", "2", "4"}
     for sessions, value in summary["aggregate_mbps"].items():
@@ -125,5 +124,7 @@ def test_quick_benchmark_writes_sane_json(tmp_path: Path) -> None:
     figures = report["data_path"]["figures"]
     for key in ("tunnel_download_mbps", "tunnel_upload_mbps", "echo_rate"):
         assert figures[key]["min"] <= figures[key]["median"] <= figures[key]["max"], figures[key]
-    if DCBENCH.exists():
-        assert is_positive_number(report["ratios"]["tunnel_download_over_stock_dc"])
+    for name, value in report["ratios"].items():
+        assert value is None or is_positive_number(value), (name, value)
+    assert is_positive_number(report["ratios"]["tunnel_download_over_stock_dc"])
+    assert is_positive_number(report["ratios"]["echo_over_stock_dc_echo"])
