@@ -66,6 +66,7 @@ __all__ = [
     "ErrorCode",
     "IceCandidate",
     "IceServers",
+    "Moving",
     "Offer",
     "PeerLeft",
     "PeerRole",
@@ -401,6 +402,19 @@ class Revoke:
 
 
 @dataclass(frozen=True, slots=True)
+class Moving:
+    """``moving`` (S→ any): this signaling node is going away; connect to the
+    next signaling URL now, without backoff (§1.8, "Drain")."""
+
+    reason: str
+
+    TYPE: ClassVar[str] = "moving"
+
+    def __post_init__(self) -> None:
+        check_str("moving.reason", self.reason, max_chars=MAX_REASON_LEN)
+
+
+@dataclass(frozen=True, slots=True)
 class Error:
     """``error`` (S→ any). ``session`` is always on the wire, ``null`` if unset."""
 
@@ -432,6 +446,7 @@ SignalingMessage: TypeAlias = (
     | PeerLeft
     | Revoke
     | Error
+    | Moving
 )
 
 _MESSAGE_CLASSES: Final[tuple[type[SignalingMessage], ...]] = (
@@ -448,6 +463,7 @@ _MESSAGE_CLASSES: Final[tuple[type[SignalingMessage], ...]] = (
     PeerLeft,
     Revoke,
     Error,
+    Moving,
 )
 
 #: Wire ``type`` → message class.

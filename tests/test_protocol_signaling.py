@@ -23,6 +23,7 @@ from protocol.signaling import (
     ErrorCode,
     IceCandidate,
     IceServers,
+    Moving,
     Offer,
     PeerLeft,
     Register,
@@ -87,6 +88,7 @@ VECTORS: list[tuple[str, SignalingMessage]] = [
         '{"v":1,"type":"revoke","client":"alice","reason":"token revoked"}',
         Revoke("alice", "token revoked"),
     ),
+    ('{"v":1,"type":"moving","reason":"node draining"}', Moving("node draining")),
 ]
 
 _SESSION = '"session":"s-0123456789ab"'
@@ -298,6 +300,7 @@ def test_every_type_is_registered() -> None:
         "peer_left",
         "revoke",
         "error",
+        "moving",
     }
 
 
