@@ -87,6 +87,7 @@ class _Registration:
 
     device: str
     conn: int
+    services: tuple[str, ...] = ()
     gen: int | None = None
     value: str | None = None
 
@@ -179,7 +180,7 @@ class RedisCluster:
         if isinstance(action, Presence):
             assert isinstance(action.conn, int)
             if action.online:
-                reg = _Registration(action.device, action.conn)
+                reg = _Registration(action.device, action.conn, action.services)
                 # Known at once, before its gen: a registration elsewhere that
                 # arrives meanwhile is the older one (its INCR came first).
                 self._local[action.device] = reg
@@ -242,11 +243,17 @@ class RedisCluster:
             return  # already gone or replaced here
         reg.gen = gen
         reg.value = json.dumps(
-            {"v": 1, "node": self.node, "conn": reg.conn, "gen": gen, "services": []},
+            {
+                "v": 1,
+                "node": self.node,
+                "conn": reg.conn,
+                "gen": gen,
+                "services": list(reg.services),
+            },
             separators=(",", ":"),
         )
         await self._redis.set(device_key(reg.device), reg.value, px=self._ttl_ms)
-        up = PresenceUp(reg.device, self.node, reg.conn, gen)
+        up = PresenceUp(reg.device, self.node, reg.conn, gen, reg.services)
         await self._redis.publish(PRESENCE_CHANNEL, encode_envelope(up))
 
     async def _withdraw(self, reg: _Registration) -> None:
@@ -321,7 +328,7 @@ class RedisCluster:
             return  # an older announcement arriving late
         at = RemoteConn(env.node, env.conn)
         self._remote_gens[env.device] = (at, env.gen)
-        self._apply(self._router.remote_registered(env.device, at))
+        self._apply(self._router.remote_registered(env.device, at, env.services))
 
     @property
     def _redis_client(self) -> Redis:
@@ -345,7 +352,7 @@ class RedisCluster:
         assert self._redis is not None and self._router is not None
         await self._write_node_key()
         for reg in list(self._local.values()):
-            fresh = _Registration(reg.device, reg.conn)
+            fresh = _Registration(reg.device, reg.conn, reg.services)
             self._local[reg.device] = fresh
             self._queue.put_nowait(fresh)
         keys = [key async for key in self._redis.scan_iter(match=DEVICE_KEY_PATTERN, count=1000)]
@@ -356,7 +363,11 @@ class RedisCluster:
             try:
                 entry = json.loads(raw)
                 up = PresenceUp(
-                    _device_of(key), entry["node"], int(entry["conn"]), int(entry["gen"])
+                    _device_of(key),
+                    entry["node"],
+                    int(entry["conn"]),
+                    int(entry["gen"]),
+                    tuple(str(name) for name in entry["services"]),
                 )
             except (ValueError, KeyError, TypeError):
                 continue

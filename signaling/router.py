@@ -54,13 +54,17 @@ from typing import Final, TypeAlias
 
 from protocol.errors import SignalingError
 from protocol.signaling import (
+    MAX_LISTED_DEVICES,
     PEER_ROLES,
     Answer,
     Auth,
     Candidate,
     CloseCode,
+    DeviceInfo,
+    Devices,
     Error,
     ErrorCode,
+    ListDevices,
     Offer,
     PeerLeft,
     PeerRole,
@@ -138,6 +142,7 @@ class Presence:
     device: str
     conn: ConnId
     online: bool
+    services: tuple[str, ...] = ()
 
 
 Action: TypeAlias = Send | Close | Relay | Presence
@@ -214,6 +219,7 @@ TRANSITIONS: Final[Mapping[tuple[RouteState, str, PeerRole], RouteState | None]]
 _SENDERS: Final[Mapping[str, frozenset[PeerRole]]] = {
     Auth.TYPE: frozenset(PEER_ROLES),
     Register.TYPE: frozenset({"device"}),
+    ListDevices.TYPE: frozenset({"client"}),
     SessionRequest.TYPE: frozenset({"client"}),
     Offer.TYPE: frozenset({"device"}),
     Answer.TYPE: frozenset({"client"}),
@@ -248,6 +254,8 @@ class _Conn:
     bucket: _TokenBucket
     drops_in_row: int = 0
     closing: bool = False
+    # What a registered device exposes (names only), for list_devices.
+    services: tuple[str, ...] = ()
     # Session ids this connection is a party of; a dict keeps insertion order
     # so peer_left goes out in a stable order.
     sessions: dict[str, None] = field(default_factory=dict)
@@ -280,6 +288,7 @@ class Router:
         self._counters: Counter[str] = Counter()
         # Devices registered on other nodes, and the remote parties of sessions.
         self._remote_devices: dict[str, RemoteConn] = {}
+        self._remote_services: dict[str, tuple[str, ...]] = {}
         self._remote: dict[RemoteConn, _Conn] = {}
         self._addressed: _Conn | None = None  # the local party of the relay in hand
 
@@ -352,6 +361,8 @@ class Router:
                 return [self._error(c, ErrorCode.BAD_STATE, "already authenticated")]
             case Register():
                 return self._register(c, msg)
+            case ListDevices():
+                return self._list_devices(c)
             case SessionRequest():
                 return self._request_session(c, msg)
             case Offer() | Answer() | Candidate() | SessionEnd():
@@ -411,7 +422,8 @@ class Router:
 
         Counters: ``connections_total``, ``messages_received``,
         ``messages_routed`` (forwarded to the other party),
-        ``messages_dropped`` (rate limit), ``errors.<code>`` (``error``
+        ``messages_dropped`` (rate limit), ``device_lists`` (``list_devices``
+        answered), ``errors.<code>`` (``error``
         messages sent, by code), ``closes.<code>`` (closes the router asked for).
         """
         stats = {
@@ -422,6 +434,7 @@ class Router:
             "messages_received": 0,
             "messages_routed": 0,
             "messages_dropped": 0,
+            "device_lists": 0,
         }
         stats.update(self._counters)
         return stats
@@ -482,21 +495,28 @@ class Router:
                 self._counters["messages_from_nodes_dropped"] += 1
                 return []
 
-    def remote_registered(self, device: str, at: RemoteConn) -> list[Action]:
-        """``device`` registered on another node, more recently than here (the
-        adapter orders registrations cluster-wide): a local registration is
-        replaced, as by a newer one here."""
+    def remote_registered(
+        self, device: str, at: RemoteConn, services: tuple[str, ...] = ()
+    ) -> list[Action]:
+        """``device`` registered on another node, with ``services``, more
+        recently than here (the adapter orders registrations cluster-wide): a
+        local registration is replaced, as by a newer one here."""
         actions: list[Action] = []
         local = self._devices.get(device)
         if local is not None:
             actions += self._replace(local, device)
         self._remote_devices[device] = at
+        self._remote_services[device] = services
         return actions
 
     def remote_unregistered(self, device: str, at: RemoteConn) -> None:
         """The registration of ``device`` at ``at`` ended (a newer one stays)."""
         if self._remote_devices.get(device) == at:
-            del self._remote_devices[device]
+            self._forget_remote_device(device)
+
+    def _forget_remote_device(self, device: str) -> None:
+        self._remote_devices.pop(device, None)
+        self._remote_services.pop(device, None)
 
     def remote_gone(
         self, at: RemoteConn, undelivered: SignalingMessage | None = None
@@ -507,7 +527,7 @@ class Router:
         ``peer_left`` to its local party."""
         for device, where in list(self._remote_devices.items()):
             if where == at:
-                del self._remote_devices[device]
+                self._forget_remote_device(device)
         c = self._remote.get(at)
         if c is None:
             return []
@@ -532,7 +552,7 @@ class Router:
         actions: list[Action] = []
         for device, where in list(self._remote_devices.items()):
             if where.node == node:
-                del self._remote_devices[device]
+                self._forget_remote_device(device)
         for at in [at for at in self._remote if at.node == node]:
             actions += self.remote_gone(at)
         return actions
@@ -557,9 +577,10 @@ class Router:
         if previous is not None and previous is not c:
             actions += self._replace(previous, msg.device)
         self._devices[msg.device] = c
-        self._remote_devices.pop(msg.device, None)
+        self._forget_remote_device(msg.device)
+        c.services = msg.services
         actions.append(Send(c.conn, Registered(msg.device)))
-        actions.append(Presence(msg.device, c.conn, online=True))
+        actions.append(Presence(msg.device, c.conn, online=True, services=msg.services))
         return actions
 
     def _replace(self, previous: _Conn, device: str) -> list[Action]:
@@ -568,6 +589,26 @@ class Router:
         return [
             self._error(previous, ErrorCode.REPLACED, f"device {device} registered elsewhere"),
             *self._close(previous, CloseCode.REPLACED, "replaced by a newer connection"),
+        ]
+
+    def _list_devices(self, c: _Conn) -> list[Action]:
+        # Only the devices the token grants: a client learns nothing, not even
+        # presence, about the others. An offline device's services are unknown.
+        entries = []
+        for device in sorted(c.identity.devices):
+            link = self._devices.get(device)
+            if link is not None:
+                entries.append(DeviceInfo(device, True, link.services))
+            elif device in self._remote_devices:
+                entries.append(DeviceInfo(device, True, self._remote_services[device]))
+            else:
+                entries.append(DeviceInfo(device, False, ()))
+        self._counters["device_lists"] += 1
+        step = MAX_LISTED_DEVICES
+        pages = [entries[i : i + step] for i in range(0, len(entries), step)] or [[]]
+        return [
+            Send(c.conn, Devices(tuple(page), more=i < len(pages) - 1))
+            for i, page in enumerate(pages)
         ]
 
     def _request_session(self, c: _Conn, msg: SessionRequest) -> list[Action]:

@@ -12,7 +12,10 @@ import pytest
 from protocol.signaling import (
     Answer,
     Candidate,
+    DeviceInfo,
+    Devices,
     Error,
+    ListDevices,
     Offer,
     PeerLeft,
     Register,
@@ -155,7 +158,7 @@ class Cluster:
             if other == node:
                 continue
             if presence.online:
-                self.apply(other, router.remote_registered(presence.device, at))
+                self.apply(other, router.remote_registered(presence.device, at, presence.services))
             else:
                 router.remote_unregistered(presence.device, at)
 
@@ -317,6 +320,22 @@ def test_an_expired_clients_devices_on_other_nodes_are_told() -> None:
     c.apply("b", c.routers["b"].expire(alice, "token expired"))
     assert c.take("a", dev) == [Revoke("alice", "token expired")]
     assert c.closed[("b", alice)] == 4401
+
+
+def test_list_devices_answers_with_presence_and_services_on_every_node() -> None:
+    c = Cluster("a", "b")
+    dev = c.connect("a", "dev1", "device")
+    c.send("a", dev, Register("dev1", services=("ssh", "web")))
+    alice = c.connect("b", "alice", "client", ["dev1", "dev2"])
+    c.send("b", alice, ListDevices())
+    assert c.take("b", alice) == [
+        Devices((DeviceInfo("dev1", True, ("ssh", "web")), DeviceInfo("dev2", False, ())))
+    ]
+    c.disconnect("a", dev)
+    c.send("b", alice, ListDevices())
+    assert c.take("b", alice) == [
+        Devices((DeviceInfo("dev1", False, ()), DeviceInfo("dev2", False, ())))
+    ]
 
 
 def test_receive_remote_needs_a_connected_recipient() -> None:
