@@ -59,6 +59,8 @@ log = logging.getLogger("tunnelctl.signal.cluster")
 #: Presence and liveness keys live this long unless refreshed (PROTOCOL.md §1.8).
 TTL: Final = 15.0
 REFRESH_INTERVAL: Final = 5.0
+#: Relays sent to Redis in one pipeline at most.
+MAX_BATCH: Final = 256
 
 # Refresh or delete a key only while it holds what this node wrote: a newer
 # registration on another node must not be clobbered.
@@ -206,10 +208,16 @@ class RedisCluster:
     async def _publish_loop(self) -> None:
         while True:
             item = await self._queue.get()
+            if isinstance(item, Relay):
+                # Relays queued meanwhile go in one pipeline, in order: one
+                # round trip to Redis for all of them, not one each.
+                batch = [item]
+                while len(batch) < MAX_BATCH and isinstance(self._peek(), Relay):
+                    batch.append(self._queue.get_nowait())  # type: ignore[arg-type]
+                await self._relay_batch(batch)
+                continue
             try:
-                if isinstance(item, Relay):
-                    await self._relay(item)
-                elif isinstance(item, _Registration):
+                if isinstance(item, _Registration):
                     await self._announce(item)
                 elif isinstance(item, _Withdraw):
                     await self._withdraw(item.reg)
@@ -217,18 +225,29 @@ class RedisCluster:
                     await self._redis_client.publish(item.channel, item.text)
             except (RedisError, OSError) as exc:
                 log.warning("node %s: Redis: %s", self.node, exc)
-                if isinstance(item, Relay):
-                    self._undeliverable(item.to, item)
 
-    async def _relay(self, relay: Relay) -> None:
-        assert self._redis is not None and isinstance(relay.origin, int)
-        env = RelayEnvelope(
-            self.node, relay.origin, relay.role, relay.sub, relay.to.conn, relay.message
-        )
-        receivers = await self._redis.publish(node_channel(relay.to.node), encode_envelope(env))
-        self.relays_published += 1
-        if not receivers:
-            self._undeliverable(relay.to, relay)
+    def _peek(self) -> object:
+        # asyncio.Queue has no peek; its deque is the documented-by-use _queue.
+        pending = self._queue._queue  # type: ignore[attr-defined]
+        return pending[0] if pending else None
+
+    async def _relay_batch(self, batch: list[Relay]) -> None:
+        try:
+            async with self._redis_client.pipeline(transaction=False) as pipe:
+                for relay in batch:
+                    assert isinstance(relay.origin, int)
+                    env = RelayEnvelope(
+                        self.node, relay.origin, relay.role, relay.sub, relay.to.conn, relay.message
+                    )
+                    pipe.publish(node_channel(relay.to.node), encode_envelope(env))
+                receivers = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("node %s: cannot relay through Redis: %s", self.node, exc)
+            receivers = [0] * len(batch)
+        self.relays_published += len(batch)
+        for relay, count in zip(batch, receivers, strict=True):
+            if not count:
+                self._undeliverable(relay.to, relay)
 
     def _undeliverable(self, to: RemoteConn, relay: Relay) -> None:
         assert self._router is not None
