@@ -26,6 +26,7 @@ import json
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -59,6 +60,8 @@ log = logging.getLogger("tunnelctl.signal.cluster")
 #: Presence and liveness keys live this long unless refreshed (PROTOCOL.md §1.8).
 TTL: Final = 15.0
 REFRESH_INTERVAL: Final = 5.0
+#: How long closing waits for what is queued for Redis.
+CLOSE_FLUSH: Final = 2.0
 #: Relays sent to Redis in one pipeline at most.
 MAX_BATCH: Final = 256
 
@@ -127,7 +130,11 @@ class RedisCluster:
         self._redis: Redis | None = None
         self._router: Router | None = None
         self._apply: Callable[[list[Action]], None] = lambda actions: None
-        self._queue: asyncio.Queue[Relay | _Registration | _Withdraw | _Post] = asyncio.Queue()
+        # What to do in Redis, in order; a deque (not asyncio.Queue) so that the
+        # relays at its head can be taken as one batch.
+        self._pending: deque[Relay | _Registration | _Withdraw | _Post] = deque()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()  # nothing pending
         self._local: dict[str, _Registration] = {}
         self._remote_gens: dict[str, tuple[RemoteConn, int]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -161,6 +168,11 @@ class RedisCluster:
 
     async def close(self) -> None:
         """Stop; remove this node's keys (best effort: they expire anyway)."""
+        if self._tasks and self._pending:
+            # The registrations that ended as the connections closed: their
+            # "down" tells the other nodes now rather than by TTL.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), CLOSE_FLUSH)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -186,14 +198,19 @@ class RedisCluster:
                 # Known at once, before its gen: a registration elsewhere that
                 # arrives meanwhile is the older one (its INCR came first).
                 self._local[action.device] = reg
-                self._queue.put_nowait(reg)
+                self._put(reg)
                 return
             reg_now = self._local.get(action.device)
             if reg_now is not None and reg_now.conn == action.conn:
                 del self._local[action.device]
-                self._queue.put_nowait(_Withdraw(reg_now))
+                self._put(_Withdraw(reg_now))
             return
-        self._queue.put_nowait(action)
+        self._put(action)
+
+    def _put(self, item: Relay | _Registration | _Withdraw | _Post) -> None:
+        self._pending.append(item)
+        self._idle.clear()
+        self._wakeup.set()
 
     def stats(self) -> dict[str, int]:
         return {
@@ -206,14 +223,20 @@ class RedisCluster:
     # --- out ---------------------------------------------------------------------
 
     async def _publish_loop(self) -> None:
+        pending = self._pending
         while True:
-            item = await self._queue.get()
+            if not pending:
+                self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            item = pending.popleft()
             if isinstance(item, Relay):
                 # Relays queued meanwhile go in one pipeline, in order: one
                 # round trip to Redis for all of them, not one each.
                 batch = [item]
-                while len(batch) < MAX_BATCH and isinstance(self._peek(), Relay):
-                    batch.append(self._queue.get_nowait())  # type: ignore[arg-type]
+                while pending and len(batch) < MAX_BATCH and isinstance(pending[0], Relay):
+                    batch.append(pending.popleft())  # type: ignore[arg-type]
                 await self._relay_batch(batch)
                 continue
             try:
@@ -225,11 +248,6 @@ class RedisCluster:
                     await self._redis_client.publish(item.channel, item.text)
             except (RedisError, OSError) as exc:
                 log.warning("node %s: Redis: %s", self.node, exc)
-
-    def _peek(self) -> object:
-        # asyncio.Queue has no peek; its deque is the documented-by-use _queue.
-        pending = self._queue._queue  # type: ignore[attr-defined]
-        return pending[0] if pending else None
 
     async def _relay_batch(self, batch: list[Relay]) -> None:
         try:
@@ -321,7 +339,7 @@ class RedisCluster:
                 sender = RemoteConn(env.node, env.conn)
                 if not router.is_connected(env.to):
                     gone = GoneEnvelope(self.node, env.to, env.conn, env.message)
-                    self._queue.put_nowait(_Post(node_channel(env.node), encode_envelope(gone)))
+                    self._put(_Post(node_channel(env.node), encode_envelope(gone)))
                     return
                 self._apply(router.receive_remote(env.to, sender, env.role, env.sub, env.message))
             case GoneEnvelope():
@@ -359,6 +377,9 @@ class RedisCluster:
     async def _write_node_key(self) -> bool:
         """Write this node's key; returns whether it was missing (Redis lost it)."""
         assert self._redis is not None
+        # Seeded with the time in ms, so gens keep growing when a Redis without
+        # persistence comes back empty: newest-wins stays right across it.
+        await self._redis.set(GEN_KEY, int(time.time() * 1000), nx=True)
         value = json.dumps({"v": 1, "started": int(self._started)}, separators=(",", ":"))
         created = await self._redis.set(node_key(self.node), value, px=self._ttl_ms, nx=True)
         if not created:
@@ -373,7 +394,9 @@ class RedisCluster:
         for reg in list(self._local.values()):
             fresh = _Registration(reg.device, reg.conn, reg.services)
             self._local[reg.device] = fresh
-            self._queue.put_nowait(fresh)
+            self._put(fresh)
+        stale = dict(self._remote_gens)
+        self._remote_gens.clear()  # what Redis holds now is the truth
         keys = [key async for key in self._redis.scan_iter(match=DEVICE_KEY_PATTERN, count=1000)]
         values = await self._redis.mget(keys) if keys else []
         for key, raw in zip(keys, values, strict=True):
@@ -392,6 +415,9 @@ class RedisCluster:
                 continue
             if up.node != self.node:
                 self._on_up(up)
+        for device, (at, _) in stale.items():
+            if device not in self._remote_gens:
+                self._router.remote_unregistered(device, at)
 
     async def _refresh_loop(self) -> None:
         assert self._redis is not None and self._router is not None
