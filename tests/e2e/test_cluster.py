@@ -9,6 +9,7 @@ the machine's load.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import secrets
@@ -21,6 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 from harness import Child
@@ -254,3 +257,63 @@ def test_established_sessions_outlive_a_redis_restart_and_the_cluster_heals(
     cluster.wait_online("c")
     cluster.fetch_big(cluster.forward("c", "bob"))
     cluster.fetch_big(address)
+
+
+@contextlib.contextmanager
+def raw(
+    cluster: Cluster, node: str, sub: str, role: str, devices: tuple[str, ...] = ()
+) -> Iterator[ClientConnection]:
+    """A bare WebSocket peer on ``node``, authenticated (welcome read)."""
+    token = issue_token(cluster.secret, sub=sub, role=role, devices=devices)
+    with ws_connect(f"{cluster.urls[node]}?token={token}", open_timeout=READY) as ws:
+        assert json.loads(ws.recv(timeout=READY))["type"] == "welcome"
+        yield ws
+
+
+def register(ws: ClientConnection, device: str) -> None:
+    ws.send(json.dumps({"v": 1, "type": "register", "device": device}))
+    assert json.loads(ws.recv(timeout=READY))["type"] == "registered"
+
+
+REQUEST = '{"v":1,"type":"session_request","session":"s-0123456789ab","device":"dev9"}'
+
+
+def test_a_device_registered_on_two_nodes_keeps_the_newest_link(cluster: Cluster) -> None:
+    with (
+        raw(cluster, "a", "dev9", "device") as older,
+        raw(cluster, "b", "dev9", "device") as newer,
+        raw(cluster, "c", "alice", "client", ("dev9",)) as client,
+    ):
+        register(older, "dev9")
+        register(newer, "dev9")
+        told = json.loads(older.recv(timeout=READY))
+        assert (told["type"], told["code"]) == ("error", "replaced")
+        with pytest.raises(ConnectionClosed) as closed:
+            older.recv(timeout=READY)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4409
+        client.send(REQUEST)  # c routes it to the newer link, on b
+        request = json.loads(newer.recv(timeout=READY))
+        assert (request["type"], request["client"]) == ("session_request", "alice")
+
+
+def test_a_request_routed_to_a_killed_node_is_answered(cluster: Cluster) -> None:
+    with (
+        raw(cluster, "a", "dev9", "device") as device,
+        raw(cluster, "b", "alice", "client", ("dev9",)) as client,
+    ):
+        register(device, "dev9")
+        deadline = time.monotonic() + READY
+        while True:  # until b has heard of dev9 (presence crosses Redis)
+            client.send('{"v":1,"type":"list_devices"}')
+            if json.loads(client.recv(timeout=READY))["devices"][0]["online"]:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        cluster.nodes["a"].kill()  # b still believes dev9 is on a
+        client.send(REQUEST)
+        answer = json.loads(client.recv(timeout=READY))
+        assert (answer["type"], answer["code"], answer["session"]) == (
+            "error",
+            "device_offline",
+            "s-0123456789ab",
+        )
