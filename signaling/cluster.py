@@ -158,7 +158,13 @@ class RedisCluster:
             await self._redis.ping()
         except (RedisError, OSError, ValueError) as exc:
             raise ServerConfigError(f"cannot use Redis at {_safe(self._url)}: {exc}") from None
-        await self._write_node_key()
+        if not await self._write_node_key():
+            log.warning(
+                "node %s: that node id is live in Redis already: node ids must be unique "
+                "(fine if this node restarted within %g s)",
+                self.node,
+                self._ttl_ms / 1000,
+            )
         self._tasks = [
             asyncio.create_task(self._publish_loop(), name="cluster-publish"),
             asyncio.create_task(self._listen_loop(), name="cluster-listen"),
