@@ -140,6 +140,7 @@ class TunnelBridge:
             self._flush,
             admit=self._admit_http,
             open_connection=lambda up: open_connection(ServiceAddress(up.host, up.port)),
+            stats=self.stats,
             label=label,
         )
         channel.bufferedAmountLowThreshold = CHANNEL_LOW
@@ -158,7 +159,7 @@ class TunnelBridge:
 
     @property
     def stream_count(self) -> int:
-        return len(self._streams)
+        return len(self._streams) + len(self.http)
 
     @property
     def is_closed(self) -> bool:

@@ -30,7 +30,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 import h11
 
@@ -85,6 +85,13 @@ OpenConnection = Callable[[Upstream], Awaitable[tuple[asyncio.StreamReader, asyn
 #: Decides whether a stream may reach ``service``: its address, or ``None`` once
 #: the stream has been reset (unknown service, shutting down).
 Admit = Callable[[int, str], Upstream | None]
+
+
+class ByteCounters(Protocol):
+    """Where the session counts its bytes (the bridge's stats)."""
+
+    bytes_in: int  # tunnel -> local side
+    bytes_out: int  # local side -> tunnel
 
 
 class _Abort(Exception):
@@ -548,9 +555,11 @@ class HttpStreams:
         *,
         admit: Admit,
         open_connection: OpenConnection,
+        stats: ByteCounters,
         label: str = "",
     ) -> None:
         self.mux = mux
+        self.stats = stats
         self.flush = flush
         self.label = label
         self.pool = ConnectionPool(open_connection)
@@ -588,6 +597,7 @@ class HttpStreams:
         if exchange is None:
             return
         if isinstance(event, DataReceived):
+            self.stats.bytes_in += len(event.data)
             exchange.on_data(event.data)
         elif isinstance(event, StreamEnded):
             exchange.on_fin()
@@ -636,6 +646,7 @@ class HttpStreams:
 
     def send(self, exchange: _Exchange, data: bytes) -> None:
         if not exchange.dead:
+            self.stats.bytes_out += len(data)
             self.mux.send_data(exchange.stream_id, data)
             self.flush()
 
