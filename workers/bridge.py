@@ -216,8 +216,9 @@ class TunnelBridge:
             self._session_error(str(exc))
             return
         http = self.http
+        exchanges = http.exchanges
         for event in self.mux.events():
-            if event.stream_id in http or isinstance(event, HttpStreamOpened):
+            if (exchanges and event.stream_id in exchanges) or isinstance(event, HttpStreamOpened):
                 http.on_event(event)
             elif isinstance(event, DataReceived):
                 self._on_data(event.stream_id, event.data)
@@ -401,7 +402,8 @@ class TunnelBridge:
                 and self.mux.pending_bytes(stream.stream_id) <= STREAM_SEND_HIGH
             ):
                 stream.writable.set()
-        self.http.on_flushed()
+        if self.http.exchanges:
+            self.http.on_flushed()
         self._check_drained()
 
     # -- endings ------------------------------------------------------------

@@ -564,14 +564,12 @@ class HttpStreams:
         self.label = label
         self.pool = ConnectionPool(open_connection)
         self._admit = admit
-        self._streams: dict[int, _DeviceExchange | HttpExchange] = {}
+        #: The live exchanges by stream id: the bridge routes these streams' events here.
+        self.exchanges: dict[int, _DeviceExchange | HttpExchange] = {}
         self._closed: str | None = None
 
-    def __contains__(self, stream_id: int) -> bool:
-        return stream_id in self._streams
-
     def __len__(self) -> int:
-        return len(self._streams)
+        return len(self.exchanges)
 
     # -- client side -------------------------------------------------------------------
 
@@ -583,7 +581,7 @@ class HttpStreams:
             raise TunnelUsageError(f"the tunnel is closed: {self._closed}")
         stream_id = self.mux.open_http_stream(service, request)
         exchange = HttpExchange(self, stream_id)
-        self._streams[stream_id] = exchange
+        self.exchanges[stream_id] = exchange
         self.flush()
         return exchange
 
@@ -593,7 +591,7 @@ class HttpStreams:
         if isinstance(event, HttpStreamOpened):
             self._on_open(event)
             return
-        exchange = self._streams.get(event.stream_id)
+        exchange = self.exchanges.get(event.stream_id)
         if exchange is None:
             return
         if isinstance(event, DataReceived):
@@ -615,7 +613,7 @@ class HttpStreams:
         if upstream is None:
             return
         exchange = _DeviceExchange(self, event.stream_id, upstream, event.request)
-        self._streams[event.stream_id] = exchange
+        self.exchanges[event.stream_id] = exchange
         self.spawn(exchange, exchange.run())
 
     def on_flushed(self) -> None:
@@ -623,7 +621,7 @@ class HttpStreams:
         forget the exchanges whose streams the multiplexer closed (their last FIN
         may leave only now)."""
         closed = []
-        for exchange in self._streams.values():
+        for exchange in self.exchanges.values():
             if not exchange.room.is_set() and (
                 self.mux.pending_bytes(exchange.stream_id) <= STREAM_SEND_HIGH
             ):
@@ -636,7 +634,7 @@ class HttpStreams:
     def close(self, reason: str) -> None:
         """The session is over: abort every exchange and pooled connection."""
         self._closed = reason
-        for exchange in list(self._streams.values()):
+        for exchange in list(self.exchanges.values()):
             self._kill(exchange)
             if isinstance(exchange, HttpExchange):
                 exchange.on_reset(ResetCode.CANCEL, f"tunnel closed: {reason}", remote=False)
@@ -695,7 +693,7 @@ class HttpStreams:
         task.add_done_callback(exchange.tasks.discard)
 
     def _forget(self, exchange: _Exchange) -> None:
-        self._streams.pop(exchange.stream_id, None)
+        self.exchanges.pop(exchange.stream_id, None)
 
     def _kill(self, exchange: _Exchange) -> None:
         exchange.dead = True
