@@ -97,7 +97,7 @@ class ClientTunnel:
     def __init__(
         self,
         *,
-        signal_url: str,
+        signal_url: str | Sequence[str],
         device: str,
         token: str | TokenSource,
         ice_servers: Sequence[IceServer] = (),
@@ -110,11 +110,17 @@ class ClientTunnel:
         self.keepalive = keepalive
         # From the signaling server (fresh TURN credentials), used after ours.
         self.issued_ice_servers: tuple[IceServer, ...] = ()
-        self.link = SignalingLink(signal_url, token, self._on_signal, fail_fast=True)
+        self.signal_urls = (signal_url,) if isinstance(signal_url, str) else tuple(signal_url)
+        self.link = self._make_link(token)
         self.bridge: TunnelBridge | None = None
         self.peer: PeerSession | None = None
         self.fatal: TunnelError | None = None
         self.open_seconds: float | None = None
+        #: Sessions re-established after a loss (the first one is not counted).
+        self.reconnects = 0
+        #: Bytes carried by the sessions that ended (the current one's are its bridge's).
+        self.ended_bytes_in = 0
+        self.ended_bytes_out = 0
         self._first_open: float | None = None
         self._attempts: dict[str, _Attempt] = {}
         self._ready = asyncio.Event()
@@ -124,19 +130,39 @@ class ClientTunnel:
         self._tasks = TaskSet(log)
         self._ended_by_device: str | None = None  # no session_end back for those
         self._link_probe: asyncio.Task[bool] | None = None
+        self._link_started = False
+        #: Services whose refusal as unknown ends this client (its forwards'); a
+        #: refused handed-off stream ends only that stream. ``None``: every service.
+        self.essential_services: frozenset[str] | None = None
 
-    async def open(self, timeout: float = OPEN_TIMEOUT) -> None:
-        """Establish the first session; raise on any failure (nothing is retried)."""
+    def _make_link(self, token: str | TokenSource) -> SignalingLink:
+        # The one place the list of signaling URLs meets the link. Until the link
+        # fails over between several URLs (the cluster branch), it uses the first.
+        return SignalingLink(self.signal_urls[0], token, self._on_signal, fail_fast=True)
+
+    async def start_link(self, timeout: float = OPEN_TIMEOUT) -> None:
+        """Connect to the signaling server (once); raise if it refuses or cannot be reached."""
+        if self._link_started:
+            await self._wait_link(self.link.wait_up(timeout))
+            return
+        self._link_started = True
         self.link.start()
         # OpenSSL's first-use costs, paid while the WebSocket handshake is in flight.
         warming = asyncio.ensure_future(asyncio.to_thread(warm_up_crypto))
+        await self._wait_link(self.link.wait_up(timeout))
+        await warming
+
+    async def _wait_link(self, up: Coroutine[Any, Any, None]) -> None:
         try:
-            await self.link.wait_up(timeout)
-            await warming
+            await up
         except LinkRejected as exc:
             raise SignalingRejected(str(exc)) from None
         except LinkDown as exc:
             raise SessionFailed(str(exc)) from None
+
+    async def open(self, timeout: float = OPEN_TIMEOUT) -> None:
+        """Establish the first session; raise on any failure (nothing is retried)."""
+        await self.start_link(timeout)
         deadline = time.monotonic() + timeout
         busy = Backoff(base=0.2, cap=2.0)
         while True:
@@ -240,6 +266,8 @@ class ClientTunnel:
         self.open_seconds = time.perf_counter() - started
         if self._first_open is None:
             self._first_open = self.open_seconds
+        else:
+            self.reconnects += 1
         self.peer = peer
         self.bridge = TunnelBridge(
             channel, Role.CLIENT, on_refused=self._on_refused, label=f"session {peer.session_id}: "
@@ -351,6 +379,8 @@ class ClientTunnel:
         bridge, self.bridge = self.bridge, None
         self._ready.clear()
         if bridge is not None:
+            self.ended_bytes_in += bridge.stats.bytes_in
+            self.ended_bytes_out += bridge.stats.bytes_out
             bridge.close(reason)
         if peer is not None:
             await self._discard(peer, reason, notify=notify, wait=wait)
@@ -371,7 +401,8 @@ class ClientTunnel:
             self._tasks.spawn(peer.close(), name=f"close session {peer.session_id}")
 
     def _on_refused(self, service: str, code: int, reason: str) -> None:
-        if code == ResetCode.UNKNOWN_SERVICE:
+        essential = self.essential_services
+        if code == ResetCode.UNKNOWN_SERVICE and (essential is None or service in essential):
             self.fail(
                 ServiceNotExposed(f"device {self.device} does not expose service {service!r}")
             )
@@ -484,16 +515,30 @@ class PortForward:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        bridge = await self.tunnel.current_bridge()
-        if bridge is None:
-            log.warning("no tunnel to %s; resetting a local connection", self.tunnel.device)
-            abort_connection(writer)
-            return
-        try:
-            bridge.attach(self.service, reader, writer)
-        except TunnelError as exc:
-            log.warning("cannot open a stream: %s", exc)
-            abort_connection(writer)
-        except Exception as exc:  # a closed bridge raises LocalProtocolError
-            log.warning("cannot open a stream: %s", exc)
-            abort_connection(writer)
+        await carry(self.tunnel, self.service, reader, writer)
+
+
+async def carry(
+    tunnel: ClientTunnel,
+    service: str,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    """Carry a local connection (a forward's, a handed-off ``--stdio``) to ``service``.
+
+    While the tunnel is being re-established the connection waits up to the
+    keepalive; without a tunnel by then it is reset.
+    """
+    bridge = await tunnel.current_bridge()
+    if bridge is None:
+        log.warning("no tunnel to %s; resetting a local connection", tunnel.device)
+        abort_connection(writer)
+        return
+    try:
+        bridge.attach(service, reader, writer)
+    except TunnelError as exc:
+        log.warning("cannot open a stream: %s", exc)
+        abort_connection(writer)
+    except Exception as exc:  # a closed bridge raises LocalProtocolError
+        log.warning("cannot open a stream: %s", exc)
+        abort_connection(writer)

@@ -9,7 +9,8 @@
     ├── SessionFailed           one peer session could not be set up or broke
     │   ├── DeviceOffline       the device is not registered with the signaling server
     │   └── DeviceBusy          the server refused the request for now (too_many_sessions)
-    └── ServiceNotExposed       the device does not expose the service a forward names
+    ├── ServiceNotExposed       the device does not expose the service a forward names
+    └── ListenFailed            a forward's local address cannot be listened on
 
 The signaling link's own failures are :class:`signaling.errors.LinkRejected`
 (refused for good) and :class:`signaling.errors.LinkDown`.
@@ -44,3 +45,7 @@ class DeviceBusy(SessionFailed):
 
 class ServiceNotExposed(TunnelError):
     """The device does not expose the service this forward names."""
+
+
+class ListenFailed(TunnelError):
+    """A forward cannot listen on its local address (in use, not ours, bad host)."""
