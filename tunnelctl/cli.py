@@ -1011,6 +1011,56 @@ async def stdio_session(plan: Any, jwt: Any, service: str) -> int:
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--signal",
+    "signal_urls",
+    multiple=True,
+    required=True,
+    metavar="URL",
+    envvar="TUNNEL_SIGNAL",
+    show_envvar=True,
+    help="Signaling server, e.g. wss://signal.example.net/signal (repeatable).",
+)
+@token_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def devices(
+    signal_urls: tuple[str, ...], token: str | None, token_file: str | None, as_json: bool
+) -> None:
+    """List the devices your client token may reach, online or not, and their services."""
+    from protocol.signaling import DeviceInfo
+    from signaling.discovery import DeviceQuery, list_devices
+    from signaling.errors import LinkDown, LinkRejected
+    from signaling.link import SignalingLink
+
+    jwt = resolve_token(token, token_file)
+    require_client_token(jwt)
+
+    async def query() -> tuple[DeviceInfo, ...] | str:
+        answer = DeviceQuery()
+        # The first URL until the link fails over between several (as connect).
+        link = SignalingLink(signal_urls[0], jwt, answer.take, fail_fast=True, reconnect=False)
+        link.start()
+        try:
+            await link.wait_up(30.0)
+            return await list_devices(link, answer)
+        except (LinkDown, LinkRejected) as exc:
+            return str(exc)
+        finally:
+            await link.close()
+
+    found = asyncio.run(query())
+    if isinstance(found, str):
+        sys.exit(error_line(found))
+    if as_json:
+        click.echo(json.dumps([info.to_wire() for info in found], indent=2, sort_keys=True))
+        return
+    click.echo(f"{'DEVICE':<24} {'STATE':<8} SERVICES")
+    for info in found:
+        state = "online" if info.online else "offline"
+        click.echo(f"{info.device:<24} {state:<8} {', '.join(info.services) or '-'}")
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--once", is_flag=True, help="Exit after the check instead of running until Ctrl-C.")
 @click.option(
     "--size",

@@ -33,6 +33,7 @@ from protocol.mux import Role
 from protocol.signaling import (
     MAX_REASON_LEN,
     Candidate,
+    DeviceInfo,
     Error,
     IceServers,
     Offer,
@@ -42,6 +43,7 @@ from protocol.signaling import (
     SignalingMessage,
     new_session_id,
 )
+from signaling.discovery import DeviceQuery, list_devices
 from signaling.errors import LinkDown, LinkRejected
 from signaling.link import LinkState, SignalingLink, TokenSource
 from workers.bridge import TunnelBridge, abort_connection
@@ -131,6 +133,7 @@ class ClientTunnel:
         self._ended_by_device: str | None = None  # no session_end back for those
         self._link_probe: asyncio.Task[bool] | None = None
         self._link_started = False
+        self._discovery = DeviceQuery()
         #: Services whose refusal as unknown ends this client (its forwards'); a
         #: refused handed-off stream ends only that stream. ``None``: every service.
         self.essential_services: frozenset[str] | None = None
@@ -155,6 +158,15 @@ class ClientTunnel:
     async def _wait_link(self, up: Coroutine[Any, Any, None]) -> None:
         try:
             await up
+        except LinkRejected as exc:
+            raise SignalingRejected(str(exc)) from None
+        except LinkDown as exc:
+            raise SessionFailed(str(exc)) from None
+
+    async def list_devices(self) -> tuple[DeviceInfo, ...]:
+        """The devices the token grants, online or not, with their services (link up)."""
+        try:
+            return await list_devices(self.link, self._discovery)
         except LinkRejected as exc:
             raise SignalingRejected(str(exc)) from None
         except LinkDown as exc:
@@ -415,6 +427,8 @@ class ClientTunnel:
             bridge.close(f"TURN allocation on {url} lost: {reason}")
 
     def _on_signal(self, message: SignalingMessage) -> None:
+        if self._discovery.feed(message):
+            return
         session = getattr(message, "session", None)
         if isinstance(message, IceServers):
             # Sent before welcome, so the first session already has them.

@@ -26,14 +26,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from protocol.backoff import Backoff
 from signaling.link import TokenSource
 from workers.client import ClientTunnel, PortForward, carry
 from workers.client_config import ClientPlan, DeviceForwards
 from workers.client_control import ControlEndpoint
-from workers.errors import ListenFailed, TunnelError
+from workers.errors import (
+    DeviceOffline,
+    ListenFailed,
+    ServiceNotExposed,
+    SignalingRejected,
+    TunnelError,
+)
 from workers.handoff import splice_stdio
 
 log = logging.getLogger("tunnelctl.client")
+
+#: While waiting for an offline device, it is looked for at most this often (seconds).
+WAIT_POLL_CAP = 5.0
 
 
 @dataclass(eq=False)
@@ -87,6 +97,7 @@ class ClientApp:
         if self._control is not None:
             await self._control.start()
         await asyncio.gather(*(entry.tunnel.start_link() for entry in self.devices))
+        await self.check_devices()
         await self.open()
         for entry in self.devices:
             entry.tunnel.keep_alive()
@@ -109,6 +120,7 @@ class ClientApp:
         (entry,) = self.devices
         entry.tunnel.essential_services = frozenset({service})
         await asyncio.gather(*(e.tunnel.start_link() for e in self.devices))
+        await self.check_devices()
         await self.open()
         entry.tunnel.keep_alive()
         ours, theirs = socket.socketpair()
@@ -152,6 +164,55 @@ class ClientApp:
                         f"{exc.strerror or exc}"
                     ) from None
                 entry.forwards.append(forward)
+
+    async def check_devices(self) -> None:
+        """Check, before any session is requested, that every device is granted, online
+        (or, with ``plan.wait``, wait until it is) and exposes the services forwarded to it.
+        """
+        tunnel = self.devices[0].tunnel
+        deadline = None if self.plan.wait is None else time.monotonic() + self.plan.wait
+        backoff = Backoff(base=0.5, cap=WAIT_POLL_CAP)
+        announced = False
+        while True:
+            listing = {info.device: info for info in await tunnel.list_devices()}
+            offline = []
+            for entry in self.devices:
+                info = listing.get(entry.spec.device)
+                if info is None:
+                    granted = ", ".join(listing) or "none"
+                    raise SignalingRejected(
+                        f"the token does not grant device {entry.spec.device} "
+                        f"(it grants: {granted})"
+                    )
+                if not info.online:
+                    offline.append(entry.spec.device)
+                    continue
+                # An online device that announces nothing runs an older tunnelctl: its
+                # services are unknown here and are checked when a stream opens.
+                entry.services = info.services or None
+                missing = [
+                    s for s in entry.spec.services if info.services and s not in info.services
+                ]
+                if missing:
+                    raise ServiceNotExposed(
+                        f"device {entry.spec.device} does not expose service {missing[0]!r} "
+                        f"(it exposes: {', '.join(info.services)})"
+                    )
+            if not offline:
+                return
+            names = ", ".join(offline)
+            if deadline is None:
+                raise DeviceOffline(
+                    f"device {names} is offline (not connected to the signaling server); "
+                    "--wait waits for it"
+                )
+            delay = backoff.next_delay()
+            if time.monotonic() + delay > deadline:
+                raise DeviceOffline(f"device {names} still offline after {self.plan.wait:g} s")
+            if not announced:
+                log.warning("device %s is offline; waiting for it", names)
+                announced = True
+            await asyncio.sleep(delay)  # no presence events (PROTOCOL.md §1.3): ask again
 
     async def open(self) -> None:
         """Open every device's session at once; report each forward as it serves."""
