@@ -147,3 +147,27 @@ def test_config_and_flags_do_not_mix(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(cli, ["connect", "--config", str(path), "--device", "d"], env={})
     assert result.exit_code == 2
     assert "give either --config or --device" in one_error_line(result.output)
+
+
+def test_the_example_config_is_valid(tmp_path: Path) -> None:
+    import shutil
+
+    from tunnelctl.client_config import load_client_config
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "client.toml"
+    shutil.copy(example, tmp_path / "client.toml")
+    (tmp_path / "alice.jwt").write_text(CLIENT)
+    loaded = load_client_config(str(tmp_path / "client.toml"), {})
+    assert [d.device for d in loaded.plan.devices] == ["laptop", "nas"]
+    assert [f.service for f in loaded.plan.devices[1].forwards] == ["files", "db"]
+
+
+def test_the_client_unit_runs_connect_with_a_config() -> None:
+    unit = Path(__file__).resolve().parent.parent / "scripts" / "tunnelctl-client.service"
+    (exec_start,) = [
+        line.split("=", 1)[1]
+        for line in unit.read_text().splitlines()
+        if line.startswith("ExecStart=")
+    ]
+    args = exec_start.split()[1:]
+    assert args[:2] == ["connect", "--config"] and "--wait" in args

@@ -108,7 +108,7 @@ def test_killing_a_client_mid_transfer_leaves_the_device_serving(device_tunnel: 
 
 
 def test_help_on_every_verb() -> None:
-    for verb in ("signal", "token", "start", "connect", "demo"):
+    for verb in ("signal", "token", "start", "connect", "devices", "demo"):
         out = subprocess.run(
             [sys.executable, "-m", "tunnelctl", verb, "--help"],
             capture_output=True,
