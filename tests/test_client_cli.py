@@ -171,3 +171,32 @@ def test_the_client_unit_runs_connect_with_a_config() -> None:
     ]
     args = exec_start.split()[1:]
     assert args[:2] == ["connect", "--config"] and "--wait" in args
+
+
+def test_the_stdio_fast_path_knows_every_valued_option_of_connect() -> None:
+    """tunnelctl/entry.py reads connect's command line without click: it must know
+    which options take a value, or it would misread the ones after them."""
+    from tunnelctl.cli import connect
+    from tunnelctl.entry import _VALUED
+
+    valued = {
+        name
+        for param in connect.params
+        if not getattr(param, "is_flag", False) and not getattr(param, "_flag_needs_value", False)
+        for name in param.opts
+        if name.startswith("--")
+    }
+    assert valued == _VALUED
+
+
+def test_the_stdio_fast_path_leaves_anything_unusual_to_the_cli() -> None:
+    from tunnelctl.entry import _connect_options
+
+    assert _connect_options(["connect", "--device=d", "--service", "s", "--stdio"]) == {
+        "--device": ["d"],
+        "--service": ["s"],
+        "--stdio": [],
+    }
+    assert _connect_options(["connect", "--stdio", "--help"]) is None
+    assert _connect_options(["connect", "--stdio", "--wait"]) is None
+    assert _connect_options(["status", "--client"]) is None
