@@ -170,3 +170,18 @@ async def test_stdio_hands_its_stream_over_without_loading_aiortc_or_click(runti
     assert "workers.handoff" in imported
     for heavy in ("aiortc", "click", "asyncio", "websockets", "zmq"):
         assert heavy not in imported, f"the handoff path imported {heavy}"
+
+
+def test_a_dead_clients_socket_is_removed_and_a_live_ones_kept(runtime: Path) -> None:
+    import subprocess
+
+    clients = runtime / "clients"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    paths = [endpoint_path(clients, dead.pid), endpoint_path(clients, os.getpid())]
+    for path in paths:  # bound, never listening: a connect is refused, as for a dead client
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(path))
+    assert hand_off(clients, "dev1", "echo") is None
+    assert not paths[0].exists()
+    assert paths[1].exists()  # our own pid is alive: its owner may just be starting

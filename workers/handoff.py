@@ -12,6 +12,7 @@ in a directory private to the user (0700), so only the user can ask.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -72,6 +73,7 @@ def statuses(clients_dir: Path) -> Iterator[tuple[Path, ControlReply]]:
         try:
             sock, reply = ask(path, ControlRequest("status", {}))
         except (OSError, ControlMessageError):
+            _forget_if_dead(path)
             continue  # gone, or not one of ours: nothing to report
         sock.close()
         yield path, reply
@@ -84,6 +86,7 @@ def hand_off(clients_dir: Path, device: str, service: str) -> socket.socket | No
         try:
             sock, reply = ask(path, request)
         except (OSError, ControlMessageError):
+            _forget_if_dead(path)
             continue
         if reply.ok:
             return sock
@@ -123,6 +126,20 @@ def splice_stdio(sock: socket.socket, stdin: int = 0, stdout: int = 1) -> int:
     # (ssh closes it as it exits), unless the stream was reset meanwhile.
     sender.join()
     return 1 if failed.is_set() else 0
+
+
+def _forget_if_dead(path: Path) -> None:
+    """Remove the socket of a client that died without removing it (SIGKILL, a crash)."""
+    pid = path.name.removesuffix(SUFFIX)
+    if not pid.isdigit():
+        return
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    except OSError:
+        pass  # alive, another user's: not ours to judge
 
 
 def _read_line(sock: socket.socket) -> bytes:
