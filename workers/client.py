@@ -139,9 +139,8 @@ class ClientTunnel:
         self.essential_services: frozenset[str] | None = None
 
     def _make_link(self, token: str | TokenSource) -> SignalingLink:
-        # The one place the list of signaling URLs meets the link. Until the link
-        # fails over between several URLs (the cluster branch), it uses the first.
-        return SignalingLink(self.signal_urls[0], token, self._on_signal, fail_fast=True)
+        # The link tries the URLs in order and fails over between them.
+        return SignalingLink(self.signal_urls, token, self._on_signal, fail_fast=True)
 
     async def start_link(self, timeout: float = OPEN_TIMEOUT) -> None:
         """Connect to the signaling server (once); raise if it refuses or cannot be reached."""
