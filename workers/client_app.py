@@ -120,7 +120,7 @@ class ClientApp:
         (entry,) = self.devices
         entry.tunnel.essential_services = frozenset({service})
         await asyncio.gather(*(e.tunnel.start_link() for e in self.devices))
-        await self.check_devices()
+        await self.check_devices(also=(service,))
         await self.open()
         entry.tunnel.keep_alive()
         ours, theirs = socket.socketpair()
@@ -147,9 +147,9 @@ class ClientApp:
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
             fatal.cancel()
-        if spliced.done():
+        if spliced.done() and entry.tunnel.fatal is None:
             return spliced.result()
-        raise fatal.result()
+        raise await entry.tunnel.wait_fatal()
 
     async def listen(self) -> None:
         """Bind every forward's address; raise :class:`ListenFailed` on the first that fails."""
@@ -165,9 +165,10 @@ class ClientApp:
                     ) from None
                 entry.forwards.append(forward)
 
-    async def check_devices(self) -> None:
+    async def check_devices(self, also: tuple[str, ...] = ()) -> None:
         """Check, before any session is requested, that every device is granted, online
-        (or, with ``plan.wait``, wait until it is) and exposes the services forwarded to it.
+        (or, with ``plan.wait``, wait until it is) and exposes the services forwarded to
+        it, and those named in ``also``.
         """
         tunnel = self.devices[0].tunnel
         deadline = None if self.plan.wait is None else time.monotonic() + self.plan.wait
@@ -190,9 +191,8 @@ class ClientApp:
                 # An online device that announces nothing runs an older tunnelctl: its
                 # services are unknown here and are checked when a stream opens.
                 entry.services = info.services or None
-                missing = [
-                    s for s in entry.spec.services if info.services and s not in info.services
-                ]
+                wanted = entry.spec.services + also
+                missing = [s for s in wanted if info.services and s not in info.services]
                 if missing:
                     raise ServiceNotExposed(
                         f"device {entry.spec.device} does not expose service {missing[0]!r} "
@@ -245,6 +245,8 @@ class ClientApp:
         entry = self._device(device)
         if entry is None:
             return f"this client (pid {os.getpid()}) has no session with device {device}"
+        if entry.tunnel.fatal is not None:
+            return f"this client's session with device {device} failed: {entry.tunnel.fatal}"
         if entry.services is not None and service not in entry.services:
             return f"device {device} does not expose service {service!r}"
         return None

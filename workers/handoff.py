@@ -97,9 +97,11 @@ def hand_off(clients_dir: Path, device: str, service: str) -> socket.socket | No
 def splice_stdio(sock: socket.socket, stdin: int = 0, stdout: int = 1) -> int:
     """Copy ``stdin`` → ``sock`` and ``sock`` → ``stdout`` until both ends finish.
 
-    An end of input is passed on as a half-close, as TCP does; a reset stream
-    (the tunnel or the service went away mid-stream) returns 1 at once, so the
-    program on the other side of the pipes sees an error, not a clean end.
+    An end of input is passed on as a half-close, as TCP does. A socket error
+    returns 1 at once. Pipes have no reset: a stream reset mid-way reaches the
+    reader of ``stdout`` as its end (ssh and scp notice a cut themselves, their
+    records being authenticated), and over a Unix socket the kernel reports a
+    reset only when unread data was left, so the status is best effort.
     """
     failed = threading.Event()
 

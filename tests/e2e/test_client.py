@@ -364,3 +364,31 @@ def test_clean_exit_says_nothing_of_a_lost_link(device_tunnel: Tunnel) -> None:
     child, _ = device_tunnel.forward()
     assert child.stop() == 0
     assert not [line for line in child.stderr_lines if "lost" in line], child.stderr_lines
+
+
+def test_stdio_to_a_service_the_device_lacks_fails_with_one_line(device_tunnel: Tunnel) -> None:
+    token_file = client_token_file(device_tunnel, "dev1")
+    runtime = token_file.parent / "runtime"
+    args = ["--signal", device_tunnel.signal_url, "--token-file", str(token_file)]
+    running = start_connect(
+        device_tunnel, *args, "--device", "dev1", "--forward", "web=0", runtime=runtime
+    )
+    running.wait_line("forwarding ", READY)
+    # The running client refuses the handoff; the --stdio process then asks for itself.
+    failed = tunnelctl(
+        "connect",
+        *args,
+        "--runtime-dir",
+        str(runtime),
+        "--device",
+        "dev1",
+        "--service",
+        "admin",
+        "--stdio",
+        *LOOPBACK,
+    )
+    assert failed.returncode == 1
+    assert failed.stderr == (
+        "tunnelctl: error: device dev1 does not expose service 'admin' (it exposes: web)\n"
+    )
+    assert failed.stdout == ""
