@@ -200,3 +200,11 @@ def test_the_stdio_fast_path_leaves_anything_unusual_to_the_cli() -> None:
     assert _connect_options(["connect", "--stdio", "--help"]) is None
     assert _connect_options(["connect", "--stdio", "--wait"]) is None
     assert _connect_options(["status", "--client"]) is None
+
+
+def test_a_refusal_in_protocol_terms_is_said_in_user_terms() -> None:
+    from workers.client import _user_words
+
+    said = _user_words("signaling server refused: a device may not send list_devices")
+    assert said.startswith("this token is a device token; connect needs a client token")
+    assert _user_words("token expired") == "signaling server refused: token expired"

@@ -167,7 +167,7 @@ class ClientTunnel:
         try:
             return await list_devices(self.link, self._discovery)
         except LinkRejected as exc:
-            raise SignalingRejected(str(exc)) from None
+            raise SignalingRejected(_user_words(str(exc))) from None
         except LinkDown as exc:
             raise SessionFailed(str(exc)) from None
 
@@ -467,7 +467,7 @@ class ClientTunnel:
         targets = [attempt] if attempt is not None else list(self._attempts.values())
         exc: TunnelError
         if error.code in FATAL_CODES:
-            exc = SignalingRejected(f"signaling server refused: {error.message}")
+            exc = SignalingRejected(_user_words(error.message))
             self.fail(exc)
         elif error.code == "device_offline":
             exc = DeviceOffline(f"device {self.device} is offline")
@@ -498,6 +498,20 @@ def _settle(future: asyncio.Future[None], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
         future.exception()  # retrieved: the attempt may be gone already
+
+
+def _user_words(message: str) -> str:
+    """The server's refusal as a user who typed ``connect`` should read it."""
+    if "a device may not send" in message:
+        return (
+            "this token is a device token; connect needs a client token "
+            "(tunnelctl token --role client)"
+        )
+    return (
+        message
+        if message.startswith("signaling server")
+        else f"signaling server refused: {message}"
+    )
 
 
 def _refused_by_server(exc: BaseException) -> bool:
