@@ -1,12 +1,15 @@
-"""The client side: ``tunnelctl connect``, a local port forward through a tunnel.
+"""The client side of one device: its session, and port forwards through it.
 
 :class:`ClientTunnel` keeps one peer session with a device: it asks the
 signaling server for a session, answers the device's offer, and wraps the
 DataChannel in a :class:`TunnelBridge`. When the session is lost (the device
 restarted, the path broke) it is re-established with capped, jittered backoff.
+Before that, :meth:`ClientTunnel.list_devices` asks what the token may reach
+(PROTOCOL.md §1.3). A ``tunnelctl connect`` process is :mod:`workers.client_app`.
 
 :class:`PortForward` listens on a local TCP port (like ``ssh -L``) and carries
-each accepted connection to the device's service on a stream of its own.
+each accepted connection to the device's service on a stream of its own
+(:func:`carry`, which also carries streams handed over by ``connect --stdio``).
 
 Failures that retrying cannot fix end the forward with one clear reason
 (:attr:`ClientTunnel.fatal`): a refused token, a device the token does not grant,
