@@ -392,3 +392,31 @@ def test_stdio_to_a_service_the_device_lacks_fails_with_one_line(device_tunnel: 
         "tunnelctl: error: device dev1 does not expose service 'admin' (it exposes: web)\n"
     )
     assert failed.stdout == ""
+
+
+def test_status_counts_a_reconnect_and_keeps_the_bytes(tunnel: Tunnel) -> None:
+    web = f"web=http://127.0.0.1:{tunnel.web.port}"
+    device = start_device(tunnel, "dev1", web)
+    token_file = client_token_file(tunnel, "dev1")
+    runtime = token_file.parent / "runtime"
+    args = ["--signal", tunnel.signal_url, "--token-file", str(token_file), "--device", "dev1"]
+    client = start_connect(tunnel, *args, "--forward", "web=0", runtime=runtime)
+    address = client.wait_line("forwarding ", READY).split()[1]
+    assert http_get(address, "/") == PAGE
+    before = json.loads(
+        tunnelctl("status", "--client", "--json", "--runtime-dir", str(runtime)).stdout
+    )
+    first = before[0]["devices"][0]
+    assert first["reconnects"] == 0 and first["bytes_in"] > len(PAGE)
+    device.stop()
+    client.wait_stderr("re-establishing", READY)
+    start_device(tunnel, "dev1", web)
+    client.wait_stderr("re-established", READY * 2)
+    assert http_get(address, "/") == PAGE
+    after = json.loads(
+        tunnelctl("status", "--client", "--json", "--runtime-dir", str(runtime)).stdout
+    )
+    now = after[0]["devices"][0]
+    assert now["reconnects"] == 1 and now["state"] == "open"
+    assert now["session"] != first["session"]
+    assert now["bytes_in"] > first["bytes_in"]
