@@ -44,11 +44,15 @@ async function signIn(token) {
   sessionStorage.setItem(TOKEN_KEY, token);
   $("signin").hidden = true;
   show("");
+  let pages = []; // an answer comes in pages of up to 16 devices, `more` on all but the last
   link.onMessage = (msg) => {
     if (msg.type === "devices") {
-      $("device-rows").replaceChildren(...msg.devices.map(row));
+      pages.push(...msg.devices);
+      if (msg.more) return;
+      $("device-rows").replaceChildren(...pages.map(row));
       $("devices").hidden = false;
-      if (!msg.devices.length) show("This token grants no device.");
+      if (!pages.length) show("This token grants no device.");
+      pages = [];
     } else if (msg.type === "error") {
       show(`The server said: ${msg.message}`, true);
     }
