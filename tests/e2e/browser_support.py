@@ -1,0 +1,160 @@
+"""The device-side web app that the browser client tests open through the tunnel.
+
+A real HTTP/1.1 server (http.server, threads) with a multi-file app: an HTML
+page, a JS module that imports another, a stylesheet, a PNG image (linked
+root-relative), a JSON resource, a form POST answered with a redirect, a
+32 MiB download and a Server-Sent Events stream that writes each event only
+once the page has acknowledged the previous one (so events arriving one by one
+is what the test sees, not a timing guess).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import random
+import struct
+import threading
+import zlib
+from urllib.parse import parse_qs, urlsplit
+
+BIG_SIZE = 32 * 1024 * 1024
+SSE_EVENTS = 5
+ACK_TIMEOUT = 30.0
+
+
+def png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
+    """A valid PNG of one colour (RFC 2083), built here so its bytes are known."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    row = b"\x00" + bytes(rgb) * width
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(row * height))
+        + chunk(b"IEND", b"")
+    )
+
+
+LOGO = png(3, 2, (200, 40, 10))
+INDEX = b"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Device app</title>
+<link rel="stylesheet" href="style.css">
+<script type="module" src="app.js"></script></head>
+<body>
+<h1 id="title">Hello from the device</h1>
+<img id="logo" src="/img/logo.png" alt="logo">
+<p id="module">module not loaded</p>
+<ul id="items"></ul>
+<form id="upload" method="post" action="submit" enctype="text/plain">
+<textarea name="text" id="text"></textarea><button type="submit" id="send">Send</button>
+</form>
+</body></html>
+"""
+APP_JS = b"""import { shout } from "./lib/shout.js";
+document.getElementById("module").textContent = shout("module loaded");
+const response = await fetch("data.json");
+const data = await response.json();
+for (const item of data.items) {
+  const li = document.createElement("li");
+  li.textContent = item;
+  document.getElementById("items").append(li);
+}
+document.body.dataset.ready = "yes";
+"""
+SHOUT_JS = b'export function shout(text) { return text.toUpperCase() + "!"; }\n'
+STYLE = b"#title { color: rgb(1, 2, 3); }\n"
+DATA = json.dumps({"items": ["alpha", "beta", "gamma"]}).encode()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: AppServer
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        files = {
+            "/": (INDEX, "text/html; charset=utf-8"),
+            "/app.js": (APP_JS, "text/javascript"),
+            "/lib/shout.js": (SHOUT_JS, "text/javascript"),
+            "/style.css": (STYLE, "text/css"),
+            "/img/logo.png": (LOGO, "image/png"),
+            "/data.json": (DATA, "application/json"),
+            "/big": (self.server.big, "application/octet-stream"),
+        }
+        if url.path in files:
+            self._send(200, *files[url.path])
+        elif url.path == "/done":
+            query = parse_qs(url.query)
+            page = (
+                f"<!doctype html><title>done</title><p id='result'>received "
+                f"{query['n'][0]} bytes, sha256 {query['sha'][0]}</p>"
+            )
+            self._send(200, page.encode(), "text/html; charset=utf-8")
+        elif url.path == "/events":
+            self._events()
+        elif url.path == "/ack":
+            self.server.acks.release()
+            self._send(204, b"", "text/plain")
+        else:
+            self._send(404, b"not found\n", "text/plain")
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        body = self.rfile.read(length)
+        if urlsplit(self.path).path != "/submit":
+            self._send(404, b"not found\n", "text/plain")
+            return
+        self.server.posted.append(body)
+        # Root-relative, as many apps answer: the client must keep it in the app.
+        digest = hashlib.sha256(body).hexdigest()
+        self.send_response(303)
+        self.send_header("Location", f"/done?n={len(body)}&sha={digest}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _events(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for number in range(1, SSE_EVENTS + 1):
+            event = f"id: {number}\ndata: event {number}\n\n".encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            self.wfile.flush()
+            # The next event is written only once the page has the previous one.
+            if not self.server.acks.acquire(timeout=ACK_TIMEOUT):
+                break
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        if status != 204:
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class AppServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        self.big = random.Random(11).randbytes(BIG_SIZE)
+        self.big_sha256 = hashlib.sha256(self.big).hexdigest()
+        self.posted: list[bytes] = []
+        self.acks = threading.Semaphore(0)
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])

@@ -1,0 +1,293 @@
+"""The browser client in a real headless Chromium (Debian's ``chromium``,
+driven by Playwright's Python client; no browser download), with stock
+settings (mDNS candidates on), against a real signaling server, a real
+``tunnelctl start`` device and a real HTTP server behind it.
+
+The session open time and the download throughput are printed (``-s``), not
+asserted. A screenshot of the opened app is written to
+``$TUNNELCTL_ARTIFACTS`` (default: a temporary directory) and its path printed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Frame, Page, sync_playwright
+
+from harness import Child
+from signaling.auth import issue_token
+from tests.e2e.browser_support import LOGO, SSE_EVENTS, AppServer
+
+CHROMIUM = "/usr/bin/chromium"
+READY = 30.0
+TUNNELCTL = (sys.executable, "-m", "tunnelctl")
+WAIT_MS = 30_000
+
+# The device side of HTTP streams (PROTOCOL.md §2.8) comes from the http-stream branch.
+pytest.importorskip("workers.http_streams", reason="the device does not serve HTTP streams yet")
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason="chromium missing (scripts/install-system-deps.sh)"
+    ),
+]
+
+
+@dataclass
+class Lab:
+    http_url: str
+    secret: str
+    app: AppServer
+    runtime: Path
+    browser: Browser
+
+    def token(self, sub: str = "alice", devices: tuple[str, ...] = ("dev1", "dev2")) -> str:
+        return issue_token(self.secret, sub=sub, role="client", devices=devices, ttl=600)
+
+    def sessions(self) -> list[dict[str, object]]:
+        out = subprocess.run(
+            [*TUNNELCTL, "sessions", "--json", "--runtime-dir", str(self.runtime)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        sessions: list[dict[str, object]] = json.loads(out)
+        return sessions
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    """Signaling, device ``dev1`` exposing the app as ``web``, Chromium.
+
+    ``dev2`` is granted by the client token but never started: offline.
+    """
+    secret = secrets.token_hex(32)
+    app = AppServer()
+    threading.Thread(target=app.serve_forever, daemon=True).start()
+    runtime = Path(tempfile.mkdtemp(prefix="tunnelctl-browser-"))
+    children: list[Child] = []
+    try:
+        signal_child = Child.tunnelctl(
+            ["signal", "--port", "0"], env={"TUNNEL_SECRET": secret}, name="signal"
+        )
+        children.append(signal_child)
+        signal_url = signal_child.wait_line("listening ", READY).split()[1]
+        device = Child.tunnelctl(
+            [
+                *("start", "--runtime-dir", str(runtime), "--signal", signal_url),
+                *("--device", "dev1", "--expose", f"web=http://127.0.0.1:{app.port}"),
+                *("--ice-host", "127.0.0.1"),
+            ],
+            env={"TUNNEL_TOKEN": issue_token(secret, sub="dev1", role="device", ttl=600)},
+            name="device dev1",
+        )
+        children.append(device)
+        device.wait_line("registered ", READY)
+        http_url = signal_url.replace("ws://", "http://").removesuffix("/signal")
+        with sync_playwright() as playwright:
+            # Stock settings: no flag that turns off Chromium's mDNS candidates.
+            browser = playwright.chromium.launch(executable_path=CHROMIUM)
+            try:
+                yield Lab(http_url, secret, app, runtime, browser)
+            finally:
+                browser.close()
+    finally:
+        for child in reversed(children):
+            child.stop()
+        shutil.rmtree(runtime, ignore_errors=True)
+        app.shutdown()
+        app.server_close()
+
+
+@pytest.fixture
+def page(lab: Lab) -> Iterator[Page]:
+    context = lab.browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+def sign_in(lab: Lab, page: Page, token: str | None = None) -> None:
+    page.goto(f"{lab.http_url}/#token={token or lab.token()}")
+
+
+def open_app(lab: Lab, page: Page) -> Any:
+    """Sign in, open dev1's web app from the list; return the app's frame."""
+    sign_in(lab, page)
+    page.click('tr[data-device="dev1"] a:text("open web")')
+    page.wait_for_selector('#state[data-state="direct"]')
+    frame = page.frame_locator("#app")
+    frame.locator("body[data-ready=yes]").wait_for()
+    return frame
+
+
+def app_frame(page: Page) -> Frame:
+    frames = [f for f in page.frames if f.parent_frame is not None]
+    assert len(frames) == 1
+    return frames[0]
+
+
+def test_the_page_lists_the_devices_and_opens_the_app(lab: Lab, page: Page) -> None:
+    sign_in(lab, page)
+    page.wait_for_selector("#devices:not([hidden])")
+    assert "#token" not in page.url
+    row1 = page.locator('tr[data-device="dev1"]')
+    row2 = page.locator('tr[data-device="dev2"]')
+    assert row1.locator("td").nth(1).inner_text() == "online"
+    assert row1.locator("a").inner_text() == "open web"
+    assert row2.locator("td").nth(1).inner_text() == "offline"
+
+    row1.locator("a").click()
+    page.wait_for_selector('#state[data-state="direct"]')
+    open_ms = page.get_attribute("#state", "data-open-ms")
+    since_navigation = page.evaluate("performance.now()")
+    frame = page.frame_locator("#app")
+    frame.locator("body[data-ready=yes]").wait_for()
+    print(
+        f"\nbrowser session open (stock Chromium, mDNS candidates): {open_ms} ms "
+        f"(signaling link to DataChannel open; page at 'direct' {since_navigation:.0f} ms "
+        "after its navigation started)"
+    )
+
+    # Every part of the multi-file app came through the tunnel.
+    assert frame.locator("#title").inner_text() == "Hello from the device"
+    assert frame.locator("#module").inner_text() == "MODULE LOADED!"
+    assert frame.locator("#items li").all_inner_texts() == ["alpha", "beta", "gamma"]
+    color = frame.locator("#title").evaluate("e => getComputedStyle(e).color")
+    assert color == "rgb(1, 2, 3)"
+    assert frame.locator("#logo").evaluate("e => [e.naturalWidth, e.naturalHeight]") == [3, 2]
+    inner = app_frame(page)
+    assert inner.url == f"{lab.http_url}/d/dev1/web/"
+    logo = inner.evaluate(
+        """async () => {
+            const r = await fetch('/img/logo.png');
+            const bytes = new Uint8Array(await r.arrayBuffer());
+            return [r.status, r.headers.get('content-type'), Array.from(bytes)];
+        }"""
+    )
+    assert logo == [200, "image/png", list(LOGO)]
+
+    artifacts = Path(os.environ.get("TUNNELCTL_ARTIFACTS") or tempfile.mkdtemp(prefix="tunnelctl-"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    shot = artifacts / "browser-client.png"
+    page.screenshot(path=str(shot))
+    print(f"screenshot of the opened app: {shot}")
+
+    # A form POST with a body, answered with a root-relative 303 redirect.
+    text = "line one\nünïcode ✓\n" + "x" * 20000
+    frame.locator("#text").fill(text)
+    frame.locator("#send").click()
+    frame.locator("#result").wait_for()
+    body = ("text=" + text.replace("\n", "\r\n") + "\r\n").encode()
+    assert lab.app.posted[-1] == body
+    expected = f"received {len(body)} bytes, sha256 {hashlib.sha256(body).hexdigest()}"
+    assert frame.locator("#result").inner_text() == expected
+    assert app_frame(page).url.startswith(f"{lab.http_url}/d/dev1/web/done?n={len(body)}&")
+
+
+def test_a_32_mib_download_matches_its_sha256(lab: Lab, page: Page) -> None:
+    open_app(lab, page)
+    got = app_frame(page).evaluate(
+        """async () => {
+            const started = performance.now();
+            const response = await fetch('big');
+            const bytes = await response.arrayBuffer();
+            const seconds = (performance.now() - started) / 1000;
+            const digest = await crypto.subtle.digest('SHA-256', bytes);
+            const hex = Array.from(new Uint8Array(digest), b => b.toString(16).padStart(2, '0'))
+                .join('');
+            return {status: response.status, length: bytes.byteLength, sha256: hex, seconds};
+        }"""
+    )
+    assert got["status"] == 200
+    assert got["length"] == len(lab.app.big)
+    assert got["sha256"] == lab.app.big_sha256
+    mib = got["length"] / (1 << 20)
+    print(
+        f"\nbrowser download: {mib:.0f} MiB in {got['seconds']:.2f} s = "
+        f"{mib / got['seconds']:.1f} MiB/s"
+    )
+
+
+def test_server_sent_events_arrive_one_by_one(lab: Lab, page: Page) -> None:
+    open_app(lab, page)
+    # The server writes each event only after the page acknowledged the one
+    # before: if the tunnel held the stream back, nothing would arrive at all.
+    events = app_frame(page).evaluate(
+        """(count) => new Promise((resolve, reject) => {
+            const got = [];
+            const source = new EventSource('events');
+            source.onmessage = async (event) => {
+                got.push(event.data);
+                await fetch('ack');
+                if (got.length === count) { source.close(); resolve(got); }
+            };
+            source.onerror = () => {
+                if (got.length < count) {
+                    source.close();
+                    reject(new Error('stream failed after ' + got.length));
+                }
+            };
+        })""",
+        SSE_EVENTS,
+    )
+    assert events == [f"event {n}" for n in range(1, SSE_EVENTS + 1)]
+
+
+def test_a_wrong_token_shows_a_clear_message(lab: Lab, page: Page) -> None:
+    forged = issue_token(secrets.token_hex(32), sub="alice", role="client", devices=("dev1",))
+    sign_in(lab, page, forged)
+    message = page.locator("#message.error")
+    message.wait_for()
+    assert message.inner_text() == (
+        "Sign-in failed: the token was refused (invalid token: signature verification failed)."
+    )
+    assert page.locator("#signin").is_visible()
+    assert page.evaluate("sessionStorage.length") == 0
+
+
+def test_a_dropped_session_shows_reconnecting_and_recovers(lab: Lab, page: Page) -> None:
+    open_app(lab, page)
+    running = [s for s in lab.sessions() if s["state"] == "running" and s["client"] == "alice"]
+    assert running, "no running session of alice"
+    pid = running[-1]["worker_pid"]
+    assert isinstance(pid, int)
+    # Every state the page shows from now on, however briefly.
+    page.evaluate(
+        """() => {
+            const state = document.getElementById('state');
+            window.shown = [];
+            new MutationObserver(() => window.shown.push(state.dataset.state))
+                .observe(state, {attributes: true, attributeFilter: ['data-state']});
+        }"""
+    )
+    killed = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    page.wait_for_function("() => window.shown.includes('reconnecting')")
+    page.wait_for_function("() => window.shown.at(-1) === 'direct'")
+    print(f"\nworker killed; the page was back at 'direct' {time.monotonic() - killed:.2f} s later")
+    shown = page.evaluate("window.shown")
+    assert shown[0] == "reconnecting" and shown[-1] == "direct", shown
+    # The same frame, still loaded, reaches the device through the new session.
+    data = app_frame(page).evaluate("async () => (await fetch('data.json')).json()")
+    assert data == {"items": ["alpha", "beta", "gamma"]}
