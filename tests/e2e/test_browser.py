@@ -291,3 +291,34 @@ def test_a_dropped_session_shows_reconnecting_and_recovers(lab: Lab, page: Page)
     # The same frame, still loaded, reaches the device through the new session.
     data = app_frame(page).evaluate("async () => (await fetch('data.json')).json()")
     assert data == {"items": ["alpha", "beta", "gamma"]}
+
+
+def test_an_app_cannot_read_another_apps_responses_through_the_worker(lab: Lab, page: Page) -> None:
+    open_app(lab, page)
+    frame = app_frame(page)
+    # Another app's URL, asked by this app's page: refused by the Service Worker.
+    other = frame.evaluate(
+        """async () => {
+            const r = await fetch('/d/dev2/web/data.json');
+            return [r.status, await r.text()];
+        }"""
+    )
+    assert other == [403, "Refused: one device's app cannot read another's.\n"]
+    # A frame of this app navigated to another app: refused too.
+    framed = frame.evaluate(
+        """() => new Promise((resolve) => {
+            const inner = document.createElement('iframe');
+            inner.onload = () => resolve(inner.contentDocument.body.innerText);
+            inner.src = '/d/dev2/web/';
+            document.body.append(inner);
+        })"""
+    )
+    assert framed.strip() == "Refused: this page may only be opened from its own app."
+    # Its own URLs, root-relative or under its prefix, still work.
+    own = frame.evaluate(
+        """async () => [
+            (await fetch('/data.json')).status,
+            (await fetch('/d/dev1/web/data.json')).status,
+        ]"""
+    )
+    assert own == [200, 200]
