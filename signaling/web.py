@@ -54,6 +54,7 @@ FILES: Final[dict[str, tuple[str, str]]] = {
     "/static/shell.js": ("shell.js", "text/javascript; charset=utf-8"),
     "/static/signal.js": ("signal.js", "text/javascript; charset=utf-8"),
     "/static/tunnel.js": ("tunnel.js", "text/javascript; charset=utf-8"),
+    "/static/ws-shim.js": ("ws-shim.js", "text/javascript; charset=utf-8"),
     "/static/style.css": ("style.css", "text/css; charset=utf-8"),
 }
 SHELL_FILE: Final = ("shell.html", "text/html; charset=utf-8")

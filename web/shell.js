@@ -217,6 +217,66 @@ async function carry(msg, port) {
   };
 }
 
+// --- WebSockets of the app (web/ws-shim.js asks for them) ----------------------
+
+const WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+function base64(bytes) {
+  return btoa(String.fromCharCode(...new Uint8Array(bytes)));
+}
+
+function fromApp(event) {
+  if (event.origin !== location.origin || !event.source || event.source === window) return false;
+  try {
+    return event.source.location.pathname.startsWith(prefix); // a page of this app only
+  } catch {
+    return false;
+  }
+}
+
+async function openWebSocket(msg, port) {
+  const key = base64(crypto.getRandomValues(new Uint8Array(16)));
+  // RFC 6455 §4.2.2: the server proves it read our key.
+  const accept = base64(await crypto.subtle.digest("SHA-1", new TextEncoder().encode(key + WEBSOCKET_GUID)));
+  const headers = [
+    ["connection", "upgrade"],
+    ["upgrade", "websocket"],
+    ["sec-websocket-version", "13"],
+    ["sec-websocket-key", key],
+    ["origin", location.origin],
+  ];
+  if (msg.protocols.length) headers.push(["sec-websocket-protocol", msg.protocols.join(", ")]);
+  let stream;
+  try {
+    const open = await tunnelReady(15000);
+    stream = open.request(service, { method: "GET", target: msg.target, headers }, null, { upgrade: true });
+  } catch (error) {
+    port.postMessage({ type: "fail", reason: error.message });
+    return;
+  }
+  const field = (head, name) => (head.headers.find(([n]) => n === name) || [null, null])[1];
+  stream.onHead = (head) => {
+    if (head.status !== 101 || field(head, "sec-websocket-accept") !== accept) {
+      stream.cancel("not a WebSocket handshake");
+      port.postMessage({ type: "fail", reason: `handshake refused (HTTP ${head.status})` });
+      return;
+    }
+    port.postMessage({ type: "open", protocol: field(head, "sec-websocket-protocol") || "" });
+  };
+  stream.onData = (bytes) => {
+    port.postMessage({ type: "data", bytes: bytes.buffer }, [bytes.buffer]);
+    stream.consumed(bytes.length);
+  };
+  stream.onEnd = () => port.postMessage({ type: "end" });
+  stream.onError = (reason) => port.postMessage({ type: "fail", reason });
+  port.onmessage = (event) => {
+    const { type, bytes } = event.data;
+    if (type === "write") stream.write(new Uint8Array(bytes));
+    else if (type === "finish") stream.finish();
+    else if (type === "abort") stream.cancel();
+  };
+}
+
 // --- start -----------------------------------------------------------------------
 
 async function main() {
@@ -242,6 +302,11 @@ async function main() {
     if (event.data && event.data.type === "fetch" && event.ports[0]) carry(event.data, event.ports[0]);
   });
   navigator.serviceWorker.startMessages();
+  addEventListener("message", (event) => {
+    if (event.data && event.data.type === "tunnelctl-websocket" && event.ports[0] && fromApp(event)) {
+      openWebSocket(event.data, event.ports[0]);
+    }
+  });
   setState("connecting");
   attempt();
   await navigator.serviceWorker.register("/sw.js", { scope: "/d/" });

@@ -16,6 +16,9 @@ const APP = /^\/d\/([A-Za-z0-9][A-Za-z0-9._-]{0,63})\/([A-Za-z0-9][A-Za-z0-9._-]
 const NULL_BODY = new Set([101, 204, 205, 304]);
 const REDIRECT = new Set([301, 302, 303, 307, 308]);
 const WINDOW = 1 << 20; // bytes read ahead of the page before credit waits
+// The WebSocket shim, loaded first by every page of an app (see inject()).
+const SHIM = "/.tunnelctl/ws-shim.js";
+const SHIM_TAG = new TextEncoder().encode(`<script src="${SHIM}"></script>`);
 
 self.addEventListener("install", () => self.skipWaiting());
 self.addEventListener("activate", (event) => event.waitUntil(self.clients.claim()));
@@ -39,6 +42,7 @@ function appOf(pathname) {
 }
 
 async function route(event, request, url) {
+  if (url.pathname === SHIM) return fetch("/static/ws-shim.js");
   let app;
   let target;
   if (request.mode === "navigate") {
@@ -149,7 +153,31 @@ function build(head, body, request, app) {
     body.cancel();
     return new Response(null, init);
   }
+  if (request.mode === "navigate" && /^text\/html\b/i.test(headers.get("content-type") || "")) {
+    headers.delete("content-length");
+    return new Response(body.pipeThrough(inject()), init);
+  }
   return new Response(body, init);
+}
+
+// The shim's script tag, after the doctype if the page starts with one (a
+// tag before it would put the page in quirks mode), else first.
+function inject() {
+  let done = false;
+  return new TransformStream({
+    transform(chunk, controller) {
+      if (!done) {
+        done = true;
+        const start = String.fromCharCode(...chunk.subarray(0, 1024));
+        const doctype = /^(?:\xef\xbb\xbf)?\s*<!doctype[^>]*>/i.exec(start);
+        const at = doctype ? doctype[0].length : 0;
+        controller.enqueue(chunk.subarray(0, at));
+        controller.enqueue(SHIM_TAG);
+        chunk = chunk.subarray(at);
+      }
+      if (chunk.length) controller.enqueue(chunk);
+    },
+  });
 }
 
 // A redirect to a root-relative place of the app goes under the app's prefix.

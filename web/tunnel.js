@@ -218,7 +218,9 @@ export class Tunnel {
     channel.addEventListener("close", () => this.close("the DataChannel closed"));
   }
 
-  request(service, head, body) {
+  // With `upgrade`, the request is an Upgrade (WebSocket) one: no body, no
+  // FIN; after a 101 HEAD the stream carries raw bytes both ways (§2.8).
+  request(service, head, body, { upgrade = false } = {}) {
     if (this.closed) throw new Error("tunnel closed");
     const stream = new HttpStream(this, this.nextId);
     this.nextId += 2;
@@ -226,7 +228,8 @@ export class Tunnel {
     this.queue(frame(Type.OPEN_HTTP, stream.id, openHttpPayload(service, head)));
     this.queue(frame(Type.WINDOW, stream.id, u32(EXTRA_WINDOW)));
     if (body && body.length) stream.write(body);
-    stream.finish();
+    if (!upgrade) stream.finish();
+    this.flush();
     return stream;
   }
 

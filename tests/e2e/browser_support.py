@@ -19,6 +19,10 @@ import threading
 import zlib
 from urllib.parse import parse_qs, urlsplit
 
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+from websockets.sync.server import Server, ServerConnection, serve
+
 BIG_SIZE = 32 * 1024 * 1024
 SSE_EVENTS = 5
 ACK_TIMEOUT = 30.0
@@ -158,3 +162,38 @@ class AppServer(http.server.ThreadingHTTPServer):
     @property
     def port(self) -> int:
         return int(self.server_address[1])
+
+
+CHAT_PAGE = b"""<!doctype html>
+<html><head><meta charset="utf-8"><title>chat</title></head>
+<body><p id="chat">chat app</p></body></html>
+"""
+
+
+def _chat_page(connection: ServerConnection, request: Request) -> Response | None:
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        return None
+    headers = Headers({"Content-Type": "text/html; charset=utf-8"})
+    headers["Content-Length"] = str(len(CHAT_PAGE))
+    return Response(200, "OK", headers, CHAT_PAGE)
+
+
+def _echo(connection: ServerConnection) -> None:
+    """Echo every message back; "bye" closes with 4000, from the server's side."""
+    for message in connection:
+        if message == "bye":
+            connection.close(4000, "server says bye")
+            return
+        connection.send(message)
+
+
+def chat_server() -> Server:
+    """A WebSocket echo service (the websockets library) that also serves a page."""
+    return serve(
+        _echo,
+        "127.0.0.1",
+        0,
+        process_request=_chat_page,
+        subprotocols=["echo.v1"],
+        max_size=16 * 1024 * 1024,
+    )

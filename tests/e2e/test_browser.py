@@ -31,7 +31,7 @@ from playwright.sync_api import Browser, Frame, Page, sync_playwright
 
 from harness import Child
 from signaling.auth import issue_token
-from tests.e2e.browser_support import LOGO, SSE_EVENTS, AppServer
+from tests.e2e.browser_support import LOGO, SSE_EVENTS, AppServer, chat_server
 
 CHROMIUM = "/usr/bin/chromium"
 READY = 30.0
@@ -74,13 +74,17 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    """Signaling, device ``dev1`` exposing the app as ``web``, Chromium.
+    """Signaling, device ``dev1`` exposing the app as ``web`` and a WebSocket
+    echo service as ``chat``, Chromium.
 
     ``dev2`` is granted by the client token but never started: offline.
     """
     secret = secrets.token_hex(32)
     app = AppServer()
     threading.Thread(target=app.serve_forever, daemon=True).start()
+    chat = chat_server()
+    threading.Thread(target=chat.serve_forever, daemon=True).start()
+    chat_port = chat.socket.getsockname()[1]
     runtime = Path(tempfile.mkdtemp(prefix="tunnelctl-browser-"))
     children: list[Child] = []
     try:
@@ -93,6 +97,7 @@ def lab() -> Iterator[Lab]:
             [
                 *("start", "--runtime-dir", str(runtime), "--signal", signal_url),
                 *("--device", "dev1", "--expose", f"web=http://127.0.0.1:{app.port}"),
+                *("--expose", f"chat=http://127.0.0.1:{chat_port}"),
                 *("--ice-host", "127.0.0.1"),
             ],
             env={"TUNNEL_TOKEN": issue_token(secret, sub="dev1", role="device", ttl=600)},
@@ -114,6 +119,7 @@ def lab() -> Iterator[Lab]:
         shutil.rmtree(runtime, ignore_errors=True)
         app.shutdown()
         app.server_close()
+        chat.shutdown()
 
 
 @pytest.fixture
@@ -134,7 +140,7 @@ def sign_in(lab: Lab, page: Page, token: str | None = None) -> None:
 def open_app(lab: Lab, page: Page) -> Any:
     """Sign in, open dev1's web app from the list; return the app's frame."""
     sign_in(lab, page)
-    page.click('tr[data-device="dev1"] a:text("open web")')
+    page.click('tr[data-device="dev1"] a:text-is("open web")')
     page.wait_for_selector('#state[data-state="direct"]')
     frame = page.frame_locator("#app")
     frame.locator("body[data-ready=yes]").wait_for()
@@ -154,10 +160,10 @@ def test_the_page_lists_the_devices_and_opens_the_app(lab: Lab, page: Page) -> N
     row1 = page.locator('tr[data-device="dev1"]')
     row2 = page.locator('tr[data-device="dev2"]')
     assert row1.locator("td").nth(1).inner_text() == "online"
-    assert row1.locator("a").inner_text() == "open web"
+    assert row1.locator("a").all_inner_texts() == ["open web", "open chat"]
     assert row2.locator("td").nth(1).inner_text() == "offline"
 
-    row1.locator("a").click()
+    row1.locator("a").first.click()
     page.wait_for_selector('#state[data-state="direct"]')
     open_ms = page.get_attribute("#state", "data-open-ms")
     since_navigation = page.evaluate("performance.now()")
@@ -322,3 +328,41 @@ def test_an_app_cannot_read_another_apps_responses_through_the_worker(lab: Lab, 
         ]"""
     )
     assert own == [200, 200]
+
+
+def test_the_apps_websockets_go_through_the_tunnel(lab: Lab, page: Page) -> None:
+    sign_in(lab, page)
+    page.click('tr[data-device="dev1"] a:text-is("open chat")')
+    page.wait_for_selector('#state[data-state="direct"]')
+    page.frame_locator("#app").locator("#chat").wait_for()
+    got = app_frame(page).evaluate(
+        """() => new Promise((resolve, reject) => {
+            const big = new Uint8Array(3 * 1024 * 1024).map((_, i) => (i * 7) & 255);
+            const ws = new WebSocket('echo', ['echo.v1']);
+            ws.binaryType = 'arraybuffer';
+            const got = {shim: ws.constructor.name, protocol: null, messages: []};
+            ws.onopen = () => {
+                got.protocol = ws.protocol;
+                ws.send('hello ✓');
+                ws.send(big);
+                ws.send('bye');
+            };
+            ws.onmessage = (event) => {
+                if (typeof event.data === 'string') return got.messages.push(event.data);
+                const bytes = new Uint8Array(event.data);
+                const same = bytes.length === big.length && bytes.every((b, i) => b === big[i]);
+                got.messages.push(same);
+            };
+            ws.onerror = () => reject(new Error('websocket error'));
+            ws.onclose = (event) => resolve({...got, code: event.code, reason: event.reason,
+                                             clean: event.wasClean});
+        })"""
+    )
+    assert got == {
+        "shim": "TunnelWebSocket",
+        "protocol": "echo.v1",
+        "messages": ["hello ✓", True],
+        "code": 4000,
+        "reason": "server says bye",
+        "clean": True,
+    }
