@@ -3,7 +3,7 @@
 A real HTTP/1.1 server (http.server, threads) with a multi-file app: an HTML
 page, a JS module that imports another, a stylesheet, a PNG image (linked
 root-relative), a JSON resource, a form POST answered with a redirect, a
-32 MiB download and a Server-Sent Events stream that writes each event only
+32 MiB download (with range requests) and a Server-Sent Events stream that writes each event only
 once the page has acknowledged the previous one (so events arriving one by one
 is what the test sees, not a timing guess).
 """
@@ -14,6 +14,7 @@ import hashlib
 import http.server
 import json
 import random
+import re
 import struct
 import threading
 import zlib
@@ -91,7 +92,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             "/data.json": (DATA, "application/json"),
             "/big": (self.server.big, "application/octet-stream"),
         }
-        if url.path in files:
+        ranged = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+        if url.path == "/big" and ranged:
+            first, last = int(ranged.group(1)), int(ranged.group(2))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {first}-{last}/{len(self.server.big)}")
+            self.send_header("Content-Length", str(last - first + 1))
+            self.end_headers()
+            self.wfile.write(self.server.big[first : last + 1])
+        elif url.path in files:
             self._send(200, *files[url.path])
         elif url.path == "/done":
             query = parse_qs(url.query)

@@ -211,7 +211,7 @@ def test_the_page_lists_the_devices_and_opens_the_app(lab: Lab, page: Page) -> N
     assert app_frame(page).url.startswith(f"{lab.http_url}/d/dev1/web/done?n={len(body)}&")
 
 
-def test_a_32_mib_download_matches_its_sha256(lab: Lab, page: Page) -> None:
+def test_a_32_mib_download_matches_its_sha256_and_ranges_work(lab: Lab, page: Page) -> None:
     open_app(lab, page)
     got = app_frame(page).evaluate(
         """async () => {
@@ -228,6 +228,14 @@ def test_a_32_mib_download_matches_its_sha256(lab: Lab, page: Page) -> None:
     assert got["status"] == 200
     assert got["length"] == len(lab.app.big)
     assert got["sha256"] == lab.app.big_sha256
+    ranged = app_frame(page).evaluate(
+        """async () => {
+            const r = await fetch('big', {headers: {range: 'bytes=1000-1999'}});
+            const bytes = new Uint8Array(await r.arrayBuffer());
+            return [r.status, r.headers.get('content-range'), Array.from(bytes)];
+        }"""
+    )
+    assert ranged == [206, f"bytes 1000-1999/{len(lab.app.big)}", list(lab.app.big[1000:2000])]
     mib = got["length"] / (1 << 20)
     print(
         f"\nbrowser download: {mib:.0f} MiB in {got['seconds']:.2f} s = "
