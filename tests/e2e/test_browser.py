@@ -38,9 +38,6 @@ READY = 30.0
 TUNNELCTL = (sys.executable, "-m", "tunnelctl")
 WAIT_MS = 30_000
 
-# The device side of HTTP streams (PROTOCOL.md §2.8) comes from the http-stream branch.
-pytest.importorskip("workers.http_streams", reason="the device does not serve HTTP streams yet")
-
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(
