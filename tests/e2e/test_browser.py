@@ -371,3 +371,89 @@ def test_the_apps_websockets_go_through_the_tunnel(lab: Lab, page: Page) -> None
         "reason": "server says bye",
         "clean": True,
     }
+
+
+def hexes(*vectors: str) -> list[str]:
+    return ["".join(vector.split()) for vector in vectors]
+
+
+def test_the_pages_tunnel_frames_match_the_protocol_test_vectors(lab: Lab, page: Page) -> None:
+    """web/tunnel.js against PROTOCOL.md §2.7 and §2.8.1, in the browser itself."""
+    page.goto(f"{lab.http_url}/")
+    got = page.evaluate(
+        """async (answer) => {
+            const t = await import('/static/tunnel.js');
+            const hex = (bytes) => Array.from(bytes, b => b.toString(16).padStart(2, '0')).join('');
+            const bytes = (h) => new Uint8Array(h.match(/../g).map(x => parseInt(x, 16)));
+            const text = new TextEncoder();
+            const head = {method: 'GET', target: '/', headers: [['accept', '*/*']]};
+            const window = new Uint8Array([0, 2, 0, 0]);
+            const encoded = [
+                t.frame(t.Type.OPEN_HTTP, 1, t.openHttpPayload('web', head)),
+                t.frame(t.Type.FIN, 1),
+                t.frame(t.Type.RESET, 3, t.resetPayload(t.Reset.BAD_HEAD, 'bad target')),
+                t.frame(t.Type.DATA, 1, text.encode('hi')),
+                t.frame(t.Type.RESET, 5, t.resetPayload(t.Reset.CONNECT_FAILED, 'refused')),
+                t.frame(t.Type.WINDOW, 1, window),
+            ].map(hex);
+            const parsed = t.parseMessage(bytes(answer).buffer).map(
+                f => [f.type, f.streamId, new TextDecoder().decode(f.payload)]);
+            const rejected = [
+                '0200000500000001' + '6869', '0201000200000001' + '6869', '0900000000000001',
+                '0200000200000000' + '6869', '0200', '0600000000000001', '060000010000000100',
+                '06000002000000010577', '0700000000000001', '0300000100000001' + '00',
+            ].map((h) => {
+                try {
+                    t.parseMessage(bytes(h).buffer);
+                    return null;
+                } catch (error) {
+                    return error.message;
+                }
+            });
+            // A whole exchange through a Tunnel on a stand-in channel.
+            const channel = new EventTarget();
+            channel.sent = [];
+            channel.send = (message) => channel.sent.push(hex(message));
+            channel.bufferedAmount = 0;
+            const tunnel = new t.Tunnel(channel);
+            const stream = tunnel.request('web', head, null);
+            const events = [];
+            stream.onHead = (h) => events.push(['head', h.status, h.reason, h.headers]);
+            stream.onData = (d) => events.push(['data', new TextDecoder().decode(d)]);
+            stream.onEnd = () => events.push(['end']);
+            channel.dispatchEvent(new MessageEvent('message', {data: bytes(answer).buffer}));
+            return {encoded, parsed, rejected, sent: channel.sent, events};
+        }""",
+        "".join(
+            hexes(
+                "07 00 003f 00000001",
+                "7b22737461747573223a3230302c22726561736f6e223a224f4b222c2268656164657273",
+                "223a5b5b22636f6e74656e742d6c656e677468222c2232225d5d7d",
+                "02 00 0002 00000001 6869",
+                "03 00 0000 00000001",
+            )
+        ),
+    )
+    open_http = hexes(
+        """06 00 003e 00000001 03 776562
+        7b226d6574686f64223a22474554222c22746172676574223a222f222c2268656164657273
+        223a5b5b22616363657074222c222a2f2a225d5d7d"""
+    )[0]
+    assert got["encoded"] == [
+        open_http,
+        "0300000000000001",
+        *hexes("04 00 000c 00000003 0008 62616420746172676574"),
+        *hexes("02 00 0002 00000001 6869"),
+        *hexes("04 00 0009 00000005 0002 72656675736564"),
+        *hexes("05 00 0004 00000001 00020000"),
+    ]
+    response_head = '{"status":200,"reason":"OK","headers":[["content-length","2"]]}'
+    assert got["parsed"] == [[7, 1, response_head], [2, 1, "hi"], [3, 1, ""]]
+    assert None not in got["rejected"], got["rejected"]
+    # OPEN_HTTP, the extra credit the page grants at once, FIN: one message.
+    assert got["sent"] == [open_http + "0500000400000001" + "00400000" + "0300000000000001"]
+    assert got["events"] == [
+        ["head", 200, "OK", [["content-length", "2"]]],
+        ["data", "hi"],
+        ["end"],
+    ]
