@@ -24,6 +24,10 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 from websockets.sync.server import Server, ServerConnection, serve
 
+#: Debian's chromium, driven by Playwright's Python client (never a downloaded browser).
+CHROMIUM = "/usr/bin/chromium"
+READY = 30.0
+WAIT_MS = 30_000
 BIG_SIZE = 32 * 1024 * 1024
 SSE_EVENTS = 5
 ACK_TIMEOUT = 30.0

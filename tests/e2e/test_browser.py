@@ -31,12 +31,17 @@ from playwright.sync_api import Browser, Frame, Page, sync_playwright
 
 from harness import Child
 from signaling.auth import issue_token
-from tests.e2e.browser_support import LOGO, SSE_EVENTS, AppServer, chat_server
+from tests.e2e.browser_support import (
+    CHROMIUM,
+    LOGO,
+    READY,
+    SSE_EVENTS,
+    WAIT_MS,
+    AppServer,
+    chat_server,
+)
 
-CHROMIUM = "/usr/bin/chromium"
-READY = 30.0
 TUNNELCTL = (sys.executable, "-m", "tunnelctl")
-WAIT_MS = 30_000
 
 pytestmark = [
     pytest.mark.e2e,
