@@ -10,6 +10,7 @@ const $ = (id) => document.getElementById(id);
 const APP = /^\/d\/([A-Za-z0-9][A-Za-z0-9._-]{0,63})\/([A-Za-z0-9][A-Za-z0-9._-]{0,63})(\/.*)?$/;
 const ATTEMPT_TIMEOUT = 10000;
 const MAX_BACKOFF = 10000;
+const SILENCE = 5000;
 const FATAL = new Set(["forbidden", "not_authenticated"]);
 
 const match = APP.exec(location.pathname);
@@ -67,7 +68,12 @@ class Session {
       this.send({ type: "candidate", candidate });
     });
     this.pc.addEventListener("connectionstatechange", () => {
-      if (this.pc.connectionState === "failed") this.fail("the peer connection failed");
+      const state = this.pc.connectionState;
+      clearTimeout(this.silence);
+      if (state === "failed") this.fail("the peer connection failed");
+      // Consent checks unanswered for a while (RFC 7675): give the path a
+      // few seconds to come back before the session is made again.
+      if (state === "disconnected") this.silence = setTimeout(() => this.fail("the path went silent"), SILENCE);
     });
     this.pc.addEventListener("datachannel", (event) => this.channel(event.channel));
     this.timer = setTimeout(() => this.fail("the session did not open in time"), ATTEMPT_TIMEOUT);
@@ -121,7 +127,9 @@ class Session {
     if (this.ended) return;
     this.ended = true;
     clearTimeout(this.timer);
-    if (this.open && code === "") this.signal.send({ type: "session_end", session: this.id, reason: "closed" });
+    clearTimeout(this.silence);
+    // Our own decision: tell the device, so that it frees the session at once.
+    if (code === "") this.signal.send({ type: "session_end", session: this.id, reason: reason.slice(0, 200) });
     this.pc.close();
     if (this.tunnel) this.tunnel.close(reason);
     lost(this, reason, code);
