@@ -50,6 +50,7 @@ __all__ = ["CSP", "FILES", "SHELL_PATH", "load", "respond"]
 FILES: Final[dict[str, tuple[str, str]]] = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/sw.js": ("sw.js", "text/javascript; charset=utf-8"),
+    "/static/cookies.js": ("cookies.js", "text/javascript; charset=utf-8"),
     "/static/index.js": ("index.js", "text/javascript; charset=utf-8"),
     "/static/shell.js": ("shell.js", "text/javascript; charset=utf-8"),
     "/static/signal.js": ("signal.js", "text/javascript; charset=utf-8"),

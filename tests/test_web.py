@@ -29,6 +29,7 @@ def get(path: str, method: str = "GET", **headers: str) -> tuple[int, Headers, b
         ("/static/shell.js", "shell.js", "text/javascript; charset=utf-8"),
         ("/static/style.css", "style.css", "text/css; charset=utf-8"),
         ("/static/ws-shim.js", "ws-shim.js", "text/javascript; charset=utf-8"),
+        ("/static/cookies.js", "cookies.js", "text/javascript; charset=utf-8"),
         ("/d/dev1/web/", "shell.html", "text/html; charset=utf-8"),
         ("/d/dev1/web/deep/page.html?q=1", "shell.html", "text/html; charset=utf-8"),
         ("/d/dev-1.a/admin_ui", "shell.html", "text/html; charset=utf-8"),

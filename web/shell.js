@@ -3,6 +3,7 @@
 // Service Worker's requests on the tunnel (§2.8), shows the connection state
 // (connecting, direct, relayed, reconnecting) and re-establishes a session
 // that drops. The device's app runs in the frame below, under the same path.
+import { CookieJar } from "./cookies.js";
 import { Signal, SignInError, TOKEN_KEY } from "./signal.js";
 import { Tunnel } from "./tunnel.js";
 
@@ -26,6 +27,14 @@ let waiters = [];
 let failures = 0;
 let started = 0;
 let workerReady = false;
+const jar = new CookieJar();
+
+// The request's fields, with the app's cookies (a Service Worker cannot add them).
+function withCookies(target, headers) {
+  const cookie = jar.header(target);
+  const rest = headers.filter(([name]) => name !== "cookie");
+  return cookie ? [...rest, ["cookie", cookie]] : rest;
+}
 
 function setState(state, message = "") {
   $("state").textContent = state;
@@ -210,12 +219,16 @@ async function carry(msg, port) {
   let stream;
   try {
     const open = await tunnelReady(15000);
-    stream = open.request(service, { method: msg.method, target: msg.target, headers: msg.headers }, msg.body ? new Uint8Array(msg.body) : null);
+    const head = { method: msg.method, target: msg.target, headers: withCookies(msg.target, msg.headers) };
+    stream = open.request(service, head, msg.body ? new Uint8Array(msg.body) : null);
   } catch (error) {
     port.postMessage({ type: "error", reason: error.message });
     return;
   }
-  stream.onHead = (head) => port.postMessage({ type: "head", status: head.status, reason: head.reason, headers: head.headers });
+  stream.onHead = (head) => {
+    jar.store(msg.target, head.headers);
+    port.postMessage({ type: "head", status: head.status, reason: head.reason, headers: head.headers });
+  };
   stream.onData = (bytes) => port.postMessage({ type: "data", bytes: bytes.buffer }, [bytes.buffer]);
   stream.onEnd = () => port.postMessage({ type: "end" });
   stream.onError = (reason) => port.postMessage({ type: "error", reason });
@@ -257,7 +270,8 @@ async function openWebSocket(msg, port) {
   let stream;
   try {
     const open = await tunnelReady(15000);
-    stream = open.request(service, { method: "GET", target: msg.target, headers }, null, { upgrade: true });
+    const head = { method: "GET", target: msg.target, headers: withCookies(msg.target, headers) };
+    stream = open.request(service, head, null, { upgrade: true });
   } catch (error) {
     port.postMessage({ type: "fail", reason: error.message });
     return;

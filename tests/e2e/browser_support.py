@@ -2,7 +2,7 @@
 
 A real HTTP/1.1 server (http.server, threads) with a multi-file app: an HTML
 page, a JS module that imports another, a stylesheet, a PNG image (linked
-root-relative), a JSON resource, a form POST answered with a redirect, a
+root-relative), a JSON resource, a form POST answered with a redirect, a login that sets cookies, a
 32 MiB download (with range requests) and a Server-Sent Events stream that writes each event only
 once the page has acknowledged the previous one (so events arriving one by one
 is what the test sees, not a timing guess).
@@ -113,6 +113,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 f"{query['n'][0]} bytes, sha256 {query['sha'][0]}</p>"
             )
             self._send(200, page.encode(), "text/html; charset=utf-8")
+        elif url.path.endswith("/whoami"):
+            self._send(200, self.headers.get("Cookie", "").encode(), "text/plain")
+        elif url.path == "/logout":
+            self.send_response(200)
+            self.send_header("Set-Cookie", "session=; Path=/; Max-Age=0")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
         elif url.path == "/events":
             self._events()
         elif url.path == "/ack":
@@ -124,6 +131,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", "0"))
         body = self.rfile.read(length)
+        if urlsplit(self.path).path == "/login":
+            self.send_response(303)
+            self.send_header("Set-Cookie", "session=s3cr3t; Path=/; HttpOnly")
+            self.send_header("Set-Cookie", "theme=dark; Path=/lib")
+            self.send_header("Location", "/whoami")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if urlsplit(self.path).path != "/submit":
             self._send(404, b"not found\n", "text/plain")
             return

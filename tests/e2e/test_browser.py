@@ -479,3 +479,25 @@ def test_the_pages_tunnel_frames_match_the_protocol_test_vectors(lab: Lab, page:
         ["data", "hi"],
         ["end"],
     ]
+
+
+def test_the_apps_cookies_are_kept_by_the_shell(lab: Lab, page: Page) -> None:
+    open_app(lab, page)
+    got = app_frame(page).evaluate(
+        """async () => {
+            const text = async (url, init) => (await fetch(url, init)).text();
+            const login = await text('login', {method: 'POST'});  // 303 + Set-Cookie
+            const scoped = await text('lib/whoami');  // Path=/lib cookies too, first
+            const after = await text('whoami');
+            const visible = document.cookie;
+            await fetch('logout');
+            return {login, scoped, after, visible, out: await text('whoami')};
+        }"""
+    )
+    assert got == {
+        "login": "session=s3cr3t",
+        "scoped": "theme=dark; session=s3cr3t",
+        "after": "session=s3cr3t",
+        "visible": "",
+        "out": "",
+    }
