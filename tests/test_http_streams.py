@@ -385,3 +385,42 @@ async def test_hop_by_hop_fields_do_not_reach_the_service(make_pair: MakePair) -
     assert head.headers == ((b"content-length", b"2"), (b"x-kept", b"yes"))
     assert body == b"ok"
     server.close()
+
+
+async def test_a_body_shorter_than_its_content_length_is_a_protocol_reset(
+    make_pair: MakePair, app: App
+) -> None:
+    pair = await make_pair({"web": app.address})
+    exchange = pair.client.http.open(
+        "web", RequestHead("POST", "/upload", ((b"content-length", b"10"),))
+    )
+    await exchange.write(b"12345")
+    exchange.end()
+    with pytest.raises(HttpStreamReset) as caught:
+        await asyncio.wait_for(exchange.response(), TIMEOUT)
+    assert caught.value.code == ResetCode.PROTOCOL and "request body" in caught.value.reason
+
+
+async def test_kept_alive_connections_the_service_closes_are_not_used(
+    make_pair: MakePair,
+) -> None:
+    """A service that closes each connection right after its response, without
+    saying so: the next request must still get its answer, on a new connection."""
+    connections = 0
+
+    async def one_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server, address = await start_service(one_answer)
+    pair = await make_pair({"web": address})
+    for _ in range(5):
+        head, body = await fetch(pair, "/")
+        assert (head.status, body) == (200, b"ok")
+    assert connections == 5
+    assert pair.device.stats.bytes_out == pair.client.stats.bytes_in == 10
+    server.close()

@@ -404,3 +404,58 @@ def test_a_response_without_body_is_head_then_fin_and_reset_after_fin_is_harmles
     events = client.events()
     assert [type(e) for e in events] == [HeadReceived, StreamEnded, StreamReset]
     assert client.stream_count == device.stream_count == 0
+
+
+# -- fuzzing the new frames against both ends ----------------------------------
+
+_heads = st.sampled_from(
+    [
+        encode_request_head(GET),
+        encode_response_head(OK),
+        b'{"status":101,"reason":"","headers":[]}',
+        b"{}",
+        b"[",
+        b'{"method":"GET","target":"/","headers":[["a","\\u0100"]]}',
+        b"\xff\xfe",
+    ]
+)
+_http_frames = st.one_of(
+    st.builds(OpenHttp, st.integers(1, 12), st.sampled_from(["web", "x"]), _heads),
+    st.builds(Head, st.integers(1, 12), _heads),
+    st.builds(Data, st.integers(1, 12), st.binary(min_size=1, max_size=8)),
+    st.builds(Fin, st.integers(1, 12)),
+    st.builds(Reset, st.integers(1, 12), st.sampled_from([0, 5, 8, 9, 999])),
+    st.builds(Open, st.integers(1, 12), st.just("web")),
+)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from([Role.CLIENT, Role.DEVICE]), st.lists(_http_frames, max_size=12))
+def test_any_order_of_http_frames_is_answered_without_surprise(
+    role: Role, frames: list[Frame]
+) -> None:
+    """Whatever a peer sends, each end either raises RemoteProtocolError (a
+    session error) or stays consistent: events only for its live streams, heads
+    only as decoded values, every answer a frame of the spec."""
+    mux = Multiplexer(role, max_streams=4)
+    if role is Role.CLIENT:
+        mux.open_http_stream("web", GET)
+        mux.open_stream("web")
+    for frame in frames:
+        try:
+            mux.receive_message(encode_frame(frame))
+        except RemoteProtocolError:
+            return
+        for event in mux.events():
+            if isinstance(event, HttpStreamOpened):
+                assert role is Role.DEVICE and isinstance(event.request, RequestHead)
+                mux.send_head(event.stream_id, OK)
+            elif isinstance(event, HeadReceived):
+                assert role is Role.CLIENT and event.stream_id == 1
+            elif isinstance(event, DataReceived):
+                mux.acknowledge(event.stream_id, len(event.data))
+        assert mux.stream_count <= 4
+        for message in mux.data_to_send():
+            for sent in decode_message(message):
+                if isinstance(sent, Reset):
+                    assert sent.code in set(ResetCode)

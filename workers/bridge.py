@@ -140,6 +140,7 @@ class TunnelBridge:
             self._flush,
             admit=self._admit_http,
             open_connection=lambda up: open_connection(ServiceAddress(up.host, up.port)),
+            stats=self.stats,
             label=label,
         )
         channel.bufferedAmountLowThreshold = CHANNEL_LOW
@@ -158,7 +159,7 @@ class TunnelBridge:
 
     @property
     def stream_count(self) -> int:
-        return len(self._streams)
+        return len(self._streams) + len(self.http)
 
     @property
     def is_closed(self) -> bool:
@@ -215,8 +216,9 @@ class TunnelBridge:
             self._session_error(str(exc))
             return
         http = self.http
+        exchanges = http.exchanges
         for event in self.mux.events():
-            if event.stream_id in http or isinstance(event, HttpStreamOpened):
+            if (exchanges and event.stream_id in exchanges) or isinstance(event, HttpStreamOpened):
                 http.on_event(event)
             elif isinstance(event, DataReceived):
                 self._on_data(event.stream_id, event.data)
@@ -400,7 +402,8 @@ class TunnelBridge:
                 and self.mux.pending_bytes(stream.stream_id) <= STREAM_SEND_HIGH
             ):
                 stream.writable.set()
-        self.http.on_flushed()
+        if self.http.exchanges:
+            self.http.on_flushed()
         self._check_drained()
 
     # -- endings ------------------------------------------------------------

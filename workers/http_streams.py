@@ -30,7 +30,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 import h11
 
@@ -85,6 +85,13 @@ OpenConnection = Callable[[Upstream], Awaitable[tuple[asyncio.StreamReader, asyn
 #: Decides whether a stream may reach ``service``: its address, or ``None`` once
 #: the stream has been reset (unknown service, shutting down).
 Admit = Callable[[int, str], Upstream | None]
+
+
+class ByteCounters(Protocol):
+    """Where the session counts its bytes (the bridge's stats)."""
+
+    bytes_in: int  # tunnel -> local side
+    bytes_out: int  # local side -> tunnel
 
 
 class _Abort(Exception):
@@ -548,21 +555,21 @@ class HttpStreams:
         *,
         admit: Admit,
         open_connection: OpenConnection,
+        stats: ByteCounters,
         label: str = "",
     ) -> None:
         self.mux = mux
+        self.stats = stats
         self.flush = flush
         self.label = label
         self.pool = ConnectionPool(open_connection)
         self._admit = admit
-        self._streams: dict[int, _DeviceExchange | HttpExchange] = {}
+        #: The live exchanges by stream id: the bridge routes these streams' events here.
+        self.exchanges: dict[int, _DeviceExchange | HttpExchange] = {}
         self._closed: str | None = None
 
-    def __contains__(self, stream_id: int) -> bool:
-        return stream_id in self._streams
-
     def __len__(self) -> int:
-        return len(self._streams)
+        return len(self.exchanges)
 
     # -- client side -------------------------------------------------------------------
 
@@ -574,7 +581,7 @@ class HttpStreams:
             raise TunnelUsageError(f"the tunnel is closed: {self._closed}")
         stream_id = self.mux.open_http_stream(service, request)
         exchange = HttpExchange(self, stream_id)
-        self._streams[stream_id] = exchange
+        self.exchanges[stream_id] = exchange
         self.flush()
         return exchange
 
@@ -584,10 +591,11 @@ class HttpStreams:
         if isinstance(event, HttpStreamOpened):
             self._on_open(event)
             return
-        exchange = self._streams.get(event.stream_id)
+        exchange = self.exchanges.get(event.stream_id)
         if exchange is None:
             return
         if isinstance(event, DataReceived):
+            self.stats.bytes_in += len(event.data)
             exchange.on_data(event.data)
         elif isinstance(event, StreamEnded):
             exchange.on_fin()
@@ -605,7 +613,7 @@ class HttpStreams:
         if upstream is None:
             return
         exchange = _DeviceExchange(self, event.stream_id, upstream, event.request)
-        self._streams[event.stream_id] = exchange
+        self.exchanges[event.stream_id] = exchange
         self.spawn(exchange, exchange.run())
 
     def on_flushed(self) -> None:
@@ -613,7 +621,7 @@ class HttpStreams:
         forget the exchanges whose streams the multiplexer closed (their last FIN
         may leave only now)."""
         closed = []
-        for exchange in self._streams.values():
+        for exchange in self.exchanges.values():
             if not exchange.room.is_set() and (
                 self.mux.pending_bytes(exchange.stream_id) <= STREAM_SEND_HIGH
             ):
@@ -626,7 +634,7 @@ class HttpStreams:
     def close(self, reason: str) -> None:
         """The session is over: abort every exchange and pooled connection."""
         self._closed = reason
-        for exchange in list(self._streams.values()):
+        for exchange in list(self.exchanges.values()):
             self._kill(exchange)
             if isinstance(exchange, HttpExchange):
                 exchange.on_reset(ResetCode.CANCEL, f"tunnel closed: {reason}", remote=False)
@@ -636,6 +644,7 @@ class HttpStreams:
 
     def send(self, exchange: _Exchange, data: bytes) -> None:
         if not exchange.dead:
+            self.stats.bytes_out += len(data)
             self.mux.send_data(exchange.stream_id, data)
             self.flush()
 
@@ -684,7 +693,7 @@ class HttpStreams:
         task.add_done_callback(exchange.tasks.discard)
 
     def _forget(self, exchange: _Exchange) -> None:
-        self._streams.pop(exchange.stream_id, None)
+        self.exchanges.pop(exchange.stream_id, None)
 
     def _kill(self, exchange: _Exchange) -> None:
         exchange.dead = True
