@@ -59,6 +59,7 @@ INDEX = b"""<!doctype html>
 <h1 id="title">Hello from the device</h1>
 <img id="logo" src="/img/logo.png" alt="logo">
 <p id="module">module not loaded</p>
+<p><a id="about" href="/about?from=index">about</a></p>
 <ul id="items"></ul>
 <form id="upload" method="post" action="submit" enctype="text/plain">
 <textarea name="text" id="text"></textarea><button type="submit" id="send">Send</button>
@@ -112,6 +113,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 f"<!doctype html><title>done</title><p id='result'>received "
                 f"{query['n'][0]} bytes, sha256 {query['sha'][0]}</p>"
             )
+            self._send(200, page.encode(), "text/html; charset=utf-8")
+        elif url.path == "/about":
+            page = f"<!doctype html><title>about</title><p id='about-page'>{url.query}</p>"
             self._send(200, page.encode(), "text/html; charset=utf-8")
         elif url.path.endswith("/whoami"):
             self._send(200, self.headers.get("Cookie", "").encode(), "text/plain")

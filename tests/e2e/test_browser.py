@@ -501,3 +501,12 @@ def test_the_apps_cookies_are_kept_by_the_shell(lab: Lab, page: Page) -> None:
         "visible": "",
         "out": "",
     }
+
+
+def test_a_root_relative_link_is_redirected_back_into_the_app(lab: Lab, page: Page) -> None:
+    frame = open_app(lab, page)
+    # <a href="/about?from=index">: the navigation leaves the worker's /d/ scope,
+    # the signaling server sends it back under the app's prefix (307, by Referer).
+    frame.locator("#about").click()
+    assert frame.locator("#about-page").inner_text() == "from=index"
+    assert app_frame(page).url == f"{lab.http_url}/d/dev1/web/about?from=index"
