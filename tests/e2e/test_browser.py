@@ -226,6 +226,8 @@ def test_the_page_lists_the_devices_and_opens_the_app(lab: Lab, page: Page) -> N
     # Our pages run under their strict CSP without a violation; the token
     # reached the server only inside the WebSocket, and no log line holds it.
     assert not [line for line in console if "Content Security Policy" in line], console
+    scope = page.evaluate("async () => (await navigator.serviceWorker.getRegistration()).scope")
+    assert scope == f"{lab.http_url}/d/"
     assert_not_logged(lab, token)
 
 
