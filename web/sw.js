@@ -133,15 +133,34 @@ function response(port, request, app) {
 function build(head, body, request, app) {
   const headers = new Headers();
   let location = null;
-  for (const [name, value] of head.headers) {
-    // The page gets the body decoded already; set-cookie cannot be set here.
-    if (name === "content-encoding" || name === "set-cookie") continue;
+  let encoding = null;
+  for (const [name, rawValue] of head.headers) {
+    let value = rawValue;
+    // A worker's response reaches the page as it is: no decoding after us.
+    if (name === "content-encoding") {
+      encoding = value.trim().toLowerCase();
+      continue;
+    }
+    if (name === "set-cookie") continue; // kept by the shell (web/cookies.js)
     if (name === "location") location = value;
+    // The app runs framed by its shell, on our origin: "no framing at all"
+    // becomes "only by this origin", which still keeps other sites out.
+    if (request.mode === "navigate" && name === "x-frame-options" && /deny/i.test(value)) value = "SAMEORIGIN";
+    if (request.mode === "navigate" && name === "content-security-policy") {
+      value = value.replace(/frame-ancestors\s+'none'/gi, "frame-ancestors 'self'");
+    }
     try {
       headers.append(name, value);
     } catch {
       // a value the Fetch API refuses: left out
     }
+  }
+  if (encoding === "gzip" || encoding === "deflate") {
+    body = body.pipeThrough(new DecompressionStream(encoding));
+    headers.delete("content-length");
+  } else if (encoding && encoding !== "identity") {
+    body.cancel();
+    return text(502, `The device's service answered in ${encoding}, which this client cannot decode.`);
   }
   if (REDIRECT.has(head.status) && location !== null) {
     body.cancel();

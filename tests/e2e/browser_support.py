@@ -10,6 +10,7 @@ is what the test sees, not a timing guess).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.server
 import json
@@ -114,6 +115,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 f"{query['n'][0]} bytes, sha256 {query['sha'][0]}</p>"
             )
             self._send(200, page.encode(), "text/html; charset=utf-8")
+        elif url.path == "/gz":
+            # Compressed whatever the request asked for, as some servers do.
+            self.send_response(200)
+            body = gzip.compress(DATA)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif url.path in ("/no-framing-xfo", "/no-framing-csp"):
+            page = f"<!doctype html><p id='unframed'>{url.path} shown anyway</p>".encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            if url.path.endswith("xfo"):
+                self.send_header("X-Frame-Options", "DENY")
+            else:
+                self.send_header("Content-Security-Policy", "frame-ancestors 'none'")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
         elif url.path == "/about":
             page = f"<!doctype html><title>about</title><p id='about-page'>{url.query}</p>"
             self._send(200, page.encode(), "text/html; charset=utf-8")

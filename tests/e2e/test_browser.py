@@ -512,3 +512,15 @@ def test_a_root_relative_link_is_redirected_back_into_the_app(lab: Lab, page: Pa
     frame.locator("#about").click()
     assert frame.locator("#about-page").inner_text() == "from=index"
     assert app_frame(page).url == f"{lab.http_url}/d/dev1/web/about?from=index"
+
+
+def test_compressed_and_unframable_answers_still_work(lab: Lab, page: Page) -> None:
+    frame = open_app(lab, page)
+    data = app_frame(page).evaluate("async () => (await fetch('gz')).json()")
+    assert data == {"items": ["alpha", "beta", "gamma"]}
+    # X-Frame-Options: DENY and frame-ancestors 'none' would blank the app's
+    # frame; they become "this origin only".
+    for kind in ("xfo", "csp"):
+        app_frame(page).evaluate(f"location.href = 'no-framing-{kind}'")
+        shown = frame.locator(f"#unframed:text('/no-framing-{kind} shown anyway')")
+        shown.wait_for()
