@@ -5,7 +5,8 @@ settings (mDNS candidates on), against a real signaling server, a real
 
 The session open time and the download throughput are printed (``-s``), not
 asserted. A screenshot of the opened app is written to
-``$TUNNELCTL_ARTIFACTS`` (default: a temporary directory) and its path printed.
+``$TUNNELCTL_ARTIFACTS`` (default: the test's pytest temporary directory)
+and its path printed.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def app_frame(page: Page) -> Frame:
     return frames[0]
 
 
-def test_the_page_lists_the_devices_and_opens_the_app(lab: Lab, page: Page) -> None:
+def test_the_page_lists_the_devices_and_opens_the_app(lab: Lab, page: Page, tmp_path: Path) -> None:
     console: list[str] = []
     page.on("console", lambda message: console.append(message.text))
     token = lab.token()
@@ -207,7 +208,7 @@ def test_the_page_lists_the_devices_and_opens_the_app(lab: Lab, page: Page) -> N
     )
     assert logo == [200, "image/png", list(LOGO)]
 
-    artifacts = Path(os.environ.get("TUNNELCTL_ARTIFACTS") or tempfile.mkdtemp(prefix="tunnelctl-"))
+    artifacts = Path(os.environ.get("TUNNELCTL_ARTIFACTS") or tmp_path)
     artifacts.mkdir(parents=True, exist_ok=True)
     shot = artifacts / "browser-client.png"
     page.screenshot(path=str(shot))
