@@ -424,3 +424,40 @@ async def test_kept_alive_connections_the_service_closes_are_not_used(
     assert connections == 5
     assert pair.device.stats.bytes_out == pair.client.stats.bytes_in == 10
     server.close()
+
+
+async def test_an_early_answer_stops_the_upload(make_pair: MakePair, app: App) -> None:
+    """A service that refuses an upload without reading it (413): the client gets
+    the answer, then a RESET CANCEL that stops its upload (§2.8)."""
+
+    finished = asyncio.Event()
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nbig!")
+        await writer.drain()
+        await finished.wait()  # never reads the body
+        writer.close()
+
+    server, address = await start_service(refuse)
+    pair = await make_pair({"web": address, "app": app.address})
+    body = bytes(64 * MiB)
+    exchange = pair.client.http.open(
+        "web", RequestHead("PUT", "/file", ((b"content-length", str(len(body)).encode()),))
+    )
+
+    async def upload() -> None:
+        for offset in range(0, len(body), MiB):
+            await exchange.write(body[offset : offset + MiB])
+        exchange.end()
+
+    uploading = asyncio.ensure_future(upload())
+    head = await asyncio.wait_for(exchange.response(), TIMEOUT)
+    assert (head.status, await asyncio.wait_for(exchange.read_all(), TIMEOUT)) == (413, b"big!")
+    with pytest.raises(HttpStreamReset) as caught:
+        await asyncio.wait_for(uploading, TIMEOUT)
+    assert caught.value.code == ResetCode.CANCEL and caught.value.remote
+    _, answer = await fetch(pair, "/hello", service="app")  # the session goes on
+    assert answer == b"hello"
+    finished.set()
+    server.close()

@@ -64,6 +64,9 @@ MAX_IDLE_PER_SERVICE: Final = 8
 IDLE_TIMEOUT: Final = 30.0
 #: The service's response head may be this large (h11 refuses larger).
 MAX_RESPONSE_HEAD: Final = 16 * 1024
+#: Seconds a complete response waits for the end of its request's upload
+#: before the connection is given up instead of kept alive.
+UPLOAD_GRACE: Final = 5.0
 #: Request fields the device replaces or never forwards (besides the hop-by-hop ones).
 _DROP: Final = frozenset({b"host", b"expect"})
 
@@ -476,12 +479,15 @@ class _DeviceExchange(_Exchange):
     async def _complete(self, conn: _Connection) -> None:
         self.finished = True
         self._streams.send_fin(self)
-        if not self.request_done and self.remote_fin:
-            # The whole upload is in hand: let it finish rather than waste the connection.
+        if not self.request_done and self.remote_fin and not self.body:
+            # The service often answers as the last body bytes reach it, while the
+            # upload still waits for them to drain: let it end the request, so the
+            # connection can be kept, but not for ever (a service that answered
+            # without reading may never drain them).
             for task in list(self.tasks):
                 if task is not asyncio.current_task():
                     with contextlib.suppress(Exception, asyncio.CancelledError):
-                        await task
+                        await asyncio.wait_for(task, UPLOAD_GRACE)
         parser = conn.h11
         if self.request_done and parser.our_state is h11.DONE and parser.their_state is h11.DONE:
             parser.start_next_cycle()
