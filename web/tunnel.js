@@ -111,6 +111,7 @@ export class HttpStream {
     this.finPending = false;
     this.finSent = false;
     this.gotHead = false;
+    this.remoteDone = false; // FIN received
     this.closed = false;
     this.onHead = () => {};
     this.onData = () => {};
@@ -171,12 +172,12 @@ export class HttpStream {
       this.gotHead = true;
       this.onHead(head);
     } else if (type === Type.DATA) {
-      if (!this.gotHead) return this.violate("DATA before HEAD");
+      if (!this.gotHead || this.remoteDone) return this.violate("DATA outside the response body");
       if (payload.length > this.receiveCredit) return this.violate("beyond credit", Reset.FLOW_CONTROL);
       this.receiveCredit -= payload.length;
       this.onData(payload.slice());
     } else if (type === Type.FIN) {
-      if (!this.gotHead) return this.violate("FIN before HEAD");
+      if (!this.gotHead || this.remoteDone) return this.violate("FIN outside the response body");
       this.remoteDone = true;
       if (this.finSent) {
         this.closed = true;
@@ -185,12 +186,18 @@ export class HttpStream {
       this.onEnd();
     } else if (type === Type.WINDOW) {
       this.sendCredit += new DataView(payload.buffer, payload.byteOffset, 4).getUint32(0);
+      if (this.sendCredit > 0x7fffffff) return this.violate("credit above 2^31-1", Reset.FLOW_CONTROL);
       this.tunnel.flush();
     } else if (type === Type.RESET) {
       const code = new DataView(payload.buffer, payload.byteOffset, 2).getUint16(0);
       const reason = new TextDecoder().decode(payload.subarray(2));
-      this.tunnel.streams.delete(this.id);
-      if (this.remoteDone) return; // the response is complete: "stop uploading" (§2.8)
+      if (this.remoteDone) {
+        // The response is complete: this only means "stop uploading" (§2.8).
+        this.closed = true;
+        this.pending = [];
+        this.tunnel.streams.delete(this.id);
+        return;
+      }
       this.fail(`${RESET_NAMES[code] || code}${reason ? ": " + reason : ""}`);
     }
   }
