@@ -300,6 +300,11 @@ def test_a_wrong_token_shows_a_clear_message(lab: Lab, page: Page) -> None:
     assert page.locator("#signin").is_visible()
     assert page.evaluate("sessionStorage.length") == 0
     assert_not_logged(lab, forged)
+    # The form: a typed token signs in.
+    page.fill("#token", lab.token())
+    page.click("#signin button")
+    page.wait_for_selector('tr[data-device="dev1"]')
+    assert page.locator("#message").inner_text() == ""
 
 
 def test_a_dropped_session_shows_reconnecting_and_recovers(lab: Lab, page: Page) -> None:
