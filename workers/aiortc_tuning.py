@@ -1032,7 +1032,17 @@ def _tune_sctp() -> None:
             self._t3_cancel()
         elif done:
             self._t3_restart()
-        self._update_advanced_peer_ack_point()
+        if (
+            self._forward_tsn_streams
+            or self._forward_tsn_chunk is not None
+            or (sent and sent[0]._abandoned)
+            or (self._outbound_queue and self._outbound_queue[0]._abandoned)
+            or uint32_gt(self._advanced_peer_ack_tsn, cumulative)
+        ):
+            self._update_advanced_peer_ack_point()
+        else:
+            # Nothing abandoned (RFC 3758): the ack point simply follows the SACK.
+            self._advanced_peer_ack_tsn = cumulative
         flush(self)
 
     def flush(self: Any) -> None:
