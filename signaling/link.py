@@ -8,6 +8,13 @@ exponential backoff and full jitter (:class:`protocol.backoff.Backoff`); a close
 with code 4401 (bad token) or 4409 (replaced) is final and surfaces as
 :class:`LinkRejected`, because retrying cannot fix it.
 
+Several signaling URLs (nodes of one cluster, PROTOCOL.md §1.8) may be given:
+the link uses the first that answers, in the order given. A failed attempt
+moves on to the next URL after the backoff delay; a link that drops moves on
+to the next URL too (the one that dropped it is the likeliest to be down),
+wrapping around. A ``moving`` message (a node draining) closes the link and
+connects to the next URL at once, without backoff.
+
 Contract: ``start()`` then ``await wait_up()``; ``send()`` while up (raises
 :class:`LinkDown` while down); ``close()`` once. ``run_until_closed()``
 returns when the link gives up (rejected) or is closed.
@@ -20,7 +27,7 @@ import contextlib
 import enum
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -32,6 +39,7 @@ from protocol.errors import SignalingError
 from protocol.signaling import (
     Auth,
     Error,
+    Moving,
     Register,
     Registered,
     SignalingMessage,
@@ -96,32 +104,46 @@ def token_file_source(path: str | os.PathLike[str], first: str) -> TokenSource:
     return read
 
 
+class _Moved(Exception):
+    """The server asked this link to move to another node (``moving``)."""
+
+
 class SignalingLink:
     """One peer's authenticated, self-healing link to the signaling server.
+
+    ``url`` is one signaling URL or a non-empty sequence of them, tried in
+    order (module docstring); :attr:`url` is the one in use or tried next.
 
     ``token`` is the JWT, or a function returning the current one (for
     example :func:`token_file_source`), called for every connection: a link
     closed because its token expired (4401) reconnects at once when the source
-    has a new token, and gives up (:class:`LinkRejected`) otherwise.
+    has a new token, and gives up (:class:`LinkRejected`) otherwise. A link
+    with a ``device`` registers it, announcing ``services`` (names only) for
+    clients' ``list_devices``.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         token: str | TokenSource,
         on_message: Callable[[SignalingMessage], None],
         *,
         device: str | None = None,
+        services: Sequence[str] = (),
         backoff: Backoff | None = None,
         on_state: Callable[[LinkState], None] | None = None,
         reconnect: bool = True,
         fail_fast: bool = False,
     ) -> None:
-        self.url = url
+        self.urls: tuple[str, ...] = (url,) if isinstance(url, str) else tuple(url)
+        if not self.urls:
+            raise ValueError("give at least one signaling URL")
+        self._index = 0
         self._token = token
         self._used_token = ""
         self._on_message = on_message
         self._device = device
+        self._services = tuple(services)
         self._backoff = backoff or Backoff(cap=RECONNECT_BACKOFF_CAP)
         self._on_state = on_state
         self._reconnect = reconnect
@@ -135,6 +157,11 @@ class SignalingLink:
         self._task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self._closing = False
+
+    @property
+    def url(self) -> str:
+        """The signaling URL in use (or tried next)."""
+        return self.urls[self._index]
 
     def start(self) -> None:
         if self._task is not None:
@@ -224,20 +251,27 @@ class SignalingLink:
                 self._on_state(state)
 
     async def _run(self) -> None:
+        tried = 0  # URLs that failed since the link was last up
         while not self._closing:
             self._set_state(LinkState.CONNECTING)
+            moved = False
             try:
                 await self._session()
+            except _Moved:
+                log.info("signaling node %s is draining; moving to the next URL", self.url)
+                moved = True
             except LinkRejected as exc:
                 self._failure = exc
                 break
             except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError) as exc:
-                if self._fail_fast and not self._ever_up:
+                tried = 0 if self._up.is_set() else tried + 1
+                if self._fail_fast and not self._ever_up and tried >= len(self.urls):
                     self._failure = LinkDown(
                         f"cannot reach the signaling server at {self.url}: {_describe(exc)}"
                     )
                     break
-                log.info("signaling link to %s lost: %s", self.url, _describe(exc))
+                if not self._closing:  # our own close() is no loss
+                    log.info("signaling link to %s lost: %s", self.url, _describe(exc))
             except InvalidURI as exc:
                 self._failure = LinkRejected(f"bad signaling URL {self.url!r}: {exc}")
                 break
@@ -249,6 +283,12 @@ class SignalingLink:
                     self._failure = LinkDown(f"signaling link to {self.url} closed")
                 break
             self._set_state(LinkState.DOWN)
+            self._index = (self._index + 1) % len(self.urls)
+            if moved:
+                self._backoff.reset()
+                continue
+            if self._fail_fast and not self._ever_up:
+                continue  # a person is waiting: every URL once, at once
             delay = self._backoff.next_delay()
             log.info("reconnecting to the signaling server in %.1f s", delay)
             await asyncio.sleep(delay)
@@ -273,7 +313,9 @@ class SignalingLink:
             self._set_state(LinkState.UP)
             try:
                 async for raw in ws:
-                    self._dispatch(raw)
+                    if self._dispatch(raw):
+                        await ws.close(1000, "moving to another node")
+                        raise _Moved
             except ConnectionClosed as exc:
                 self._check_final(exc)
                 raise
@@ -283,7 +325,8 @@ class SignalingLink:
     async def _handshake(self, ws: ClientConnection) -> None:
         await self._expect(ws, Welcome)
         if self._device is not None:
-            await ws.send(encode_signaling(Register(device=self._device)))
+            register = Register(device=self._device, services=self._services)
+            await ws.send(encode_signaling(register))
             await self._expect(ws, Registered)
 
     async def _expect(self, ws: ClientConnection, kind: type[_M]) -> _M:
@@ -293,13 +336,19 @@ class SignalingLink:
                 return message
             if isinstance(message, Error):
                 raise LinkRejected(f"signaling server refused: {message.message}")
+            if isinstance(message, Moving):
+                raise _Moved
             if message is not None:
                 self._on_message(message)
 
-    def _dispatch(self, raw: str | bytes) -> None:
+    def _dispatch(self, raw: str | bytes) -> bool:
+        """Hand ``raw`` on; returns whether it is ``moving`` (kept from ``on_message``)."""
         message = _decode(raw)
+        if isinstance(message, Moving):
+            return True
         if message is not None:
             self._on_message(message)
+        return False
 
     def _check_final(self, exc: ConnectionClosed) -> None:
         if exc.rcvd is not None:

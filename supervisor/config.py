@@ -43,7 +43,7 @@ from protocol.ice import (
     check_keepalive,
     parse_ice_url,
 )
-from protocol.signaling import ID_PATTERN, is_valid_id
+from protocol.signaling import ID_PATTERN, MAX_SERVICES, is_valid_id
 from supervisor.errors import ConfigError
 from supervisor.services import (
     SERVICE_SCHEMES,
@@ -138,6 +138,9 @@ class DeviceConfig:
             raise ConfigError("token", "is empty")
         if not self.services:
             raise ConfigError("services", "a device needs at least one service")
+        if len(self.services) > MAX_SERVICES:
+            # Its registration announces them all (PROTOCOL.md §1.3).
+            raise ConfigError("services", f"a device exposes at most {MAX_SERVICES} services")
         names: set[str] = set()
         for service in self.services:
             if service.name in names:
@@ -159,11 +162,13 @@ class SupervisorConfig:
     ``negotiation_timeout`` is given up; at most ``max_workers`` worker processes
     (idle and busy) live at once. ``keepalive`` (a top-level key) is how long a
     session's path may go unanswered before it counts as dead. Times are in
-    seconds.
+    seconds. ``signal_fallbacks`` are more signaling URLs (nodes of one
+    cluster, PROTOCOL.md §1.8), tried after ``signal_url`` in order.
     """
 
     signal_url: str
     devices: tuple[DeviceConfig, ...]
+    signal_fallbacks: tuple[str, ...] = ()
     ice_servers: tuple[IceServer, ...] = ()
     ice_hosts: tuple[str, ...] = ()
     keepalive: float = DEFAULT_KEEPALIVE
@@ -181,8 +186,14 @@ class SupervisorConfig:
     negotiation_timeout: float = 10.0
     max_workers: int = 80
 
+    @property
+    def signal_urls(self) -> tuple[str, ...]:
+        """Every signaling URL, in the order they are tried."""
+        return (self.signal_url, *self.signal_fallbacks)
+
     def __post_init__(self) -> None:
-        _check_signal_url(self.signal_url, "signal")
+        for index, url in enumerate(self.signal_urls):
+            _check_signal_url(url, f"signal[{index}]" if self.signal_fallbacks else "signal")
         if not self.devices:
             raise ConfigError("devices", "at least one device is required")
         first_seen: dict[str, int] = {}
@@ -275,6 +286,16 @@ def _check_signal_url(url: str, path: str) -> None:
         raise ConfigError(path, f"expected a ws:// or wss:// URL with a host, got {url!r}")
 
 
+def _signal_urls(data: Mapping[str, object]) -> tuple[str, ...]:
+    """``signal``: one URL, or an array of them (tried in order)."""
+    if isinstance(data.get("signal"), list):
+        urls = get_strings(data, None, "signal")
+        if not urls:
+            raise ConfigError("signal", "give at least one signaling URL")
+        return urls
+    return (get_required_string(data, None, "signal"),)
+
+
 def _check_network(spec: str, path: str) -> None:
     try:
         ipaddress.ip_network(spec, strict=False)
@@ -297,7 +318,7 @@ def load_config(path: str, env: Mapping[str, str]) -> SupervisorConfig:
     data = _read_toml(path)
     here = Path(path).absolute().parent
     check_keys(data, None, _TOP_KEYS)
-    signal_url = get_required_string(data, None, "signal")
+    signal_urls = _signal_urls(data)
     ice_hosts = get_strings(data, None, "ice_hosts")
     ice_policy = get_string(data, None, "ice_policy") or "all"
     ice_servers = tuple(
@@ -310,7 +331,8 @@ def load_config(path: str, env: Mapping[str, str]) -> SupervisorConfig:
         raise ConfigError("devices", "at least one [[devices]] table is required")
     devices = tuple(_device(table, at, env, here) for at, table in device_tables)
     return SupervisorConfig(
-        signal_url=signal_url,
+        signal_url=signal_urls[0],
+        signal_fallbacks=signal_urls[1:],
         devices=devices,
         ice_servers=ice_servers,
         ice_hosts=ice_hosts,
@@ -445,7 +467,7 @@ def _from_env(env: Mapping[str, str], name: str, path: str) -> str:
 
 def config_from_flags(
     *,
-    signal_url: str,
+    signal_url: str | Sequence[str],
     device: str,
     token: str,
     exposes: Sequence[str],
@@ -471,8 +493,10 @@ def config_from_flags(
             device, token, tuple(services), Path(token_file) if token_file else None
         )
     with _as_flags({"signal": "--signal", "ice_hosts": "--ice-host", "ice_policy": "--ice-policy"}):
+        urls = (signal_url,) if isinstance(signal_url, str) else tuple(signal_url)
         config = SupervisorConfig(
-            signal_url=signal_url,
+            signal_url=urls[0],
+            signal_fallbacks=urls[1:],
             devices=(device_config,),
             ice_servers=tuple(ice_servers),
             ice_hosts=networks,

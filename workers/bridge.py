@@ -9,6 +9,8 @@ serves one session's DataChannel:
   unknown name is reset with ``UNKNOWN_SERVICE`` (never an open proxy).
 * **client side**: :meth:`TunnelBridge.attach` turns an accepted local TCP
   connection into a stream to a named service.
+* HTTP streams (PROTOCOL.md §2.8), on either side, are :attr:`TunnelBridge.http`'s
+  (:mod:`workers.http_streams`); the bridge routes their events there.
 
 Backpressure, end to end, so no buffer grows without bound:
 
@@ -46,12 +48,14 @@ from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.frames import ResetCode
 from protocol.mux import (
     DataReceived,
+    HttpStreamOpened,
     Multiplexer,
     Role,
     StreamEnded,
     StreamOpened,
     StreamReset,
 )
+from workers.http_streams import HttpStreams, Upstream
 
 log = logging.getLogger("tunnelctl.bridge")
 
@@ -131,6 +135,14 @@ class TunnelBridge:
         self._draining = False
         self._drained = asyncio.Event()  # draining, no stream left, nothing queued
         self._closed = asyncio.get_running_loop().create_future()
+        self.http = HttpStreams(
+            self.mux,
+            self._flush,
+            admit=self._admit_http,
+            open_connection=lambda up: open_connection(ServiceAddress(up.host, up.port)),
+            stats=self.stats,
+            label=label,
+        )
         channel.bufferedAmountLowThreshold = CHANNEL_LOW
         channel.on("message", self._on_message)
         channel.on("bufferedamountlow", self._flush)
@@ -143,10 +155,11 @@ class TunnelBridge:
         self._services = dict(services)
         self._accepts_streams = True
         self._label = label or self._label
+        self.http.label = self._label
 
     @property
     def stream_count(self) -> int:
-        return len(self._streams)
+        return len(self._streams) + len(self.http)
 
     @property
     def is_closed(self) -> bool:
@@ -202,8 +215,12 @@ class TunnelBridge:
         except RemoteProtocolError as exc:
             self._session_error(str(exc))
             return
+        http = self.http
+        exchanges = http.exchanges
         for event in self.mux.events():
-            if isinstance(event, DataReceived):
+            if (exchanges and event.stream_id in exchanges) or isinstance(event, HttpStreamOpened):
+                http.on_event(event)
+            elif isinstance(event, DataReceived):
                 self._on_data(event.stream_id, event.data)
             elif isinstance(event, StreamOpened):
                 self._on_open(event.stream_id, event.service)
@@ -214,10 +231,27 @@ class TunnelBridge:
         self._flush()
 
     def _on_open(self, stream_id: int, service: str) -> None:
+        address = self._admit(stream_id, service)
+        if address is None:
+            return
+        stream = _Stream(stream_id, service)
+        self._add(stream)
+        self._spawn(stream, self._connect(stream, address))
+
+    def _admit_http(self, stream_id: int, service: str) -> Upstream | None:
+        address = self._admit(stream_id, service)
+        if address is None:
+            return None
+        self.stats.streams_opened += 1
+        return Upstream(address.host, address.port)
+
+    def _admit(self, stream_id: int, service: str) -> ServiceAddress | None:
+        """The address a stream the peer opened may reach; ``None`` once it is reset
+        (shutting down, a service that is not exposed, a side that takes no streams)."""
         if self._draining:
             self.stats.streams_refused += 1
             self.mux.reset_stream(stream_id, ResetCode.REFUSED, "device is shutting down")
-            return
+            return None
         address = self._services.get(service)
         if address is None:
             self.stats.streams_refused += 1
@@ -233,10 +267,7 @@ class TunnelBridge:
                 )
             else:
                 self.mux.reset_stream(stream_id, ResetCode.REFUSED, "this side accepts no streams")
-            return
-        stream = _Stream(stream_id, service)
-        self._add(stream)
-        self._spawn(stream, self._connect(stream, address))
+        return address
 
     async def _connect(self, stream: _Stream, address: ServiceAddress) -> None:
         try:
@@ -371,6 +402,8 @@ class TunnelBridge:
                 and self.mux.pending_bytes(stream.stream_id) <= STREAM_SEND_HIGH
             ):
                 stream.writable.set()
+        if self.http.exchanges:
+            self.http.on_flushed()
         self._check_drained()
 
     # -- endings ------------------------------------------------------------
@@ -428,6 +461,7 @@ class TunnelBridge:
         self._closed.set_result(reason)
         for stream in list(self._streams.values()):
             self._kill(stream)
+        self.http.close(reason)
 
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
