@@ -3,7 +3,7 @@
 
     python scripts/dcbench.py --stack stock|project|mixed --test throughput|echo
         [--bytes N] [--seconds S] [--timeout T] [--loop auto|asyncio|uvloop]
-        [--profile DIR] [--json]
+        [--repeat N] [--profile DIR] [--json]
 
 Stable interface (``scripts/bench.py`` runs it as a subprocess): with ``--json``
 the last line of stdout is one JSON object,
@@ -15,8 +15,12 @@ the last line of stdout is one JSON object,
   trips per second of 64-byte messages with 10 in flight over ``--seconds``.
 
 Extra keys: ``sides`` (for each process: whether ``workers.aiortc_tuning`` is
-active and which event loop ran), ``bytes``/``seconds``/``round_trips``, and for
-``mixed`` a ``directions`` object. Exit code 0 when the data arrived intact, 1
+active, which event loop ran, the CPU seconds it used during the test and its
+SCTP retransmission timeouts), ``bytes``/``seconds``/``round_trips``, for
+``mixed`` a ``directions`` object (``mbps``/``rate`` is then the lower of the
+two), and with ``--repeat N`` the median as ``mbps``/``rate`` and every run's
+figure in ``runs``. On a shared machine the CPU seconds compare stacks better
+than the wall-clock figure. Exit code 0 when the data arrived intact, 1
 otherwise (the JSON then has ``"error"``), 2 for bad arguments.
 
 Stacks:
