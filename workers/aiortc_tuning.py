@@ -732,6 +732,7 @@ def _tune_sctp() -> None:
     tsn_modulo = sctp.SCTP_TSN_MODULO
     zero_checksum = b"\x00\x00\x00\x00"
     stock_receive_sack = transport_class._receive_sack_chunk
+    stock_receive_chunk = transport_class._receive_chunk
     stock_update_rto = transport_class._update_rto
     sack_chunk_class = sctp.SackChunk
 
@@ -963,6 +964,16 @@ def _tune_sctp() -> None:
         elif getattr(self, "tunnelctl_sack_timer", None) is None:
             self.tunnelctl_sack_timer = self._loop.call_later(SACK_DELAY, sack_timer_expired, self)
 
+    async def receive_chunk(self: Any, chunk: Any) -> None:
+        # aiortc's dispatch, with DATA and SACK (nearly every chunk) tried first.
+        kind = type(chunk)
+        if kind is data_chunk_class:
+            await self._receive_data_chunk(chunk)
+        elif kind is sack_chunk_class:
+            await self._receive_sack_chunk(chunk)
+        else:
+            await stock_receive_chunk(self, chunk)
+
     async def receive_data_chunk(self: Any, chunk: Any) -> None:
         """aiortc's ``_receive_data_chunk`` with a fast path for in-order chunks."""
         self._sack_needed = True
@@ -1180,6 +1191,7 @@ def _tune_sctp() -> None:
     transport_class._t3_expired = t3_expired  # type: ignore[method-assign]
     transport_class._t3_cancel = t3_cancel  # type: ignore[method-assign]
     transport_class._update_rto = update_rto  # type: ignore[method-assign,assignment]
+    transport_class._receive_chunk = receive_chunk  # type: ignore[method-assign]
     transport_class._handle_data = handle_data  # type: ignore[method-assign]
     transport_class._receive_data_chunk = receive_data_chunk  # type: ignore[method-assign]
     transport_class._receive_sack_chunk = receive_sack_chunk  # type: ignore[method-assign]
