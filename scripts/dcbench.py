@@ -3,7 +3,7 @@
 
     python scripts/dcbench.py --stack stock|project|mixed --test throughput|echo
         [--bytes N] [--seconds S] [--timeout T] [--loop auto|asyncio|uvloop]
-        [--profile DIR] [--json]
+        [--repeat N] [--profile DIR] [--json]
 
 Stable interface (``scripts/bench.py`` runs it as a subprocess): with ``--json``
 the last line of stdout is one JSON object,
@@ -15,8 +15,12 @@ the last line of stdout is one JSON object,
   trips per second of 64-byte messages with 10 in flight over ``--seconds``.
 
 Extra keys: ``sides`` (for each process: whether ``workers.aiortc_tuning`` is
-active and which event loop ran), ``bytes``/``seconds``/``round_trips``, and for
-``mixed`` a ``directions`` object. Exit code 0 when the data arrived intact, 1
+active, which event loop ran, the CPU seconds it used during the test and its
+SCTP retransmission timeouts), ``bytes``/``seconds``/``round_trips``, for
+``mixed`` a ``directions`` object (``mbps``/``rate`` is then the lower of the
+two), and with ``--repeat N`` the median as ``mbps``/``rate`` and every run's
+figure in ``runs``. On a shared machine the CPU seconds compare stacks better
+than the wall-clock figure. Exit code 0 when the data arrived intact, 1
 otherwise (the JSON then has ``"error"``), 2 for bad arguments.
 
 Stacks:
@@ -99,6 +103,7 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
 
     from workers.ice import parse_networks, restrict_host_addresses
 
+    count_t3_expirations()
     tuned = False
     if args.tuned:
         from workers import aiortc_tuning
@@ -126,10 +131,33 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
             await pc.setLocalDescription(await pc.createAnswer())
             emit({"sdp": pc.localDescription.sdp})
         test = await asyncio.wait_for(opened, args.timeout)
-        side = {"tuned": tuned, "loop": type(loop).__module__.split(".")[0]}
-        return {"side": side, **await test.run()}
+        cpu = time.process_time()
+        result = await test.run()
+        side = {
+            "tuned": tuned,
+            "loop": type(loop).__module__.split(".")[0],
+            "cpu_seconds": round(time.process_time() - cpu, 3),
+            "t3_expirations": T3_EXPIRATIONS[0],
+        }
+        return {"side": side, **result}
     finally:
         await pc.close()
+
+
+T3_EXPIRATIONS = [0]
+
+
+def count_t3_expirations() -> None:
+    """Count retransmission timeouts (each one is RTO.Min or more of silence)."""
+    from aiortc.rtcsctptransport import RTCSctpTransport
+
+    expired = RTCSctpTransport._t3_expired
+
+    def counted(self: Any) -> None:
+        T3_EXPIRATIONS[0] += 1
+        expired(self)
+
+    RTCSctpTransport._t3_expired = counted  # type: ignore[method-assign]
 
 
 def resolve(future: asyncio.Future[Any], value: Any) -> None:
@@ -420,6 +448,7 @@ def describe(report: dict[str, Any]) -> str:
     for label, one in report.get("directions", {"": report}).items():
         sides = ", ".join(
             f"{role} {'tuned' if s['tuned'] else 'stock'} on {s['loop']}"
+            f" ({s['cpu_seconds']:.2f} s CPU, {s['t3_expirations']} T3)"
             for role, s in one["sides"].items()
         )
         if report["test"] == "throughput":

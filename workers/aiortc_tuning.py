@@ -47,6 +47,9 @@ A dead path is noticed in bounded time, and connects lose no time to NATs:
   :func:`_wait_for_servers`).
 * **A bound on DataChannel message reassembly**: see
   :func:`_bound_message_reassembly`.
+* **DataChannel throughput and round trips** (RFC 4960/9260 SCTP: delayed
+  SACKs, bundling, the peer's receive window, a cheaper per-packet path): see
+  :func:`_tune_sctp`, :func:`_tune_udp` and :func:`_tune_dtls_reads`.
 * **A browser's mDNS candidates not waited for** (Chromium hides
   host addresses behind ``.local`` names): see :func:`_skip_mdns_resolution`.
 
@@ -729,6 +732,7 @@ def _tune_sctp() -> None:
     tsn_modulo = sctp.SCTP_TSN_MODULO
     zero_checksum = b"\x00\x00\x00\x00"
     stock_receive_sack = transport_class._receive_sack_chunk
+    stock_receive_chunk = transport_class._receive_chunk
     stock_update_rto = transport_class._update_rto
     sack_chunk_class = sctp.SackChunk
 
@@ -960,6 +964,16 @@ def _tune_sctp() -> None:
         elif getattr(self, "tunnelctl_sack_timer", None) is None:
             self.tunnelctl_sack_timer = self._loop.call_later(SACK_DELAY, sack_timer_expired, self)
 
+    async def receive_chunk(self: Any, chunk: Any) -> None:
+        # aiortc's dispatch, with DATA and SACK (nearly every chunk) tried first.
+        kind = type(chunk)
+        if kind is data_chunk_class:
+            await self._receive_data_chunk(chunk)
+        elif kind is sack_chunk_class:
+            await self._receive_sack_chunk(chunk)
+        else:
+            await stock_receive_chunk(self, chunk)
+
     async def receive_data_chunk(self: Any, chunk: Any) -> None:
         """aiortc's ``_receive_data_chunk`` with a fast path for in-order chunks."""
         self._sack_needed = True
@@ -1036,7 +1050,17 @@ def _tune_sctp() -> None:
             self._t3_cancel()
         elif done:
             self._t3_restart()
-        self._update_advanced_peer_ack_point()
+        if (
+            self._forward_tsn_streams
+            or self._forward_tsn_chunk is not None
+            or (sent and sent[0]._abandoned)
+            or (self._outbound_queue and self._outbound_queue[0]._abandoned)
+            or uint32_gt(self._advanced_peer_ack_tsn, cumulative)
+        ):
+            self._update_advanced_peer_ack_point()
+        else:
+            # Nothing abandoned (RFC 3758): the ack point simply follows the SACK.
+            self._advanced_peer_ack_tsn = cumulative
         flush(self)
 
     def flush(self: Any) -> None:
@@ -1167,6 +1191,7 @@ def _tune_sctp() -> None:
     transport_class._t3_expired = t3_expired  # type: ignore[method-assign]
     transport_class._t3_cancel = t3_cancel  # type: ignore[method-assign]
     transport_class._update_rto = update_rto  # type: ignore[method-assign,assignment]
+    transport_class._receive_chunk = receive_chunk  # type: ignore[method-assign]
     transport_class._handle_data = handle_data  # type: ignore[method-assign]
     transport_class._receive_data_chunk = receive_data_chunk  # type: ignore[method-assign]
     transport_class._receive_sack_chunk = receive_sack_chunk  # type: ignore[method-assign]
