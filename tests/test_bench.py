@@ -33,7 +33,6 @@ SUMMARY_NUMBERS = (
     "stock_dc_echo_rate",
     "setup_p50_ms",
     "bare_setup_p50_ms",
-    "supervisor_cpu_share",
     "pss_mib_per_session",
     "cpu_count",
 )
@@ -118,7 +117,9 @@ def test_quick_benchmark_writes_sane_json(tmp_path: Path) -> None:
     assert set(summary["aggregate_mbps"]) == {"1", "2", "4"}
     for sessions, value in summary["aggregate_mbps"].items():
         assert is_positive_number(value), (sessions, value, problems)
-    assert summary["supervisor_cpu_share"] < 1
+    # A fraction; 0 is real: an idle supervisor may use no clock tick in a short round.
+    share = summary["supervisor_cpu_share"]
+    assert isinstance(share, float) and 0 <= share < 1, (share, problems)
     assert summary["cpu_count"] == machine["cpus"]
     assert summary["request_p50_ms"] <= summary["request_p99_ms"]
     figures = report["data_path"]["figures"]
