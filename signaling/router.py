@@ -294,7 +294,9 @@ class Router:
             case Register():
                 return self._register(c, msg)
             case SessionRequest():
-                return self._request_session(c, msg)
+                actions = self._request_session(c, msg)
+                self._count_request(actions)
+                return actions
             case Offer() | Answer() | Candidate() | SessionEnd():
                 return self._route(c, msg)
             case _:  # pragma: no cover - _SENDERS lists exactly the cases above
@@ -352,16 +354,23 @@ class Router:
         Counters: ``connections_total``, ``messages_received``,
         ``messages_routed`` (forwarded to the other party),
         ``messages_dropped`` (rate limit), ``errors.<code>`` (``error``
-        messages sent, by code), ``closes.<code>`` (closes the router asked for).
+        messages sent, by code), ``closes.<code>`` (closes the router asked for),
+        ``registrations``, ``session_requests.<outcome>`` (``forwarded`` or the
+        error code of the refusal), ``sessions_established`` (answers forwarded).
+        Gauges by role: ``connections.<role>``.
         """
+        roles = Counter(c.identity.role for c in self._conns.values() if not c.closing)
         stats = {
             "connections": len(self._conns),
+            **{f"connections.{role}": roles[role] for role in PEER_ROLES},
             "devices_online": len(self._devices),
             "sessions": len(self._sessions),
             "connections_total": 0,
             "messages_received": 0,
             "messages_routed": 0,
             "messages_dropped": 0,
+            "registrations": 0,
+            "sessions_established": 0,
         }
         stats.update(self._counters)
         return stats
@@ -393,6 +402,7 @@ class Router:
             )
             actions += self._close(previous, CloseCode.REPLACED, "replaced by a newer connection")
         self._devices[msg.device] = c
+        self._counters["registrations"] += 1
         actions.append(Send(c.conn, Registered(msg.device)))
         return actions
 
@@ -472,6 +482,8 @@ class Router:
         if next_state is None:
             self._end_session(session)
         else:
+            if next_state is RouteState.ACTIVE:
+                self._counters["sessions_established"] += 1
             session.state = next_state
         if isinstance(msg, Answer | Candidate | SessionEnd) and other is session.device:
             # The device checks every message against the session's owner: the
@@ -484,6 +496,11 @@ class Router:
     def _forward(self, to: _Conn, msg: SignalingMessage) -> Send:
         self._counters["messages_routed"] += 1
         return Send(to.conn, msg)
+
+    def _count_request(self, actions: list[Action]) -> None:
+        message = actions[0].message if isinstance(actions[0], Send) else None
+        outcome = message.code if isinstance(message, Error) else "forwarded"
+        self._counters[f"session_requests.{outcome}"] += 1
 
     def _error(self, c: _Conn, code: str, message: str, session: str | None = None) -> Send:
         self._counters[f"errors.{code}"] += 1

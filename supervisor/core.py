@@ -127,6 +127,7 @@ class SupervisorCore:
             "worker_crashes": 0,
             "workers_hung": 0,
             "sessions_total": 0,
+            "fork_server_restarts": 0,
         }
         self.ready = False
         self.stopping = False
@@ -296,6 +297,7 @@ class SupervisorCore:
         if self.stopping:
             return
         log.error("worker fork server exited with %s; restarting it", code)
+        self.counters["fork_server_restarts"] += 1
         self._fork_server_restart_at = now + self._pool_backoff.next_delay()
 
     def _kill(self, worker: Worker, *, hard: bool) -> None:
