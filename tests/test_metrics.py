@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aio.metrics_http import MetricsEndpoint, MetricsListenError, parse_listen_address
 from protocol.ipc import Heartbeat
-from protocol.signaling import Answer, Offer, Register, SessionRequest
+from protocol.signaling import Answer, Candidate, Offer, Register, SessionRequest
 from signaling.metrics import SignalingMetrics
 from signaling.router import Limits
 from supervisor.config import load_config
@@ -29,7 +29,7 @@ from supervisor.events import ForkServerDown, LinkChanged
 from supervisor.metrics import SupervisorMetrics
 from supervisor.sessions import RETAIN_EXITED
 from tests.supervisor_harness import DEVICE, Stage, session_id
-from tests.test_signaling_router import Net
+from tests.test_signaling_router import ICE, Net
 from tunnelctl.cli import cli
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -163,6 +163,8 @@ def test_signaling_metrics_follow_the_router() -> None:
     net.send("d1", Offer("session-0001", "v=0 offer"))
     net.now += 1
     net.send("c1", Answer("session-0001", "v=0 answer"))
+    net.now += 1
+    net.send("c1", Candidate("session-0001", ICE))  # still one session established
     net.connect("c2", "client", ["d2"])
     net.send("c2", SessionRequest("session-0002", "d2"))  # offline
     net.send("c2", SessionRequest("session-0003", "d2"))  # over its rate: dropped
@@ -177,11 +179,11 @@ def test_signaling_metrics_follow_the_router() -> None:
     assert value(samples, "tunnelctl_signal_session_requests_total", outcome="forwarded") == 1
     assert value(samples, "tunnelctl_signal_session_requests_total", outcome="device_offline") == 1
     assert value(samples, "tunnelctl_signal_sessions_established_total") == 1
-    # Forwarded: the request, the offer and the answer.
-    assert value(samples, "tunnelctl_signal_messages_relayed_total", via="local") == 3
+    # Forwarded: the request, the offer, the answer and the candidate.
+    assert value(samples, "tunnelctl_signal_messages_relayed_total", via="local") == 4
     assert value(samples, "tunnelctl_signal_rate_limit_drops_total") == 1
     assert value(samples, "tunnelctl_signal_errors_total", code="rate_limited") == 1
-    assert value(samples, "tunnelctl_signal_messages_received_total") == 6
+    assert value(samples, "tunnelctl_signal_messages_received_total") == 7
 
     net.disconnect("d1")  # its session ends with peer_left to c1
     samples = scrape(metrics.registry)
