@@ -9,6 +9,7 @@ parser, as Prometheus would read it.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from collections.abc import Iterable
 from pathlib import Path
@@ -385,3 +386,62 @@ def test_signal_with_its_metrics_port_taken_fails_with_one_line() -> None:
     assert result.output == (
         f"tunnelctl: error: metrics: cannot listen on 127.0.0.1:{port}: Address already in use\n"
     )
+
+
+# -- the README's list ----------------------------------------------------------------------
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_metrics() -> tuple[dict[str, tuple[str, str]], str]:
+    """The Metrics section's table rows (name -> (type, labels text)) and its alert rules."""
+    text = README.read_text()
+    section = text[text.index("## Metrics\n") :]
+    section = section[: section.index("\n## ", 1)]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`tunnelctl_"):
+            rows[cells[0].strip("`")] = (cells[1], cells[2])
+    rules = section[section.index("```yaml") : section.index("```", section.index("```yaml") + 3)]
+    return rows, rules
+
+
+def exported() -> dict[str, tuple[str, set[str]]]:
+    """Exposed name -> (type, label names) of both collectors, after some activity."""
+    net = Net(Limits(rate=1, burst=1, max_drops_in_row=2))
+    net.connect("d1", "device")
+    net.send("d1", Register("d1"))
+    net.connect("c1", "client", ["d1"])
+    for n in range(4):  # the last drops close it with 4429
+        net.send("c1", SessionRequest(f"session-000{n}", "d1"))
+    stage, supervisor = metered()
+    run_session(stage, 1, setup=0.1, sent=1, received=1)
+    text = generate_latest(SignalingMetrics(lambda: stats_of(net)).registry).decode()
+    text += generate_latest(supervisor.registry).decode()
+    found = {}
+    for family in text_string_to_metric_families(text):
+        if "_process_" in family.name:
+            continue
+        name = f"{family.name}_total" if family.type == "counter" else family.name
+        labels = {k for s in family.samples for k in s.labels if k != "le"}
+        found[name] = (family.type, labels)
+    return found
+
+
+def test_the_readme_lists_every_metric_with_its_type_and_labels() -> None:
+    rows, _ = readme_metrics()
+    found = exported()
+    assert set(rows) == set(found)
+    for name, (kind, labels) in found.items():
+        assert rows[name][0] == kind, name
+        for label in labels:
+            assert f"`{label}`" in rows[name][1], (name, label)
+
+
+def test_the_readme_alert_rules_use_exported_metrics() -> None:
+    _, rules = readme_metrics()
+    used = set(re.findall(r"\btunnelctl_\w+", rules))
+    assert used
+    assert used <= set(exported())
