@@ -11,8 +11,10 @@ as they go. A row is counted either in the table or in the tally, never both,
 and its bytes only grow, so the counters never go back.
 
 Labels are bounded by the operator's config: ``device`` (a configured device
-id), a session or worker state, an ICE path (``direct``, ``relay``), a
-direction. Never a session id, a client id or an address.
+id), ``service`` (one of that device's configured services: figures a worker
+reports for any other name are not shown), a session or worker state, an ICE
+path (``direct``, ``relay``), a direction. Never a session id, a client id or
+an address.
 """
 
 from __future__ import annotations
@@ -78,8 +80,8 @@ class _Tally:
 
     started: int = 0
     ended: Counter[str] = field(default_factory=Counter)
-    bytes_in: int = 0
-    bytes_out: int = 0
+    # service -> [bytes_in, bytes_out, streams_opened]
+    services: dict[str, list[int]] = field(default_factory=dict)
     setups: list[int] = field(default_factory=lambda: [0] * (len(SETUP_BUCKETS) + 1))
     setup_sum: float = 0.0
 
@@ -87,8 +89,10 @@ class _Tally:
         self.started += 1
         if row.state in ENDED:
             self.ended[row.state.value] += 1
-        self.bytes_in += row.bytes_in
-        self.bytes_out += row.bytes_out
+        for name, *figures in row.services:
+            totals = self.services.setdefault(name, [0, 0, 0])
+            for index, figure in enumerate(figures):
+                totals[index] += figure
         if row.running_at is not None:
             seconds = max(0.0, row.running_at - row.created)
             self.setups[bisect.bisect_left(SETUP_BUCKETS, seconds)] += 1
@@ -98,8 +102,7 @@ class _Tally:
         total = _Tally(
             self.started,
             Counter(self.ended),
-            self.bytes_in,
-            self.bytes_out,
+            {name: list(figures) for name, figures in self.services.items()},
             list(self.setups),
             self.setup_sum,
         )
@@ -143,6 +146,7 @@ class SupervisorMetrics(Collector):
     def collect(self) -> Iterator[Metric]:
         core = self._core
         devices = [d.id for d in core.config.devices]
+        services = {d.id: [s.name for s in d.services] for d in core.config.devices}
         rows = list(core.sessions)
         by_device: dict[str, list[SessionRow]] = {d: [] for d in devices}
         for row in rows:
@@ -176,10 +180,11 @@ class SupervisorMetrics(Collector):
         ended = _counter("sessions_ended", "Sessions ended, by final state.", ["device", "state"])
         moved = _counter(
             "stream_bytes",
-            "Bytes carried by streams: in = from the tunnel to the device's services, "
-            "out = from the services into the tunnel (as of each worker's last heartbeat).",
-            ["device", "direction"],
+            "Bytes carried by streams: in = from the tunnel to the service, "
+            "out = from the service into the tunnel (as of each worker's last heartbeat).",
+            ["device", "service", "direction"],
         )
+        opened = _counter("streams_opened", "Streams opened to a service.", ["device", "service"])
         setup = HistogramMetricFamily(
             f"{_PREFIX}_session_setup_seconds",
             "Seconds from a session's request to its connection (restart backoff included).",
@@ -189,8 +194,11 @@ class SupervisorMetrics(Collector):
             started.add_metric([device], tally.started)
             for state in ENDED:
                 ended.add_metric([device, state.value], tally.ended[state.value])
-            moved.add_metric([device, "in"], tally.bytes_in)
-            moved.add_metric([device, "out"], tally.bytes_out)
+            for service in services.get(device, ()):
+                bytes_in, bytes_out, streams_opened = tally.services.get(service, (0, 0, 0))
+                moved.add_metric([device, service, "in"], bytes_in)
+                moved.add_metric([device, service, "out"], bytes_out)
+                opened.add_metric([device, service], streams_opened)
             cumulative, buckets = 0, []
             for le, count in zip(_LE, tally.setups, strict=True):
                 cumulative += count
@@ -199,6 +207,7 @@ class SupervisorMetrics(Collector):
         yield started
         yield ended
         yield moved
+        yield opened
         yield setup
 
         workers = _gauge("workers", "Worker processes, by state.", ["state"])

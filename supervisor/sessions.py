@@ -42,6 +42,8 @@ class SessionRow:
     bytes_in: int = 0
     bytes_out: int = 0
     streams: int = 0
+    # By service: (name, bytes_in, bytes_out, streams_opened), from its heartbeats.
+    services: tuple[tuple[str, int, int, int], ...] = ()
     path: str | None = None
     pair: str | None = None
     relay_transport: str | None = None

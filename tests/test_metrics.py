@@ -234,7 +234,8 @@ def run_session(stage: Stage, n: int, *, setup: float, sent: int, received: int)
     worker = stage.worker_of(session)
     stage.advance(setup)
     stage.connected(worker, session)
-    stage.send(worker, Heartbeat(bytes_in=received, bytes_out=sent, streams=2))
+    figures = (("web", received, sent, 2),)
+    stage.send(worker, Heartbeat(bytes_in=received, bytes_out=sent, streams=2, services=figures))
     return worker
 
 
@@ -258,20 +259,26 @@ def test_supervisor_metrics_count_sessions_setup_times_and_bytes() -> None:
     assert value(samples, bucket, device=DEVICE, le="+Inf") == 2
     setup_sum = value(samples, "tunnelctl_supervisor_session_setup_seconds_sum", device=DEVICE)
     assert setup_sum == pytest.approx(3.3)
-    out = {"device": DEVICE, "direction": "out"}
+    out = {"device": DEVICE, "service": "web", "direction": "out"}
     assert value(samples, "tunnelctl_supervisor_stream_bytes_total", **out) == 1500
+    web = {"device": DEVICE, "service": "web"}
+    assert value(samples, "tunnelctl_supervisor_streams_opened_total", **web) == 4
     assert value(samples, "tunnelctl_supervisor_workers", state="busy") == 2
     assert value(samples, "tunnelctl_supervisor_workers", state="idle") == 2
     assert value(samples, "tunnelctl_supervisor_pool_target") == 2
 
     # The first session ends and leaves the table: what it counted stays.
-    stage.send(first, Heartbeat(bytes_in=10, bytes_out=3000, streams=0))
+    # A service the device does not expose is no label: a worker cannot invent them.
+    figures = (("web", 10, 3000, 3), ("made-up", 1, 1, 1))
+    stage.send(first, Heartbeat(bytes_in=11, bytes_out=3001, streams=0, services=figures))
     stage.ended(first, session_id(1))
     stage.exit(first, 0)
     stage.advance(RETAIN_EXITED + 2)
     assert stage.core.sessions.get(session_id(1)) is None
     samples = scrape(metrics.registry)
     assert value(samples, "tunnelctl_supervisor_stream_bytes_total", **out) == 3500
+    assert value(samples, "tunnelctl_supervisor_streams_opened_total", **web) == 5
+    assert not any(("service", "made-up") in labels for _, labels in samples)
     assert value(samples, "tunnelctl_supervisor_sessions_started_total", device=DEVICE) == 2
     ended = {"device": DEVICE, "state": "exited"}
     assert value(samples, "tunnelctl_supervisor_sessions_ended_total", **ended) == 1
