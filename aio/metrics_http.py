@@ -4,8 +4,9 @@ Served by an asyncio server on the process's own event loop, not by
 ``prometheus_client``'s threaded server: collectors read the process's state
 (the router's tables, the supervisor core's rows) at scrape time, and on the
 loop's thread they see it between two events, never half-changed, without a
-lock. The cost is that a scrape holds the loop while it renders; our registries
-are a few hundred samples, well under a millisecond.
+lock. The cost is that a scrape holds the loop while it renders: measured here,
+3 ms for a signaling node holding 10,000 connections, 9 ms for a supervisor
+with 1,000 sessions in its table.
 
 Public API:
 

@@ -22,8 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from aio.metrics_http import MetricsEndpoint, MetricsListenError, parse_listen_address
 from protocol.ipc import Heartbeat
 from protocol.signaling import Answer, Candidate, Offer, Register, SessionRequest
+from signaling.auth import issue_token
 from signaling.metrics import SignalingMetrics
 from signaling.router import Limits
+from signaling.server import SignalingServer
 from supervisor.config import load_config
 from supervisor.errors import ConfigError
 from supervisor.events import ForkServerDown, LinkChanged
@@ -31,6 +33,7 @@ from supervisor.metrics import SupervisorMetrics
 from supervisor.sessions import RETAIN_EXITED
 from tests.supervisor_harness import DEVICE, Stage, session_id
 from tests.test_signaling_router import ICE, Net
+from tests.test_signaling_server import SECRET, closed, open_ws, send, token
 from tunnelctl.cli import cli
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -452,3 +455,31 @@ def test_the_readme_alert_rules_use_exported_metrics() -> None:
     used = set(re.findall(r"\btunnelctl_\w+", rules))
     assert used
     assert used <= set(exported())
+
+
+# -- authentication failures on a real server ------------------------------------------------
+
+
+async def test_each_failed_authentication_is_counted_by_kind(tmp_path: Path) -> None:
+    revoked = tmp_path / "revoked"
+    revoked.write_text("sub mallory\n")
+    async with SignalingServer(SECRET, port=0, auth_timeout=0.3, revoked=revoked) as server:
+        attempts = [
+            ("invalid_token", f"?token={token('alice', 'client', secret='w' * 64)}", None),
+            ("invalid_token", "?token=garbage", None),
+            ("expired", f"?token={issue_token(SECRET, sub='a', role='client', now=0)}", None),
+            ("revoked", f"?token={token('mallory', 'client')}", None),
+            ("no_auth", "", Register("dev1")),
+            ("timeout", "", None),
+        ]
+        for _, query, first in attempts:
+            ws = await open_ws(server.url + query)
+            if first is not None:
+                await send(ws, first)
+            code, _ = await closed(ws)
+            assert code == 4401
+        samples = scrape(server.metrics.registry)
+    for kind in ("invalid_token", "expired", "revoked", "no_auth", "timeout"):
+        expected = sum(1 for k, _, _ in attempts if k == kind)
+        assert value(samples, "tunnelctl_signal_auth_failures_total", reason=kind) == expected
+    assert value(samples, "tunnelctl_signal_connections_opened_total") == 0
