@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Literal, NoReturn, TypeAlias
 
 from protocol.errors import LocalProtocolError, SignalingError
-from protocol.fields import check_id, check_session, check_str, invalid, shorten
+from protocol.fields import check_bool, check_id, check_session, check_str, invalid, shorten
+from protocol.frames import is_valid_service_name
 from protocol.ice import IceServer
 from protocol.ids import (
     ID_PATTERN,
@@ -62,10 +63,13 @@ __all__ = [
     "Auth",
     "Candidate",
     "CloseCode",
+    "DeviceInfo",
+    "Devices",
     "Error",
     "ErrorCode",
     "IceCandidate",
     "IceServers",
+    "ListDevices",
     "Offer",
     "PeerLeft",
     "PeerRole",
@@ -96,6 +100,12 @@ MAX_ICE_SERVERS: Final = 16
 MAX_ICE_TTL: Final = 7 * 86400
 #: Largest ``sdpMLineIndex``: it is an ``unsigned short`` in the WebRTC API.
 MAX_MLINE_INDEX: Final = 65535
+#: Most service names a device may announce in ``register`` (§1.3).
+MAX_SERVICES: Final = 32
+#: Most entries in one ``devices`` message; a longer answer takes several,
+#: all but the last with ``more`` true. 16 entries of 32 services of 64
+#: characters stay well under the frame limit.
+MAX_LISTED_DEVICES: Final = 16
 
 # Error codes are ours, but a client must still decode codes a newer server
 # adds, so only their syntax is checked.
@@ -247,16 +257,83 @@ class IceServers:
         return wire
 
 
+def _check_services(where: str, services: object) -> None:
+    if not isinstance(services, tuple):
+        invalid(where, "must be an array of service names")
+    if len(services) > MAX_SERVICES:
+        invalid(where, f"more than {MAX_SERVICES} services")
+    for name in services:
+        if not isinstance(name, str) or not is_valid_service_name(name):
+            invalid(where, f"{shorten(name)} is not a valid service name")
+    if len(set(services)) != len(services):
+        invalid(where, "a service is named twice")
+
+
 @dataclass(frozen=True, slots=True)
 class Register:
-    """``register`` (device →S): make this connection the device's link."""
+    """``register`` (device →S): make this connection the device's link.
+
+    ``services`` names what the device exposes, for discovery (``list_devices``);
+    names only, never addresses. Left out on the wire when empty.
+    """
 
     device: str
+    services: tuple[str, ...] = ()
 
     TYPE: ClassVar[str] = "register"
 
     def __post_init__(self) -> None:
         check_id("register.device", self.device)
+        _check_services("register.services", self.services)
+
+
+@dataclass(frozen=True, slots=True)
+class ListDevices:
+    """``list_devices`` (client →S): which devices may I reach, and what do they expose?"""
+
+    TYPE: ClassVar[str] = "list_devices"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """One entry of ``devices``: a device the token grants."""
+
+    device: str
+    online: bool
+    services: tuple[str, ...] = ()
+
+    WIRE_KEYS: ClassVar[tuple[str, ...]] = ("device", "online", "services")
+
+    def __post_init__(self) -> None:
+        check_id("devices.device", self.device)
+        check_bool("devices.online", self.online)
+        _check_services("devices.services", self.services)
+
+    def to_wire(self) -> dict[str, object]:
+        return {"device": self.device, "online": self.online, "services": list(self.services)}
+
+
+@dataclass(frozen=True, slots=True)
+class Devices:
+    """``devices`` (S→ client): the answer to ``list_devices``, sorted by device id.
+
+    An answer longer than :data:`MAX_LISTED_DEVICES` entries comes in several
+    messages in a row; ``more`` is true on all but the last.
+    """
+
+    devices: tuple[DeviceInfo, ...]
+    more: bool = False
+
+    TYPE: ClassVar[str] = "devices"
+
+    def __post_init__(self) -> None:
+        check_bool("devices.more", self.more)
+        if not isinstance(self.devices, tuple) or not all(
+            isinstance(d, DeviceInfo) for d in self.devices
+        ):
+            invalid("devices.devices", "must be an array of device entries")
+        if len(self.devices) > MAX_LISTED_DEVICES:
+            invalid("devices.devices", f"more than {MAX_LISTED_DEVICES} devices")
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,6 +501,8 @@ SignalingMessage: TypeAlias = (
     | IceServers
     | Register
     | Registered
+    | ListDevices
+    | Devices
     | SessionRequest
     | Offer
     | Answer
@@ -440,6 +519,8 @@ _MESSAGE_CLASSES: Final[tuple[type[SignalingMessage], ...]] = (
     IceServers,
     Register,
     Registered,
+    ListDevices,
+    Devices,
     SessionRequest,
     Offer,
     Answer,
@@ -461,6 +542,10 @@ MESSAGE_TYPES: Final[Mapping[str, type[SignalingMessage]]] = {
 _OMITTED_WHEN_NONE: Final[Mapping[type[SignalingMessage], frozenset[str]]] = {
     cls: frozenset({"client"}) for cls in (SessionRequest, Answer, Candidate, SessionEnd, PeerLeft)
 }
+# Optional fields left out of the wire form when empty (an empty array).
+_OMITTED_WHEN_EMPTY: Final[Mapping[type[SignalingMessage], frozenset[str]]] = {
+    Register: frozenset({"services"}),
+}
 
 _FIELD_NAMES: Final[Mapping[type[SignalingMessage], tuple[str, ...]]] = {
     cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _MESSAGE_CLASSES
@@ -480,15 +565,22 @@ def encode_signaling(msg: SignalingMessage) -> str:
     if names is None:
         raise LocalProtocolError(f"not a signaling message: {cls.__name__}")
     omitted = _OMITTED_WHEN_NONE.get(cls, frozenset())
+    omitted_empty = _OMITTED_WHEN_EMPTY.get(cls, frozenset())
     obj: dict[str, object] = {"v": PROTOCOL_VERSION, "type": cls.TYPE}
     for name in names:
         value = getattr(msg, name)
         if value is None and name in omitted:
             continue
+        if value == () and name in omitted_empty:
+            continue
         if isinstance(value, IceCandidate):
             value = value.to_wire()
         elif isinstance(msg, IceServers) and name == "ice_servers":
             value = msg.servers_to_wire()
+        elif isinstance(msg, Devices) and name == "devices":
+            value = [d.to_wire() for d in msg.devices]
+        elif isinstance(value, tuple):
+            value = list(value)
         obj[name] = value
     # ensure_ascii=False: "\uXXXX" escapes would make a forwarded message up
     # to 3x longer than the frame it came in, past the peer's frame limit.
@@ -576,6 +668,33 @@ def _decode_ice_servers(value: object) -> tuple[IceServer, ...]:
     return tuple(servers)
 
 
+def _decode_names(where: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _bad(f"{where}: must be an array of service names")
+    return tuple(value)
+
+
+def _decode_devices(value: object) -> tuple[DeviceInfo, ...]:
+    if not isinstance(value, list):
+        raise _bad("devices.devices: must be an array")
+    if len(value) > MAX_LISTED_DEVICES:
+        raise _bad(f"devices.devices: more than {MAX_LISTED_DEVICES} devices")
+    entries = []
+    allowed = set(DeviceInfo.WIRE_KEYS)
+    for entry in value:
+        if not isinstance(entry, dict):
+            raise _bad("devices.devices: each device must be an object")
+        keys = set(entry)
+        if keys != allowed:
+            raise _bad(_key_problem("devices.devices", keys, allowed, allowed))
+        services = _decode_names("devices.services", entry["services"])
+        try:
+            entries.append(DeviceInfo(entry["device"], entry["online"], services))
+        except LocalProtocolError as exc:
+            raise _bad(str(exc)) from None
+    return tuple(entries)
+
+
 def _key_problem(where: str, keys: set[str], allowed: set[str], required: set[str]) -> str:
     unknown = sorted(keys - allowed)
     if unknown:
@@ -617,7 +736,11 @@ def decode_signaling(data: str | bytes) -> SignalingMessage:
     names = _FIELD_NAMES[cls]
     keys = set(obj) - {"v", "type"}
     allowed = set(names)
-    required = allowed - _OMITTED_WHEN_NONE.get(cls, frozenset())
+    required = (
+        allowed
+        - _OMITTED_WHEN_NONE.get(cls, frozenset())
+        - _OMITTED_WHEN_EMPTY.get(cls, frozenset())
+    )
     if not (required <= keys <= allowed):
         raise _bad(_key_problem(type_, keys, allowed, required))
     fields: dict[str, Any] = {name: obj[name] for name in names if name in keys}
@@ -625,6 +748,10 @@ def decode_signaling(data: str | bytes) -> SignalingMessage:
         fields["candidate"] = _decode_ice_candidate(fields["candidate"])
     elif cls is IceServers:
         fields["ice_servers"] = _decode_ice_servers(fields["ice_servers"])
+    elif cls is Devices:
+        fields["devices"] = _decode_devices(fields["devices"])
+    elif cls is Register and "services" in fields:
+        fields["services"] = _decode_names("register.services", fields["services"])
     if "client" in fields and fields["client"] is None:
         # Omitted, not null, is how "no client" is written (one way to say it).
         raise _bad(f"{type_}.client: must be an id when present")

@@ -58,6 +58,9 @@ ALGORITHM: Final = "HS256"
 LEEWAY: Final = 30
 DEFAULT_TTL: Final = 3600
 #: Longest token lifetime accepted, per role (seconds).
+#: Most devices one client token may grant: ``list_devices`` answers for all of
+#: them (PROTOCOL.md §1.3), so the answer must stay bounded.
+MAX_GRANTED_DEVICES: Final = 256
 MAX_LIFETIME: Final[Mapping[str, float]] = {"device": 30 * 86400.0, "client": 7 * 86400.0}
 #: RFC 7518 §3.2: an HS256 key must be at least as long as the hash output.
 MIN_SECRET_BYTES: Final = 32
@@ -148,6 +151,8 @@ def issue_token(
             raise ValueError(f"bad device id {device!r} in devices")
     if role == "device" and granted:
         raise ValueError("devices may only be given for a client token")
+    if len(granted) > MAX_GRANTED_DEVICES:
+        raise ValueError(f"a client token grants at most {MAX_GRANTED_DEVICES} devices")
 
     issued_at = int(time.time() if now is None else now)
     claims: dict[str, Any] = {"sub": sub, "role": role}
@@ -254,6 +259,8 @@ def verify_token(secret: str, token: str, *, now: float | None = None) -> Identi
         raise AuthError("missing claim 'devices'")
     if not isinstance(devices, list) or not all(is_valid_id(d) for d in devices):
         raise AuthError("bad claim 'devices'")
+    if len(devices) > MAX_GRANTED_DEVICES:
+        raise AuthError(f"grants more than {MAX_GRANTED_DEVICES} devices")
     return Identity(sub, "client", frozenset(devices), expires=exp, jti=jti)
 
 

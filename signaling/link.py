@@ -20,7 +20,7 @@ import contextlib
 import enum
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -102,7 +102,9 @@ class SignalingLink:
     ``token`` is the JWT, or a function returning the current one (for
     example :func:`token_file_source`), called for every connection: a link
     closed because its token expired (4401) reconnects at once when the source
-    has a new token, and gives up (:class:`LinkRejected`) otherwise.
+    has a new token, and gives up (:class:`LinkRejected`) otherwise. A link
+    with a ``device`` registers it, announcing ``services`` (names only) for
+    clients' ``list_devices``.
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class SignalingLink:
         on_message: Callable[[SignalingMessage], None],
         *,
         device: str | None = None,
+        services: Sequence[str] = (),
         backoff: Backoff | None = None,
         on_state: Callable[[LinkState], None] | None = None,
         reconnect: bool = True,
@@ -122,6 +125,7 @@ class SignalingLink:
         self._used_token = ""
         self._on_message = on_message
         self._device = device
+        self._services = tuple(services)
         self._backoff = backoff or Backoff(cap=RECONNECT_BACKOFF_CAP)
         self._on_state = on_state
         self._reconnect = reconnect
@@ -283,7 +287,8 @@ class SignalingLink:
     async def _handshake(self, ws: ClientConnection) -> None:
         await self._expect(ws, Welcome)
         if self._device is not None:
-            await ws.send(encode_signaling(Register(device=self._device)))
+            register = Register(device=self._device, services=self._services)
+            await ws.send(encode_signaling(register))
             await self._expect(ws, Registered)
 
     async def _expect(self, ws: ClientConnection, kind: type[_M]) -> _M:

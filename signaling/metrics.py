@@ -82,6 +82,9 @@ class SignalingMetrics(Collector):
             "Sessions whose answer was forwarded (negotiation done).",
             stats["sessions_established"],
         )
+        yield _counter(
+            "device_lists", "list_devices requests answered.", stats.get("device_lists", 0)
+        )
         yield counters.counter(
             "auth_failures", "Failed authentications, by kind.", "reason", "auth_failures."
         )

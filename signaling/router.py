@@ -44,13 +44,17 @@ from typing import Final, TypeAlias
 
 from protocol.errors import SignalingError
 from protocol.signaling import (
+    MAX_LISTED_DEVICES,
     PEER_ROLES,
     Answer,
     Auth,
     Candidate,
     CloseCode,
+    DeviceInfo,
+    Devices,
     Error,
     ErrorCode,
+    ListDevices,
     Offer,
     PeerLeft,
     PeerRole,
@@ -159,6 +163,7 @@ TRANSITIONS: Final[Mapping[tuple[RouteState, str, PeerRole], RouteState | None]]
 _SENDERS: Final[Mapping[str, frozenset[PeerRole]]] = {
     Auth.TYPE: frozenset(PEER_ROLES),
     Register.TYPE: frozenset({"device"}),
+    ListDevices.TYPE: frozenset({"client"}),
     SessionRequest.TYPE: frozenset({"client"}),
     Offer.TYPE: frozenset({"device"}),
     Answer.TYPE: frozenset({"client"}),
@@ -193,6 +198,8 @@ class _Conn:
     bucket: _TokenBucket
     drops_in_row: int = 0
     closing: bool = False
+    # What a registered device exposes (names only), for list_devices.
+    services: tuple[str, ...] = ()
     # Session ids this connection is a party of; a dict keeps insertion order
     # so peer_left goes out in a stable order.
     sessions: dict[str, None] = field(default_factory=dict)
@@ -293,6 +300,8 @@ class Router:
                 return [self._error(c, ErrorCode.BAD_STATE, "already authenticated")]
             case Register():
                 return self._register(c, msg)
+            case ListDevices():
+                return self._list_devices(c)
             case SessionRequest():
                 actions = self._request_session(c, msg)
                 self._count_request(actions)
@@ -353,7 +362,8 @@ class Router:
 
         Counters: ``connections_total``, ``messages_received``,
         ``messages_routed`` (forwarded to the other party),
-        ``messages_dropped`` (rate limit), ``errors.<code>`` (``error``
+        ``messages_dropped`` (rate limit), ``device_lists`` (``list_devices``
+        answered), ``errors.<code>`` (``error``
         messages sent, by code), ``closes.<code>`` (closes the router asked for),
         ``registrations``, ``session_requests.<outcome>`` (``forwarded`` or the
         error code of the refusal), ``sessions_established`` (answers forwarded).
@@ -369,6 +379,7 @@ class Router:
             "messages_received": 0,
             "messages_routed": 0,
             "messages_dropped": 0,
+            "device_lists": 0,
             "registrations": 0,
             "sessions_established": 0,
         }
@@ -402,9 +413,26 @@ class Router:
             )
             actions += self._close(previous, CloseCode.REPLACED, "replaced by a newer connection")
         self._devices[msg.device] = c
+        c.services = msg.services
         self._counters["registrations"] += 1
         actions.append(Send(c.conn, Registered(msg.device)))
         return actions
+
+    def _list_devices(self, c: _Conn) -> list[Action]:
+        # Only the devices the token grants: a client learns nothing, not even
+        # presence, about the others. An offline device's services are unknown.
+        entries = []
+        for device in sorted(c.identity.devices):
+            link = self._devices.get(device)
+            services = link.services if link is not None else ()
+            entries.append(DeviceInfo(device, link is not None, services))
+        self._counters["device_lists"] += 1
+        step = MAX_LISTED_DEVICES
+        pages = [entries[i : i + step] for i in range(0, len(entries), step)] or [[]]
+        return [
+            Send(c.conn, Devices(tuple(page), more=i < len(pages) - 1))
+            for i, page in enumerate(pages)
+        ]
 
     def _request_session(self, c: _Conn, msg: SessionRequest) -> list[Action]:
         sid = msg.session

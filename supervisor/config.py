@@ -44,7 +44,7 @@ from protocol.ice import (
     check_keepalive,
     parse_ice_url,
 )
-from protocol.signaling import ID_PATTERN, is_valid_id
+from protocol.signaling import ID_PATTERN, MAX_SERVICES, is_valid_id
 from supervisor.errors import ConfigError
 from supervisor.services import (
     SERVICE_SCHEMES,
@@ -140,6 +140,9 @@ class DeviceConfig:
             raise ConfigError("token", "is empty")
         if not self.services:
             raise ConfigError("services", "a device needs at least one service")
+        if len(self.services) > MAX_SERVICES:
+            # Its registration announces them all (PROTOCOL.md §1.3).
+            raise ConfigError("services", f"a device exposes at most {MAX_SERVICES} services")
         names: set[str] = set()
         for service in self.services:
             if service.name in names:

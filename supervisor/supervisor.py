@@ -236,7 +236,12 @@ class Supervisor:
         if config.token_file is not None:
             token = token_file_source(config.token_file, config.token)
         link = SignalingLink(
-            self.config.signal_url, token, on_message, device=config.id, on_state=on_state
+            self.config.signal_url,
+            token,
+            on_message,
+            device=config.id,
+            services=[s.name for s in config.services],
+            on_state=on_state,
         )
         self._links[config.id] = link
         link.start()

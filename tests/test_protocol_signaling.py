@@ -19,10 +19,13 @@ from protocol.signaling import (
     Answer,
     Auth,
     Candidate,
+    DeviceInfo,
+    Devices,
     Error,
     ErrorCode,
     IceCandidate,
     IceServers,
+    ListDevices,
     Offer,
     PeerLeft,
     Register,
@@ -58,6 +61,16 @@ VECTORS: list[tuple[str, SignalingMessage]] = [
     ),
     ('{"v":1,"type":"ice_servers","ice_servers":[],"ttl":null}', IceServers(())),
     ('{"v":1,"type":"register","device":"local-device-1"}', Register("local-device-1")),
+    (
+        '{"v":1,"type":"register","device":"laptop","services":["web","ssh"]}',
+        Register("laptop", ("web", "ssh")),
+    ),
+    ('{"v":1,"type":"list_devices"}', ListDevices()),
+    (
+        '{"v":1,"type":"devices","devices":[{"device":"laptop","online":true,'
+        '"services":["web","ssh"]},{"device":"nas","online":false,"services":[]}],"more":false}',
+        Devices((DeviceInfo("laptop", True, ("web", "ssh")), DeviceInfo("nas", False))),
+    ),
     (
         '{"v":1,"type":"session_request","session":"s-0123456789ab","device":"dev1"}',
         SessionRequest(SID, "dev1"),
@@ -104,6 +117,21 @@ REJECTED: list[tuple[str | bytes, str]] = [
     ('{"v":1,"type":"hello"}', "unknown_type"),
     ("[1,2]", "bad_message"),
     ('{"v":1,"type":"register","device":"../x"}', "bad_message"),
+    ('{"v":1,"type":"register","device":"d","services":["web","web"]}', "bad_message"),
+    ('{"v":1,"type":"register","device":"d","services":["a b"]}', "bad_message"),
+    ('{"v":1,"type":"register","device":"d","services":"web"}', "bad_message"),
+    ('{"v":1,"type":"register","device":"d","services":[1]}', "bad_message"),
+    ('{"v":1,"type":"register","device":"d","services":null}', "bad_message"),
+    ('{"v":1,"type":"list_devices","device":"d"}', "bad_message"),
+    ('{"v":1,"type":"devices","devices":[]}', "bad_message"),
+    ('{"v":1,"type":"devices","devices":{},"more":false}', "bad_message"),
+    ('{"v":1,"type":"devices","devices":[],"more":0}', "bad_message"),
+    ('{"v":1,"type":"devices","devices":[{"device":"d","online":1,"services":[]}],"more":false}',
+     "bad_message"),
+    ('{"v":1,"type":"devices","devices":[{"device":"d","online":true}],"more":false}',
+     "bad_message"),
+    ('{"v":1,"type":"devices","devices":[{"device":"d","online":true,"services":[],"ip":"x"}],'
+     '"more":false}', "bad_message"),
     # framing
     (b'{"v":1,"type":"register","device":"d"}', "bad_message"),
     (b"\xff\xfe", "bad_message"),
@@ -290,6 +318,8 @@ def test_every_type_is_registered() -> None:
         "ice_servers",
         "register",
         "registered",
+        "list_devices",
+        "devices",
         "session_request",
         "offer",
         "answer",
@@ -456,3 +486,22 @@ def test_browser_candidate_json_with_username_fragment_is_accepted_and_dropped()
     assert "usernameFragment" not in encode_signaling(message)
     with pytest.raises(SignalingError):
         decode_signaling(raw.replace('"abcd"', "5"))
+
+
+def test_a_register_announces_at_most_32_services() -> None:
+    names = tuple(f"s{i}" for i in range(33))
+    with pytest.raises(LocalProtocolError):
+        Register("d", names)
+    assert Register("d", names[:32]).services == names[:32]
+    raw = '{"v":1,"type":"register","device":"d","services":' + json.dumps(list(names)) + "}"
+    with pytest.raises(SignalingError) as caught:
+        decode_signaling(raw)
+    assert caught.value.code == "bad_message"
+
+
+def test_a_devices_message_holds_at_most_16_entries_and_stays_under_the_frame_limit() -> None:
+    longest = tuple(f"{i:02d}" + "s" * 62 for i in range(32))
+    entries = tuple(DeviceInfo(f"{i:02d}" + "d" * 62, True, longest) for i in range(16))
+    assert len(encode_signaling(Devices(entries, more=True))) < MAX_FRAME_SIZE
+    with pytest.raises(LocalProtocolError):
+        Devices((*entries, DeviceInfo("one-more", False)))

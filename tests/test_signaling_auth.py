@@ -271,3 +271,13 @@ def test_each_token_has_its_own_id() -> None:
     first, second = (issue_token(SECRET, sub="d", role="device") for _ in range(2))
     ids = {verify_token(SECRET, t).jti for t in (first, second)}
     assert len(ids) == 2 and None not in ids
+
+
+def test_a_client_token_grants_at_most_256_devices() -> None:
+    many = [f"d{i}" for i in range(257)]
+    with pytest.raises(ValueError, match="at most 256 devices"):
+        issue_token(SECRET, sub="alice", role="client", devices=many)
+    claims = {**VALID_DEVICE, "sub": "alice", "role": "client", "devices": many}
+    assert reason_of(signed(claims)) == "grants more than 256 devices"
+    identity = verify_token(SECRET, signed({**claims, "devices": many[:256]}), now=NOW)
+    assert len(identity.devices) == 256

@@ -13,8 +13,11 @@ from protocol.signaling import (
     Answer,
     Auth,
     Candidate,
+    DeviceInfo,
+    Devices,
     Error,
     IceCandidate,
+    ListDevices,
     Offer,
     PeerLeft,
     Register,
@@ -714,3 +717,64 @@ def test_an_expired_client_link_is_closed_and_its_devices_told() -> None:
     assert net.closed["alice"] == (4401, "token expired")
     assert net.take("dev1") == [PeerLeft(S1, "alice"), Revoke("alice", "token expired")]
     assert net.router.expire("alice", "token expired") == []  # once
+
+
+# --- discovery (§1.3 list_devices) -----------------------------------------------
+
+
+def test_a_client_lists_the_devices_its_token_grants_with_presence_and_services() -> None:
+    net = Net()
+    net.connect("dev1", "device")
+    net.send("dev1", Register("dev1", ("web", "ssh")))
+    net.connect("secret-dev", "device")
+    net.send("secret-dev", Register("secret-dev", ("db",)))
+    net.connect("alice", "client", ["dev2", "dev1"])
+    net.send("alice", ListDevices())
+    # Sorted by id; dev2 offline with no services; secret-dev never mentioned.
+    assert net.take("alice") == [
+        Devices((DeviceInfo("dev1", True, ("web", "ssh")), DeviceInfo("dev2", False)))
+    ]
+
+
+def test_presence_follows_the_registered_link() -> None:
+    net = Net()
+    net.connect("alice", "client", ["dev1"])
+    net.connect("dev1", "device")
+    net.send("alice", ListDevices())
+    assert net.take("alice") == [Devices((DeviceInfo("dev1", False),))]  # connected, unregistered
+    net.send("dev1", Register("dev1", ("web",)))
+    net.connect("dev1-new", "device", sub="dev1")
+    net.send("dev1-new", Register("dev1", ("web", "api")))  # the newer link wins, and its services
+    net.send("alice", ListDevices())
+    assert net.take("alice") == [Devices((DeviceInfo("dev1", True, ("web", "api")),))]
+    net.disconnect("dev1-new")
+    net.send("alice", ListDevices())
+    assert net.take("alice") == [Devices((DeviceInfo("dev1", False),))]
+
+
+def test_a_long_answer_comes_in_pages_of_16() -> None:
+    net = Net()
+    granted = [f"d{i:02d}" for i in range(35)]
+    net.connect("alice", "client", granted)
+    net.send("alice", ListDevices())
+    pages = net.take("alice")
+    assert [len(p.devices) for p in pages if isinstance(p, Devices)] == [16, 16, 3]
+    assert [p.more for p in pages if isinstance(p, Devices)] == [True, True, False]
+    listed = [d.device for p in pages if isinstance(p, Devices) for d in p.devices]
+    assert listed == granted
+
+
+def test_a_token_granting_nothing_gets_one_empty_page() -> None:
+    net = Net()
+    net.connect("alice", "client", [])
+    net.send("alice", ListDevices())
+    assert net.take("alice") == [Devices(())]
+
+
+def test_only_clients_list_devices_and_only_the_server_sends_devices() -> None:
+    net = online()
+    net.send("dev1", ListDevices())
+    assert net.error("dev1").code == "forbidden"
+    net.send("alice", Devices(()))
+    assert net.error("alice").code == "forbidden"
+    assert net.router.stats()["device_lists"] == 0

@@ -20,8 +20,11 @@ from protocol.signaling import (
     Answer,
     Auth,
     Candidate,
+    DeviceInfo,
+    Devices,
     Error,
     IceCandidate,
+    ListDevices,
     Offer,
     PeerLeft,
     Register,
@@ -534,5 +537,27 @@ async def test_a_link_whose_token_expired_and_was_not_refreshed_gives_up(tmp_pat
             await link.wait_up(TIMEOUT)
             with pytest.raises(LinkRejected, match="token expired"):
                 await asyncio.wait_for(link.run_until_closed(), TIMEOUT)
+        finally:
+            await link.close()
+
+
+async def test_a_linked_device_announces_its_services_to_a_client_s_list_devices() -> None:
+    async with SignalingServer(SECRET, port=0) as srv:
+        link = SignalingLink(
+            srv.url,
+            token("dev1", "device"),
+            lambda message: None,
+            device="dev1",
+            services=["web", "ssh"],
+        )
+        link.start()
+        try:
+            await link.wait_up(TIMEOUT)
+            alice = await join(srv, "alice", "client", ["dev1", "dev2"])
+            await send(alice, ListDevices())
+            assert await recv(alice) == Devices(
+                (DeviceInfo("dev1", True, ("web", "ssh")), DeviceInfo("dev2", False))
+            )
+            await alice.close()
         finally:
             await link.close()
