@@ -128,6 +128,7 @@ class SupervisorCore:
             "workers_hung": 0,
             "sessions_total": 0,
             "fork_server_restarts": 0,
+            "heartbeat_misses": 0,
         }
         self.ready = False
         self.stopping = False
@@ -447,6 +448,9 @@ class SupervisorCore:
         for worker in self.pool:
             if worker.starting or worker.state is WorkerState.GONE:
                 continue
+            # Silent for two intervals: a stalled event loop, before it counts as hung.
+            if now - worker.hb.last > 2 * self.config.heartbeat_interval and not worker.kill_reason:
+                self.counters["heartbeat_misses"] += 1
             if worker.hb.expired(now) and worker.kill_reason is None:
                 worker.kill_reason = (
                     f"worker hung: no heartbeat for {self.config.heartbeat_timeout:g} s; killed"

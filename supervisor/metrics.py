@@ -20,9 +20,8 @@ an address.
 from __future__ import annotations
 
 import bisect
-import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -38,7 +37,6 @@ from prometheus_client.registry import Collector
 from aio.metrics_http import MetricsEndpoint, MetricsListenError
 from protocol.supervision import SessionState
 from supervisor.errors import SupervisorError
-from supervisor.pool import WorkerState
 from supervisor.sessions import ENDED, SessionRow
 
 if TYPE_CHECKING:
@@ -68,6 +66,10 @@ _CORE_COUNTERS: Final = {
         "request is its restart, under the restart policy.",
     ),
     "workers_hung": ("workers_hung", "Workers killed for missing heartbeats (heartbeat_timeout)."),
+    "heartbeat_misses": (
+        "heartbeat_misses",
+        "Heartbeat intervals at whose end a worker had been silent for two intervals.",
+    ),
     "fork_server_restarts": ("fork_server_restarts", "Times the worker fork server was restarted."),
     "bad_worker_messages": ("bad_worker_messages", "Worker messages dropped as invalid."),
     "bad_control_messages": ("bad_control_messages", "Control requests refused as invalid."),
@@ -112,16 +114,10 @@ class _Tally:
 
 
 class SupervisorMetrics(Collector):
-    """The ``tunnelctl_supervisor_*`` metrics of ``core``; serve :attr:`registry`.
+    """The ``tunnelctl_supervisor_*`` metrics of ``core``; serve :attr:`registry`."""
 
-    ``clock`` is the core's clock (monotonic seconds), for heartbeat ages.
-    """
-
-    def __init__(
-        self, core: SupervisorCore, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, core: SupervisorCore) -> None:
         self._core = core
-        self._clock = clock
         self._retired: dict[str, _Tally] = {}
         core.sessions.on_retire = self._retire
         self.registry = CollectorRegistry()
@@ -218,17 +214,6 @@ class SupervisorMetrics(Collector):
             "pool_target",
             "Idle workers the pool is kept at (pool_size).",
             value=core.config.pool_size,
-        )
-        now = self._clock()
-        late = 2 * core.config.heartbeat_interval
-        yield _gauge(
-            "workers_late_heartbeat",
-            "Started workers that missed at least one heartbeat (silent for two intervals).",
-            value=sum(
-                1
-                for w in core.pool
-                if not w.starting and w.state is not WorkerState.GONE and now - w.hb.last > late
-            ),
         )
         yield _gauge(
             "fork_server_up", "1 while the worker fork server runs.", value=int(core.fork_server_up)

@@ -224,7 +224,7 @@ def test_relays_through_another_bus_are_taken_from_the_local_count() -> None:
 
 def metered(**tuning: object) -> tuple[Stage, SupervisorMetrics]:
     stage = Stage(**tuning)  # type: ignore[arg-type]
-    metrics = SupervisorMetrics(stage.core, clock=lambda: stage.now)
+    metrics = SupervisorMetrics(stage.core)
     stage.boot()
     return stage, metrics
 
@@ -299,7 +299,7 @@ def test_supervisor_metrics_count_crashes_hangs_and_fork_server_restarts() -> No
         stage.advance(1.0)
         for worker in idle:
             stage.send(worker, Heartbeat())
-    assert value(scrape(metrics.registry), "tunnelctl_supervisor_workers_late_heartbeat") == 1
+    assert value(scrape(metrics.registry), "tunnelctl_supervisor_heartbeat_misses_total") == 1
     for _ in range(4):  # silent for longer than heartbeat_timeout: killed
         stage.advance(1.0)
         for worker in idle:
@@ -308,6 +308,8 @@ def test_supervisor_metrics_count_crashes_hangs_and_fork_server_restarts() -> No
     samples = scrape(metrics.registry)
     assert value(samples, "tunnelctl_supervisor_worker_crashes_total") == 1
     assert value(samples, "tunnelctl_supervisor_workers_hung_total") == 1
+    # Missed at each tick from the third second on, until killed after the fifth.
+    assert value(samples, "tunnelctl_supervisor_heartbeat_misses_total") == 4
     assert value(samples, "tunnelctl_supervisor_fork_server_restarts_total") == 1
     assert value(samples, "tunnelctl_supervisor_fork_server_up") == 0
     assert value(samples, "tunnelctl_supervisor_session_requests_total") == 2

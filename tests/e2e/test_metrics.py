@@ -262,6 +262,7 @@ def test_a_killed_worker_and_a_hung_one_are_counted(metered: Metered, tmp_path: 
         "the hung worker",
     )
     assert value(sup, "tunnelctl_supervisor_sessions_ended_total", state="exited", **device) == 2
+    assert value(sup, "tunnelctl_supervisor_heartbeat_misses_total") >= 1  # before the kill
 
     sig = scrape(metered.metrics_url)
     assert value(sig, "tunnelctl_signal_session_requests_total", outcome="forwarded") >= 2
