@@ -5,8 +5,10 @@
     ProtocolError                 root: anything this package raises on purpose
     ├── LocalProtocolError        our own code misused the API or broke the protocol
     └── RemoteProtocolError       the peer sent something invalid (untrusted input)
-        └── SignalingError        a signaling message was rejected; carries the wire
+        ├── SignalingError        a signaling message was rejected; carries the wire
                                   error ``code`` (see PROTOCOL.md §1.6)
+        └── HeadError             an HTTP stream's head was refused (§2.8,
+                                  :mod:`protocol.http_heads`): that stream only
 
 Decoders of untrusted input raise only :class:`RemoteProtocolError` (or a
 subclass); they never let a ``KeyError``/``TypeError``/``ValueError`` escape.

@@ -8,7 +8,8 @@ is never larger than :data:`MAX_MESSAGE_SIZE`. A frame is an 8-byte header
 Public API:
 
 * the frame values :class:`Open`, :class:`Data`, :class:`Fin`, :class:`Reset`,
-  :class:`Window` (union :data:`Frame`): frozen, slotted dataclasses that
+  :class:`Window`, and for HTTP streams (§2.8) :class:`OpenHttp` and
+  :class:`Head` (union :data:`Frame`): frozen, slotted dataclasses that
   validate when built and raise :class:`~protocol.errors.LocalProtocolError` if
   our own code builds one the wire cannot carry;
 * :func:`encode_frame` / :func:`encode_frames`: values to bytes;
@@ -46,7 +47,9 @@ __all__ = [
     "Fin",
     "Frame",
     "FrameType",
+    "Head",
     "Open",
+    "OpenHttp",
     "Reset",
     "ResetCode",
     "Window",
@@ -92,6 +95,8 @@ class FrameType(enum.IntEnum):
     FIN = 3
     RESET = 4
     WINDOW = 5
+    OPEN_HTTP = 6
+    HEAD = 7
 
 
 class ResetCode(enum.IntEnum):
@@ -109,6 +114,8 @@ class ResetCode(enum.IntEnum):
     PROTOCOL = 5
     REFUSED = 6
     UNKNOWN_STREAM = 7
+    BAD_HEAD = 8
+    BAD_GATEWAY = 9
 
 
 def _is_int(value: object) -> bool:
@@ -214,7 +221,46 @@ class Window:
             )
 
 
-Frame: TypeAlias = Open | Data | Fin | Reset | Window
+@dataclass(frozen=True, slots=True)
+class OpenHttp:
+    """OPEN_HTTP (§2.8): the client opens an HTTP stream to ``service``.
+
+    ``head`` is the encoded request head (:mod:`protocol.http_heads`); its JSON
+    is judged by the multiplexer, which resets a stream with a bad one instead
+    of ending the session.
+    """
+
+    stream_id: int
+    service: str
+    head: bytes
+
+    def __post_init__(self) -> None:
+        _check_stream_id(self.stream_id)
+        if not is_valid_service_name(self.service):
+            raise LocalProtocolError(f"invalid service name {self.service!r}")
+        _check_head(self.head, 1 + len(self.service))
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """HEAD (§2.8): the device's encoded response head on an HTTP stream."""
+
+    stream_id: int
+    head: bytes
+
+    def __post_init__(self) -> None:
+        _check_stream_id(self.stream_id)
+        _check_head(self.head, 0)
+
+
+def _check_head(head: bytes, before: int) -> None:
+    if not isinstance(head, bytes):
+        raise LocalProtocolError(f"a head must be bytes, not {type(head).__name__}")
+    if not 1 <= len(head) <= MAX_PAYLOAD - before:
+        raise LocalProtocolError(f"a head of {len(head)} bytes does not fit in a frame")
+
+
+Frame: TypeAlias = Open | Data | Fin | Reset | Window | OpenHttp | Head
 
 
 def _as_reset_code(code: int) -> int:
@@ -236,6 +282,10 @@ def _payload(frame: Frame) -> tuple[FrameType, bytes]:
             return FrameType.RESET, _U16.pack(code) + reason.encode("utf-8")
         case Window(increment=increment):
             return FrameType.WINDOW, _U32.pack(increment)
+        case OpenHttp(service=service, head=head):
+            return FrameType.OPEN_HTTP, bytes((len(service),)) + service.encode("ascii") + head
+        case Head(head=head):
+            return FrameType.HEAD, head
     raise LocalProtocolError(f"not a frame: {frame!r}")
 
 
@@ -326,6 +376,12 @@ def _decode_frame(frame_type: FrameType, stream_id: int, payload: bytes) -> Fram
                 f"at most {MAX_REASON_LEN}"
             )
         return Reset(stream_id, code, _decode_utf8(raw_reason, "RESET reason"))
+    if frame_type is FrameType.OPEN_HTTP:
+        return _decode_open_http(stream_id, payload)
+    if frame_type is FrameType.HEAD:
+        if not payload:
+            raise RemoteProtocolError(f"HEAD stream {stream_id}: empty payload")
+        return Head(stream_id, payload)
     # FrameType is exhaustive, so this is WINDOW.
     if len(payload) != _U32.size:
         raise RemoteProtocolError(
@@ -337,6 +393,21 @@ def _decode_frame(frame_type: FrameType, stream_id: int, payload: bytes) -> Fram
             f"WINDOW stream {stream_id}: increment {increment} out of range 1..{MAX_WINDOW}"
         )
     return Window(stream_id, increment)
+
+
+def _decode_open_http(stream_id: int, payload: bytes) -> OpenHttp:
+    # Only the framing (name length, name) is a session error; the head's JSON is
+    # the multiplexer's to judge, per stream (§2.8).
+    size = payload[0] if payload else 0
+    if size == 0 or 1 + size >= len(payload):
+        raise RemoteProtocolError(
+            f"OPEN_HTTP stream {stream_id}: service name length {size} "
+            f"does not fit a payload of {len(payload)} bytes with a head"
+        )
+    service = _decode_utf8(payload[1 : 1 + size], "OPEN_HTTP service name")
+    if not is_valid_service_name(service):
+        raise RemoteProtocolError(f"OPEN_HTTP stream {stream_id}: invalid service name {service!r}")
+    return OpenHttp(stream_id, service, payload[1 + size :])
 
 
 def _decode_utf8(raw: bytes, what: str) -> str:

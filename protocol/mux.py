@@ -20,6 +20,11 @@ How to drive a :class:`Multiplexer`:
   :meth:`~Multiplexer.reset_stream`. Stop reading a TCP socket while
   :meth:`~Multiplexer.pending_bytes` of its stream is high: that is how a slow
   peer pushes back on a fast local sender.
+* HTTP streams (§2.8): the client opens one with
+  :meth:`~Multiplexer.open_http_stream` and gets :class:`HeadReceived` before the
+  response's data; the device gets :class:`HttpStreamOpened` and answers with
+  :meth:`~Multiplexer.send_head` before any data. Otherwise they are streams
+  like the others (same events, credit, FIN and RESET).
 * After any call, while :meth:`~Multiplexer.wants_to_send` is true, send every
   message of :meth:`~Multiplexer.data_to_send` on the DataChannel (pass
   ``max_bytes`` to respect the channel's buffered amount).
@@ -61,18 +66,31 @@ from protocol.frames import (
     MAX_WINDOW,
     Data,
     Fin,
+    Head,
     Open,
+    OpenHttp,
     Reset,
     ResetCode,
     Window,
     decode_message,
     encode_frame,
 )
+from protocol.http_heads import (
+    HeadError,
+    RequestHead,
+    ResponseHead,
+    decode_request_head,
+    decode_response_head,
+    encode_request_head,
+    encode_response_head,
+)
 
 __all__ = [
     "MAX_QUEUED_RESETS",
     "DataReceived",
     "Event",
+    "HeadReceived",
+    "HttpStreamOpened",
     "Multiplexer",
     "Role",
     "StreamEnded",
@@ -151,7 +169,28 @@ class StreamReset:
     remote: bool
 
 
-Event: TypeAlias = StreamOpened | DataReceived | StreamEnded | StreamReset
+@dataclass(frozen=True, slots=True)
+class HttpStreamOpened:
+    """The client opened HTTP stream ``stream_id`` to ``service`` with ``request``
+    (§2.8); answer with :meth:`Multiplexer.send_head` or reset it."""
+
+    stream_id: int
+    service: str
+    request: RequestHead
+
+
+@dataclass(frozen=True, slots=True)
+class HeadReceived:
+    """The device's response head on HTTP stream ``stream_id``; the body follows
+    as :class:`DataReceived`, ended by :class:`StreamEnded`."""
+
+    stream_id: int
+    response: ResponseHead
+
+
+Event: TypeAlias = (
+    StreamOpened | DataReceived | StreamEnded | StreamReset | HttpStreamOpened | HeadReceived
+)
 
 
 class _Input(enum.Enum):
@@ -239,6 +278,8 @@ class _Stream:
     send_offset: int = 0  # bytes of send_queue[0] already framed
     queued: int = 0  # unframed bytes in send_queue (minus send_offset)
     fin_requested: bool = False  # send_fin was called; FIN goes out after the queue drains
+    awaiting_head: bool = False  # client's HTTP stream: the device's HEAD has not come yet
+    head_due: bool = False  # device's HTTP stream: send_head has not been called yet
 
     def take(self, n: int) -> bytes:
         """Remove and return the next ``n`` (<= queued) bytes of the send queue."""
@@ -366,7 +407,7 @@ class Multiplexer:
         # it answers the peer (counted in _queued_resets, capped: §2.6). WINDOW
         # grants are kept per stream (_grants) so a grant for a stream that closes
         # meanwhile simply disappears.
-        self._control: deque[tuple[Open | Reset, bool]] = deque()
+        self._control: deque[tuple[Open | OpenHttp | Head | Reset, bool]] = deque()
         self._queued_resets = 0
         self._grants: dict[int, None] = {}  # ordered set of ids with window_due > 0
         # Round-robin ring (ordered set) of streams with a frame ready: DATA with
@@ -432,6 +473,45 @@ class Multiplexer:
         self._queue(frame)
         return stream_id
 
+    def open_http_stream(self, service: str, request: RequestHead) -> int:
+        """Open an HTTP stream (§2.8) to the device's ``service``; return its id.
+
+        Client side only. The request body follows with :meth:`send_data` and
+        ends with :meth:`send_fin`; the response comes as :class:`HeadReceived`,
+        then :class:`DataReceived` and :class:`StreamEnded`. Raises as
+        :meth:`open_stream`, and if the head is too large to send.
+        """
+        if self._role is not Role.CLIENT:
+            raise LocalProtocolError("only the client opens HTTP streams")
+        stream_id = self._next_local_id
+        if stream_id > MAX_STREAM_ID:
+            raise LocalProtocolError("stream ids exhausted for this session")
+        frame = OpenHttp(stream_id, service, encode_request_head(request))
+        if len(self._streams) >= self._max_streams:
+            raise LocalProtocolError(f"cannot open a stream: {self._max_streams} streams open")
+        self._next_local_id += 2
+        stream = self._new_stream(stream_id)
+        stream.awaiting_head = True
+        self._streams[stream_id] = stream
+        self._queue(frame)
+        return stream_id
+
+    def send_head(self, stream_id: int, response: ResponseHead) -> None:
+        """Answer the client's HTTP stream ``stream_id`` with ``response`` (§2.8).
+
+        Exactly once per HTTP stream, before any :meth:`send_data` or
+        :meth:`send_fin` on it. Raises :class:`LocalProtocolError` otherwise, on
+        a closed stream, or if the head is too large to send.
+        """
+        stream = self._require_stream(stream_id, _Input.SEND_DATA)
+        _lookup(stream.state, stream_id, _Input.SEND_DATA)  # legality only
+        if not stream.head_due:
+            raise LocalProtocolError(f"stream {stream_id} is not an HTTP stream awaiting its HEAD")
+        frame = Head(stream_id, encode_response_head(response))
+        stream.head_due = False
+        # Control frames leave before any DATA, so the HEAD precedes the body.
+        self._queue(frame)
+
     def send_data(self, stream_id: int, data: bytes) -> None:
         """Queue ``data`` (any length) on ``stream_id``; it is framed by
         :meth:`data_to_send` as credit allows.
@@ -444,6 +524,8 @@ class Multiplexer:
         _lookup(stream.state, stream_id, _Input.SEND_DATA)  # legality only: no state change
         if stream.fin_requested:  # FIN queued but not framed: the table still says OPEN
             raise LocalProtocolError(f"cannot send DATA on stream {stream_id} after send_fin")
+        if stream.head_due:
+            raise LocalProtocolError(f"cannot send DATA on stream {stream_id} before send_head")
         if not data:
             return
         # Copy mutable buffers: the caller may reuse them before the data is framed.
@@ -461,6 +543,8 @@ class Multiplexer:
         _lookup(stream.state, stream_id, _Input.SEND_FIN)  # applied when the FIN is framed
         if stream.fin_requested:
             raise LocalProtocolError(f"cannot send FIN on stream {stream_id} twice")
+        if stream.head_due:
+            raise LocalProtocolError(f"cannot send FIN on stream {stream_id} before send_head")
         stream.fin_requested = True
         self._update_ready(stream)
 
@@ -528,7 +612,7 @@ class Multiplexer:
                     f"{self._queued_resets} RESET frames answering the peer wait to be "
                     "sent and it keeps sending: it does not read the channel"
                 )
-            if isinstance(frame, Open):
+            if isinstance(frame, Open | OpenHttp):
                 self._receive_open(frame)
                 continue
             stream = self._streams.get(frame.stream_id)
@@ -540,6 +624,8 @@ class Multiplexer:
                 self._receive_fin(stream)
             elif isinstance(frame, Window):
                 self._receive_window(stream, frame)
+            elif isinstance(frame, Head):
+                self._receive_head(stream, frame)
             else:
                 self._receive_reset(stream, frame)
 
@@ -672,7 +758,7 @@ class Multiplexer:
         self._ready.pop(stream.stream_id, None)
         self._grants.pop(stream.stream_id, None)
 
-    def _queue(self, frame: Open | Reset, *, answers_peer: bool = False) -> None:
+    def _queue(self, frame: Open | OpenHttp | Head | Reset, *, answers_peer: bool = False) -> None:
         self._control.append((frame, answers_peer))
         if answers_peer:
             self._queued_resets += 1
@@ -691,8 +777,12 @@ class Multiplexer:
         self._close(stream, Reset(stream.stream_id, code, reason), answers_peer=True)
         self._events.append(StreamReset(stream.stream_id, code, reason, remote=False))
 
-    def _receive_open(self, frame: Open) -> None:
+    def _receive_open(self, frame: Open | OpenHttp) -> None:
         stream_id = frame.stream_id
+        if isinstance(frame, OpenHttp) and self._role is Role.CLIENT:
+            raise RemoteProtocolError(
+                f"OPEN_HTTP stream {stream_id}: the device opens no HTTP streams"
+            )
         if self._is_local_id(stream_id):
             peer = "device" if self._role is Role.CLIENT else "client"
             parity = "even" if peer == "device" else "odd"
@@ -710,10 +800,50 @@ class Multiplexer:
                 answers_peer=True,
             )
             return
+        if isinstance(frame, OpenHttp):
+            self._receive_open_http(frame)
+            return
         self._streams[stream_id] = self._new_stream(stream_id)
         self._events.append(StreamOpened(stream_id, frame.service))
 
-    def _receive_for_unknown(self, frame: Data | Fin | Window | Reset) -> None:
+    def _receive_open_http(self, frame: OpenHttp) -> None:
+        try:
+            request = decode_request_head(frame.head)
+        except HeadError as exc:
+            # The id counts (it was checked above) but no stream is made: the
+            # application never hears of a request it could not perform.
+            self._queue(
+                Reset(frame.stream_id, ResetCode.BAD_HEAD, _reason(f"bad request head: {exc}")),
+                answers_peer=True,
+            )
+            return
+        stream = self._new_stream(frame.stream_id)
+        stream.head_due = True
+        self._streams[frame.stream_id] = stream
+        self._events.append(HttpStreamOpened(frame.stream_id, frame.service, request))
+
+    def _receive_head(self, stream: _Stream, frame: Head) -> None:
+        # HEAD is legal exactly where DATA is: it is the start of the device's data.
+        action = self._receive_action(stream, _Input.RECV_DATA)
+        if action is _Action.IGNORE:
+            return
+        if action is _Action.RESET_PROTOCOL:
+            self._abort(stream, ResetCode.PROTOCOL, "HEAD after FIN")
+            return
+        if not stream.awaiting_head:
+            self._apply(stream, _Input.SEND_RESET)
+            self._abort(stream, ResetCode.PROTOCOL, "HEAD on a stream that expects none")
+            return
+        try:
+            response = decode_response_head(frame.head)
+        except HeadError as exc:
+            self._apply(stream, _Input.SEND_RESET)
+            self._abort(stream, ResetCode.BAD_HEAD, _reason(f"bad response head: {exc}"))
+            return
+        stream.awaiting_head = False
+        self._events.append(HeadReceived(stream.stream_id, response))
+
+    def _receive_for_unknown(self, frame: Data | Fin | Window | Reset | Head) -> None:
         # A closed stream's frames may have crossed our RESET or FIN: ignore them
         # (§2.3). Frames for a stream that was never opened get UNKNOWN_STREAM,
         # except a RESET, which must never be answered with a RESET (no ping-pong).
@@ -730,6 +860,10 @@ class Multiplexer:
             return
         if action is _Action.RESET_PROTOCOL:
             self._abort(stream, ResetCode.PROTOCOL, "DATA after FIN")
+            return
+        if stream.awaiting_head:
+            self._apply(stream, _Input.SEND_RESET)
+            self._abort(stream, ResetCode.PROTOCOL, "DATA before HEAD")
             return
         size = len(frame.data)
         if size > stream.recv_credit:
@@ -752,6 +886,10 @@ class Multiplexer:
             return
         if action is _Action.RESET_PROTOCOL:
             self._abort(stream, ResetCode.PROTOCOL, "FIN after FIN")
+            return
+        if stream.awaiting_head:
+            self._apply(stream, _Input.SEND_RESET)
+            self._abort(stream, ResetCode.PROTOCOL, "FIN before HEAD")
             return
         # No more data comes: credit not yet returned will never be needed.
         self._grants.pop(stream.stream_id, None)
@@ -785,3 +923,8 @@ class Multiplexer:
     def _receive_action(self, stream: _Stream, what: _Input) -> _Action:
         action, stream.state = _lookup(stream.state, stream.stream_id, what)
         return action
+
+
+def _reason(text: str) -> str:
+    """``text`` cut to fit a RESET reason (256 UTF-8 bytes, §2.2)."""
+    return text.encode("utf-8")[:MAX_REASON_LEN].decode("utf-8", "ignore")

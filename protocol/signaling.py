@@ -70,6 +70,7 @@ __all__ = [
     "IceCandidate",
     "IceServers",
     "ListDevices",
+    "Moving",
     "Offer",
     "PeerLeft",
     "PeerRole",
@@ -478,6 +479,19 @@ class Revoke:
 
 
 @dataclass(frozen=True, slots=True)
+class Moving:
+    """``moving`` (S→ any): this signaling node is going away; connect to the
+    next signaling URL now, without backoff (§1.8, "Drain")."""
+
+    reason: str
+
+    TYPE: ClassVar[str] = "moving"
+
+    def __post_init__(self) -> None:
+        check_str("moving.reason", self.reason, max_chars=MAX_REASON_LEN)
+
+
+@dataclass(frozen=True, slots=True)
 class Error:
     """``error`` (S→ any). ``session`` is always on the wire, ``null`` if unset."""
 
@@ -511,6 +525,7 @@ SignalingMessage: TypeAlias = (
     | PeerLeft
     | Revoke
     | Error
+    | Moving
 )
 
 _MESSAGE_CLASSES: Final[tuple[type[SignalingMessage], ...]] = (
@@ -529,6 +544,7 @@ _MESSAGE_CLASSES: Final[tuple[type[SignalingMessage], ...]] = (
     PeerLeft,
     Revoke,
     Error,
+    Moving,
 )
 
 #: Wire ``type`` → message class.

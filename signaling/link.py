@@ -8,6 +8,13 @@ exponential backoff and full jitter (:class:`protocol.backoff.Backoff`); a close
 with code 4401 (bad token) or 4409 (replaced) is final and surfaces as
 :class:`LinkRejected`, because retrying cannot fix it.
 
+Several signaling URLs (nodes of one cluster, PROTOCOL.md §1.8) may be given:
+the link uses the first that answers, in the order given. A failed attempt
+moves on to the next URL after the backoff delay; a link that drops moves on
+to the next URL too (the one that dropped it is the likeliest to be down),
+wrapping around. A ``moving`` message (a node draining) closes the link and
+connects to the next URL at once, without backoff.
+
 Contract: ``start()`` then ``await wait_up()``; ``send()`` while up (raises
 :class:`LinkDown` while down); ``close()`` once. ``run_until_closed()``
 returns when the link gives up (rejected) or is closed.
@@ -32,6 +39,7 @@ from protocol.errors import SignalingError
 from protocol.signaling import (
     Auth,
     Error,
+    Moving,
     Register,
     Registered,
     SignalingMessage,
@@ -96,8 +104,15 @@ def token_file_source(path: str | os.PathLike[str], first: str) -> TokenSource:
     return read
 
 
+class _Moved(Exception):
+    """The server asked this link to move to another node (``moving``)."""
+
+
 class SignalingLink:
     """One peer's authenticated, self-healing link to the signaling server.
+
+    ``url`` is one signaling URL or a non-empty sequence of them, tried in
+    order (module docstring); :attr:`url` is the one in use or tried next.
 
     ``token`` is the JWT, or a function returning the current one (for
     example :func:`token_file_source`), called for every connection: a link
@@ -109,7 +124,7 @@ class SignalingLink:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         token: str | TokenSource,
         on_message: Callable[[SignalingMessage], None],
         *,
@@ -120,7 +135,10 @@ class SignalingLink:
         reconnect: bool = True,
         fail_fast: bool = False,
     ) -> None:
-        self.url = url
+        self.urls: tuple[str, ...] = (url,) if isinstance(url, str) else tuple(url)
+        if not self.urls:
+            raise ValueError("give at least one signaling URL")
+        self._index = 0
         self._token = token
         self._used_token = ""
         self._on_message = on_message
@@ -139,6 +157,11 @@ class SignalingLink:
         self._task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self._closing = False
+
+    @property
+    def url(self) -> str:
+        """The signaling URL in use (or tried next)."""
+        return self.urls[self._index]
 
     def start(self) -> None:
         if self._task is not None:
@@ -228,15 +251,21 @@ class SignalingLink:
                 self._on_state(state)
 
     async def _run(self) -> None:
+        tried = 0  # URLs that failed since the link was last up
         while not self._closing:
             self._set_state(LinkState.CONNECTING)
+            moved = False
             try:
                 await self._session()
+            except _Moved:
+                log.info("signaling node %s is draining; moving to the next URL", self.url)
+                moved = True
             except LinkRejected as exc:
                 self._failure = exc
                 break
             except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError) as exc:
-                if self._fail_fast and not self._ever_up:
+                tried = 0 if self._up.is_set() else tried + 1
+                if self._fail_fast and not self._ever_up and tried >= len(self.urls):
                     self._failure = LinkDown(
                         f"cannot reach the signaling server at {self.url}: {_describe(exc)}"
                     )
@@ -253,6 +282,12 @@ class SignalingLink:
                     self._failure = LinkDown(f"signaling link to {self.url} closed")
                 break
             self._set_state(LinkState.DOWN)
+            self._index = (self._index + 1) % len(self.urls)
+            if moved:
+                self._backoff.reset()
+                continue
+            if self._fail_fast and not self._ever_up:
+                continue  # a person is waiting: every URL once, at once
             delay = self._backoff.next_delay()
             log.info("reconnecting to the signaling server in %.1f s", delay)
             await asyncio.sleep(delay)
@@ -277,7 +312,9 @@ class SignalingLink:
             self._set_state(LinkState.UP)
             try:
                 async for raw in ws:
-                    self._dispatch(raw)
+                    if self._dispatch(raw):
+                        await ws.close(1000, "moving to another node")
+                        raise _Moved
             except ConnectionClosed as exc:
                 self._check_final(exc)
                 raise
@@ -298,13 +335,19 @@ class SignalingLink:
                 return message
             if isinstance(message, Error):
                 raise LinkRejected(f"signaling server refused: {message.message}")
+            if isinstance(message, Moving):
+                raise _Moved
             if message is not None:
                 self._on_message(message)
 
-    def _dispatch(self, raw: str | bytes) -> None:
+    def _dispatch(self, raw: str | bytes) -> bool:
+        """Hand ``raw`` on; returns whether it is ``moving`` (kept from ``on_message``)."""
         message = _decode(raw)
+        if isinstance(message, Moving):
+            return True
         if message is not None:
             self._on_message(message)
+        return False
 
     def _check_final(self, exc: ConnectionClosed) -> None:
         if exc.rcvd is not None:

@@ -12,16 +12,15 @@ PROTOCOL.md §1.6, an authentication failure kind, a close code, a cap. Device
 ids are not labels here: on a signaling node anyone holding a device token
 brings a new one.
 
-For the cluster bus: the router counts every message it forwards
-(``messages_routed``), wherever the recipient is. The bus calls
-:meth:`SignalingMetrics.relayed` (``via="redis"``) for each of those it hands
-to another node; ``tunnelctl_signal_messages_relayed_total{via="local"}`` is
-what is left, delivered on this node.
+Between nodes (``--redis``, PROTOCOL.md §1.8): the router counts every
+message it forwards (``messages_routed``) and, of those, the ones addressed to
+a party on another node (``messages_to_nodes``, handed to the Redis bus);
+``tunnelctl_signal_messages_relayed_total`` splits them ``via="local"`` and
+``via="redis"``.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from typing import Final
 
@@ -29,9 +28,8 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["LOCAL", "SignalingMetrics"]
+__all__ = ["SignalingMetrics"]
 
-LOCAL: Final = "local"
 _PREFIX: Final = "tunnelctl_signal"
 
 
@@ -40,17 +38,9 @@ class SignalingMetrics(Collector):
 
     def __init__(self, stats: Callable[[], Mapping[str, int]]) -> None:
         self._stats = stats
-        self._relayed: Counter[str] = Counter()
         self.registry = CollectorRegistry()
         self.registry.register(self)
         ProcessCollector(namespace=_PREFIX, registry=self.registry)
-
-    def relayed(self, via: str, count: int = 1) -> None:
-        """``count`` of the router's forwards went to another node through ``via``
-        (a transport name such as ``"redis"``, never an address or node id)."""
-        if via == LOCAL:
-            raise ValueError("local deliveries are what the router routed minus the others")
-        self._relayed[via] += count
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats()
@@ -98,11 +88,25 @@ class SignalingMetrics(Collector):
             "Messages forwarded to the other party of a session, by how.",
             labels=["via"],
         )
-        remote = sum(self._relayed.values())
-        relayed.add_metric([LOCAL], max(0, stats["messages_routed"] - remote))
-        for via, count in sorted(self._relayed.items()):
-            relayed.add_metric([via], count)
+        to_nodes = stats.get("messages_to_nodes", 0)
+        relayed.add_metric(["local"], stats["messages_routed"] - to_nodes)
+        relayed.add_metric(["redis"], to_nodes)
         yield relayed
+        yield _counter(
+            "messages_from_nodes",
+            "Messages relayed from other nodes to parties on this one.",
+            stats.get("messages_from_nodes", 0),
+        )
+        yield _counter(
+            "cluster_undeliverable",
+            "Relays to other nodes that could not be delivered (the sender was told).",
+            stats.get("cluster.undeliverable", 0),
+        )
+        yield _gauge(
+            "cluster_remote_devices",
+            "Devices registered on other nodes of the cluster.",
+            stats.get("cluster.remote_devices", 0),
+        )
         yield _counter(
             "rate_limit_drops",
             "Messages dropped by the per-connection rate limit.",

@@ -30,6 +30,16 @@ What the router enforces:
 
 Forwarded messages are the decoded, validated values (re-encoded by the
 adapter), never the frames that came in.
+
+On several nodes (PROTOCOL.md §1.8) the same router runs on each; a party on
+another node is a :class:`RemoteConn`. What is sent to one comes out as a
+:class:`Relay` (the adapter publishes it to that node), what arrives from one
+goes in through :meth:`Router.receive_remote`, and the adapter reports the
+presence it learns (:meth:`Router.remote_registered`,
+:meth:`Router.remote_unregistered`) and the parties it cannot reach
+(:meth:`Router.remote_gone`, :meth:`Router.node_gone`). Registrations and
+their ends come out as :class:`Presence` for the adapter to announce; a
+server on its own ignores them.
 """
 
 from __future__ import annotations
@@ -76,6 +86,9 @@ __all__ = [
     "Close",
     "ConnId",
     "Limits",
+    "Presence",
+    "Relay",
+    "RemoteConn",
     "RouteState",
     "Router",
     "Send",
@@ -101,7 +114,50 @@ class Close:
     reason: str
 
 
-Action: TypeAlias = Send | Close
+@dataclass(frozen=True, slots=True)
+class RemoteConn:
+    """A party's connection on another signaling node: connection ``conn`` of ``node``."""
+
+    node: str
+    conn: int
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """Send ``message`` to ``to``, a party on another node, as coming from the
+    local party ``origin`` (``role``, ``sub``)."""
+
+    to: RemoteConn
+    origin: ConnId
+    role: PeerRole
+    sub: str
+    message: SignalingMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """Device ``device`` registered on local connection ``conn`` (``online``),
+    or that registration ended."""
+
+    device: str
+    conn: ConnId
+    online: bool
+    services: tuple[str, ...] = ()
+
+
+Action: TypeAlias = Send | Close | Relay | Presence
+
+# Errors from a remote party's node meaning its side of the session does not
+# exist (any more): the local copy ends too.
+_ENDS_REMOTE_SESSION: Final = frozenset(
+    {
+        ErrorCode.DEVICE_OFFLINE,
+        ErrorCode.UNKNOWN_SESSION,
+        ErrorCode.SESSION_EXISTS,
+        ErrorCode.TOO_MANY_SESSIONS,
+        ErrorCode.FORBIDDEN,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +286,11 @@ class Router:
         self._devices: dict[str, _Conn] = {}  # device id -> its registered link
         self._sessions: dict[str, _Session] = {}
         self._counters: Counter[str] = Counter()
+        # Devices registered on other nodes, and the remote parties of sessions.
+        self._remote_devices: dict[str, RemoteConn] = {}
+        self._remote_services: dict[str, tuple[str, ...]] = {}
+        self._remote: dict[RemoteConn, _Conn] = {}
+        self._addressed: _Conn | None = None  # the local party of the relay in hand
 
     # --- public API ----------------------------------------------------------
 
@@ -340,7 +401,8 @@ class Router:
             actions += self._close(c, CloseCode.AUTH_FAILED, reason)
         for client in sorted(clients):
             for device in self._devices.values():
-                actions.append(self._forward(device, Revoke(client, reason)))
+                actions.append(Send(device.conn, Revoke(client, reason)))
+                self._counters["messages_routed"] += 1
         return actions
 
     def expire(self, conn: ConnId, reason: str) -> list[Action]:
@@ -352,9 +414,9 @@ class Router:
         actions = self._close(c, CloseCode.AUTH_FAILED, reason)
         if c.identity.role == "client":
             for device_id in sorted(c.identity.devices):
-                device = self._devices.get(device_id)
+                device = self._device_party(device_id)
                 if device is not None:
-                    actions.append(self._forward(device, Revoke(c.identity.sub, reason)))
+                    actions.append(self._forward(device, Revoke(c.identity.sub, reason), c))
         return actions
 
     def stats(self) -> dict[str, int]:
@@ -390,6 +452,124 @@ class Router:
         """Whether ``device`` has a registered link."""
         return device in self._devices
 
+    def is_connected(self, conn: ConnId) -> bool:
+        """Whether ``conn`` is connected and not being closed (may be sent to)."""
+        c = self._conns.get(conn)
+        return c is not None and not c.closing
+
+    # --- other nodes (PROTOCOL.md §1.8) ---------------------------------------
+
+    def receive_remote(
+        self, to: ConnId, sender: RemoteConn, role: PeerRole, sub: str, message: SignalingMessage
+    ) -> list[Action]:
+        """Handle ``message`` relayed from ``sender`` (``role`` ``sub``) on
+        another node to the local connection ``to``, whose node checked the
+        sender's rate, grant and message already.
+
+        Raises :class:`UsageError` unless :meth:`is_connected` (``to``): the
+        adapter answers such relays ``gone`` instead.
+        """
+        local = self._conns.get(to)
+        if local is None or local.closing:
+            raise UsageError(f"connection {to!r} is not connected")
+        remote = self._remote.get(sender) or _remote_conn(sender, role, sub)
+        self._counters["messages_from_nodes"] += 1
+        self._addressed = local
+        try:
+            return self._receive_remote(local, remote, message)
+        finally:
+            self._addressed = None
+
+    def _receive_remote(
+        self, local: _Conn, remote: _Conn, message: SignalingMessage
+    ) -> list[Action]:
+        role = remote.identity.role
+        match message:
+            case SessionRequest() if role == "client":
+                return self._open_from_remote(remote, local, message)
+            case Offer() | Answer() | Candidate() | SessionEnd():
+                return self._route(remote, message)
+            case PeerLeft() | Error() if message.session in remote.sessions:
+                session = self._sessions[message.session]
+                other = session.other(remote)
+                if isinstance(message, PeerLeft) or message.code in _ENDS_REMOTE_SESSION:
+                    self._end_session(session)
+                if isinstance(message, PeerLeft):
+                    owner = session.client.identity.sub if other is session.device else None
+                    message = PeerLeft(session.id, client=owner)
+                return [self._forward(other, message, remote)]
+            case Revoke() if self._devices.get(local.identity.sub) is local:
+                return [self._forward(local, message, remote)]
+            case _:
+                self._counters["messages_from_nodes_dropped"] += 1
+                return []
+
+    def remote_registered(
+        self, device: str, at: RemoteConn, services: tuple[str, ...] = ()
+    ) -> list[Action]:
+        """``device`` registered on another node, with ``services``, more
+        recently than here (the adapter orders registrations cluster-wide): a
+        local registration is replaced, as by a newer one here."""
+        actions: list[Action] = []
+        local = self._devices.get(device)
+        if local is not None:
+            actions += self._replace(local, device)
+        self._remote_devices[device] = at
+        self._remote_services[device] = services
+        return actions
+
+    def remote_unregistered(self, device: str, at: RemoteConn) -> None:
+        """The registration of ``device`` at ``at`` ended (a newer one stays)."""
+        if self._remote_devices.get(device) == at:
+            self._forget_remote_device(device)
+
+    def _forget_remote_device(self, device: str) -> None:
+        self._remote_devices.pop(device, None)
+        self._remote_services.pop(device, None)
+
+    def remote_gone(
+        self, at: RemoteConn, undelivered: SignalingMessage | None = None
+    ) -> list[Action]:
+        """The party ``at`` cannot be reached (gone, or its node is):
+        ``undelivered``, if a ``session_request``, gets its client
+        ``device_offline``; every other session with ``at`` ends with
+        ``peer_left`` to its local party."""
+        for device, where in list(self._remote_devices.items()):
+            if where == at:
+                self._forget_remote_device(device)
+        c = self._remote.get(at)
+        if c is None:
+            return []
+        actions: list[Action] = []
+        if isinstance(undelivered, SessionRequest) and undelivered.session in c.sessions:
+            session = self._sessions[undelivered.session]
+            self._end_session(session)
+            actions.append(
+                self._error(
+                    session.client,
+                    ErrorCode.DEVICE_OFFLINE,
+                    f"device {undelivered.device} is offline",
+                    session.id,
+                )
+            )
+        actions += self._teardown(c)
+        self._remote.pop(at, None)
+        return actions
+
+    def node_gone(self, node: str) -> list[Action]:
+        """Every party on ``node`` is gone (:meth:`remote_gone` for each)."""
+        actions: list[Action] = []
+        for device, where in list(self._remote_devices.items()):
+            if where.node == node:
+                self._forget_remote_device(device)
+        for at in [at for at in self._remote if at.node == node]:
+            actions += self.remote_gone(at)
+        return actions
+
+    def remote_nodes(self) -> set[str]:
+        """The other nodes this router holds presence or sessions of."""
+        return {at.node for at in self._remote_devices.values()} | {at.node for at in self._remote}
+
     # --- handlers ------------------------------------------------------------
 
     def _register(self, c: _Conn, msg: Register) -> list[Action]:
@@ -404,19 +584,22 @@ class Router:
         actions: list[Action] = []
         previous = self._devices.get(msg.device)
         if previous is not None and previous is not c:
-            # Newest wins (§1.6): a device back from a network drop must not be
-            # locked out by its own stale link.
-            actions.append(
-                self._error(
-                    previous, ErrorCode.REPLACED, f"device {msg.device} registered elsewhere"
-                )
-            )
-            actions += self._close(previous, CloseCode.REPLACED, "replaced by a newer connection")
+            actions += self._replace(previous, msg.device)
         self._devices[msg.device] = c
+        self._forget_remote_device(msg.device)
         c.services = msg.services
         self._counters["registrations"] += 1
         actions.append(Send(c.conn, Registered(msg.device)))
+        actions.append(Presence(msg.device, c.conn, online=True, services=msg.services))
         return actions
+
+    def _replace(self, previous: _Conn, device: str) -> list[Action]:
+        # Newest wins (§1.6): a device back from a network drop must not be
+        # locked out by its own stale link.
+        return [
+            self._error(previous, ErrorCode.REPLACED, f"device {device} registered elsewhere"),
+            *self._close(previous, CloseCode.REPLACED, "replaced by a newer connection"),
+        ]
 
     def _list_devices(self, c: _Conn) -> list[Action]:
         # Only the devices the token grants: a client learns nothing, not even
@@ -424,8 +607,12 @@ class Router:
         entries = []
         for device in sorted(c.identity.devices):
             link = self._devices.get(device)
-            services = link.services if link is not None else ()
-            entries.append(DeviceInfo(device, link is not None, services))
+            if link is not None:
+                entries.append(DeviceInfo(device, True, link.services))
+            elif device in self._remote_devices:
+                entries.append(DeviceInfo(device, True, self._remote_services[device]))
+            else:
+                entries.append(DeviceInfo(device, False, ()))
         self._counters["device_lists"] += 1
         step = MAX_LISTED_DEVICES
         pages = [entries[i : i + step] for i in range(0, len(entries), step)] or [[]]
@@ -446,20 +633,46 @@ class Router:
             ]
         if sid in self._sessions:
             return [self._error(c, ErrorCode.SESSION_EXISTS, f"session {sid} exists", sid)]
-        device = self._devices.get(msg.device)
+        device = self._device_party(msg.device)
         if device is None:
             return [
                 self._error(c, ErrorCode.DEVICE_OFFLINE, f"device {msg.device} is offline", sid)
             ]
+        return self._open(c, device, msg)
+
+    def _open_from_remote(self, c: _Conn, device: _Conn, msg: SessionRequest) -> list[Action]:
+        # No second hop: the client's node sent it where the device was.
+        sid = msg.session
+        if self._devices.get(msg.device) is not device:
+            return [
+                self._error(c, ErrorCode.DEVICE_OFFLINE, f"device {msg.device} is offline", sid)
+            ]
+        if sid in self._sessions:
+            return [self._error(c, ErrorCode.SESSION_EXISTS, f"session {sid} exists", sid)]
+        return self._open(c, device, msg)
+
+    def _open(self, c: _Conn, device: _Conn, msg: SessionRequest) -> list[Action]:
+        sid = msg.session
         too_many = self._session_limit_problem(c, device)
         if too_many is not None:
             return [self._error(c, ErrorCode.TOO_MANY_SESSIONS, too_many, sid)]
-
         self._sessions[sid] = _Session(sid, client=c, device=device)
-        c.sessions[sid] = None
-        device.sessions[sid] = None
+        for party in (c, device):
+            party.sessions[sid] = None
+            if isinstance(party.conn, RemoteConn):
+                self._remote[party.conn] = party
         forwarded = SessionRequest(sid, msg.device, client=c.identity.sub)
-        return [self._forward(device, forwarded)]
+        return [self._forward(device, forwarded, c)]
+
+    def _device_party(self, device: str) -> _Conn | None:
+        """The link of ``device``, here or on another node."""
+        local = self._devices.get(device)
+        if local is not None:
+            return local
+        at = self._remote_devices.get(device)
+        if at is None:
+            return None
+        return self._remote.get(at) or _remote_conn(at, "device", device)
 
     def _session_limit_problem(self, client: _Conn, device: _Conn) -> str | None:
         limits = self.limits
@@ -517,12 +730,15 @@ class Router:
             # The device checks every message against the session's owner: the
             # server's table does not survive a restart, the device's does.
             msg = dataclasses.replace(msg, client=c.identity.sub)
-        return [self._forward(other, msg)]
+        return [self._forward(other, msg, c)]
 
     # --- helpers -------------------------------------------------------------
 
-    def _forward(self, to: _Conn, msg: SignalingMessage) -> Send:
+    def _forward(self, to: _Conn, msg: SignalingMessage, origin: _Conn) -> Send | Relay:
         self._counters["messages_routed"] += 1
+        if isinstance(to.conn, RemoteConn):
+            self._counters["messages_to_nodes"] += 1
+            return Relay(to.conn, origin.conn, origin.identity.role, origin.identity.sub, msg)
         return Send(to.conn, msg)
 
     def _count_request(self, actions: list[Action]) -> None:
@@ -530,9 +746,16 @@ class Router:
         outcome = message.code if isinstance(message, Error) else "forwarded"
         self._counters[f"session_requests.{outcome}"] += 1
 
-    def _error(self, c: _Conn, code: str, message: str, session: str | None = None) -> Send:
+    def _error(self, c: _Conn, code: str, message: str, session: str | None = None) -> Send | Relay:
         self._counters[f"errors.{code}"] += 1
-        return Send(c.conn, Error(code, message, session))
+        error = Error(code, message, session)
+        if isinstance(c.conn, RemoteConn):
+            # Only a relay gets a remote party an error: it comes from the
+            # party the relay addressed (its node matches errors by session).
+            origin = self._addressed
+            assert origin is not None, "errors to other nodes answer relays"
+            return Relay(c.conn, origin.conn, origin.identity.role, origin.identity.sub, error)
+        return Send(c.conn, error)
 
     def _close(self, c: _Conn, code: int, reason: str) -> list[Action]:
         # Treat the connection as gone right away: its sessions and its device
@@ -543,18 +766,30 @@ class Router:
         return [Close(c.conn, code, reason), *actions]
 
     def _teardown(self, c: _Conn) -> list[Action]:
+        actions: list[Action] = []
         if c.identity.role == "device" and self._devices.get(c.identity.sub) is c:
             del self._devices[c.identity.sub]
-        actions: list[Action] = []
+            actions.append(Presence(c.identity.sub, c.conn, online=False))
         for sid in list(c.sessions):
             session = self._sessions[sid]
             other = session.other(c)
             self._end_session(session)
             owner = session.client.identity.sub if other is session.device else None
-            actions.append(Send(other.conn, PeerLeft(sid, client=owner)))
+            peer_left = PeerLeft(sid, client=owner)
+            if isinstance(other.conn, RemoteConn):
+                actions.append(self._forward(other, peer_left, c))
+            else:
+                actions.append(Send(other.conn, peer_left))
         return actions
 
     def _end_session(self, session: _Session) -> None:
         del self._sessions[session.id]
-        session.client.sessions.pop(session.id, None)
-        session.device.sessions.pop(session.id, None)
+        for party in (session.client, session.device):
+            party.sessions.pop(session.id, None)
+            if isinstance(party.conn, RemoteConn) and not party.sessions:
+                self._remote.pop(party.conn, None)
+
+
+def _remote_conn(at: RemoteConn, role: PeerRole, sub: str) -> _Conn:
+    # Its node keeps its rate; this bucket is never drawn from.
+    return _Conn(at, Identity(sub, role), _TokenBucket(math.inf, math.inf, math.inf, 0.0))

@@ -52,6 +52,12 @@ at start and again by :meth:`SignalingServer.reload_revocations` (SIGHUP in
 :func:`run_server`): a revoked token is refused at authentication, links that
 used one are closed at once (4401 ``token revoked``) and devices told to end
 the sessions of the clients concerned.
+
+Several nodes (PROTOCOL.md §1.8): with ``cluster`` (a
+:class:`~signaling.cluster.RedisCluster`) the router's relays and presence go
+through Redis to the other nodes. :meth:`SignalingServer.drain` (SIGTERM in
+:func:`run_server`) stops accepting, sends every connection ``moving`` and
+waits ``drain_timeout`` for them to go before closing the rest.
 """
 
 from __future__ import annotations
@@ -88,14 +94,16 @@ from protocol.signaling import (
     CloseCode,
     Error,
     ErrorCode,
+    Moving,
     Registered,
     decode_signaling,
     encode_signaling,
 )
 from signaling.auth import LEEWAY, Identity, check_secret, verify_token
+from signaling.cluster import RedisCluster
 from signaling.errors import AuthError, ServerConfigError, UsageError
 from signaling.metrics import SignalingMetrics
-from signaling.router import Action, Limits, Router, Send
+from signaling.router import Action, Limits, Presence, Relay, Router, Send
 from signaling.turn import IceIssuer
 
 __all__ = ["AUTH_TIMEOUT", "SIGNAL_PATH", "ConnectionCaps", "SignalingServer", "run_server"]
@@ -275,6 +283,7 @@ class SignalingServer:
         ice: IceIssuer | None = None,
         caps: ConnectionCaps | None = None,
         revoked: str | os.PathLike[str] | None = None,
+        cluster: RedisCluster | None = None,
     ) -> None:
         check_secret(secret)
         self._revoked_path = revoked
@@ -305,6 +314,9 @@ class SignalingServer:
         self._refused: Counter[str] = Counter()
         self._max_total = self.caps.total
         self._throttle = LogThrottle(log)
+        self._cluster = cluster
+        if cluster is not None:
+            cluster.attach(self._router, self._apply)
         #: Its Prometheus registry (:mod:`signaling.metrics`), served by ``run_server``.
         self.metrics = SignalingMetrics(self.stats)
 
@@ -334,6 +346,7 @@ class SignalingServer:
             "unauthenticated": len(self._unauthenticated),
             **{f"refused.{why}": n for why, n in self._refused.items()},
             **self._router.stats(),
+            **(self._cluster.stats() if self._cluster is not None else {}),
         }
 
     async def start(self) -> None:
@@ -348,6 +361,8 @@ class SignalingServer:
                 f"raise it (ulimit -n) above {FD_RESERVE}"
             )
         self._max_total = min(self.caps.total, room)
+        if self._cluster is not None:
+            await self._cluster.start()
         try:
             self._server = await serve(
                 self._handle,
@@ -381,7 +396,28 @@ class SignalingServer:
         server, self._server = self._server, None
         server.close(code=CloseCode.GOING_AWAY, reason="server shutting down")
         await server.wait_closed()
+        if self._cluster is not None:
+            await self._cluster.close()
         log.info("closed")
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, tell every connection to move to another node
+        (``moving``), wait up to ``timeout`` s for them to go, then :meth:`close`."""
+        if self._server is None:
+            return
+        self._server.close(close_connections=False)
+        log.info("draining %d connections (at most %g s)", len(self._outboxes), timeout)
+        moving = encode_signaling(Moving("node draining"))
+        for outbox in self._outboxes.values():
+            outbox.send(moving)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._server.wait_closed(), timeout)
+        if self._outboxes:
+            # The listening side is closed already: close() would not close these.
+            log.info("drain timed out; closing %d connections", len(self._outboxes))
+            for outbox in self._outboxes.values():
+                outbox.close(CloseCode.GOING_AWAY, "server shutting down")
+        await self.close()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -621,6 +657,10 @@ class SignalingServer:
 
     def _apply(self, actions: list[Action]) -> None:
         for action in actions:
+            if isinstance(action, Relay | Presence):
+                if self._cluster is not None:
+                    self._cluster.handle(action)
+                continue
             outbox = self._outboxes.get(action.conn)
             if outbox is None:
                 continue  # that connection is already gone
@@ -650,10 +690,15 @@ async def run_server(
     caps: ConnectionCaps | None = None,
     auth_timeout: float = AUTH_TIMEOUT,
     revoked: str | os.PathLike[str] | None = None,
+    cluster: RedisCluster | None = None,
+    drain_timeout: float = 10.0,
     metrics: tuple[str, int] | None = None,
     on_metrics: Callable[[str], None] | None = None,
 ) -> None:
     """Serve until this task is cancelled or the process gets SIGTERM/SIGINT.
+
+    SIGTERM drains (:meth:`SignalingServer.drain`, at most ``drain_timeout``
+    seconds); SIGINT and cancellation close at once.
 
     ``on_ready(url)`` is called once the server listens (``port=0`` picks a
     free port; ``url`` has the real one). With ``metrics`` (host, port), its
@@ -663,7 +708,15 @@ async def run_server(
     does, and when the metrics address cannot be listened on.
     """
     server = SignalingServer(
-        secret, host, port, limits, ice=ice, caps=caps, auth_timeout=auth_timeout, revoked=revoked
+        secret,
+        host,
+        port,
+        limits,
+        ice=ice,
+        caps=caps,
+        auth_timeout=auth_timeout,
+        revoked=revoked,
+        cluster=cluster,
     )
     endpoint = None
     if metrics is not None:
@@ -680,10 +733,11 @@ async def run_server(
         raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    received: list[signal.Signals] = []
     handled: list[signal.Signals] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         try:
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, _on_signal, signum, received, stop)
         except (NotImplementedError, RuntimeError, ValueError):
             continue  # not the main thread, or not a Unix loop: cancellation still works
         handled.append(signum)
@@ -697,12 +751,19 @@ async def run_server(
             on_metrics(endpoint.url)
         await stop.wait()
         log.info("signal received, shutting down")
+        if received[:1] == [signal.SIGTERM]:
+            await server.drain(drain_timeout)
     finally:
         for signum in handled:
             loop.remove_signal_handler(signum)
         await server.close()
         if endpoint is not None:
             await endpoint.close()
+
+
+def _on_signal(signum: signal.Signals, received: list[signal.Signals], stop: asyncio.Event) -> None:
+    received.append(signum)
+    stop.set()
 
 
 def _read_revocations(path: str | os.PathLike[str]) -> tuple[frozenset[str], frozenset[str]]:

@@ -164,11 +164,13 @@ class SupervisorConfig:
     ``negotiation_timeout`` is given up; at most ``max_workers`` worker processes
     (idle and busy) live at once. ``keepalive`` (a top-level key) is how long a
     session's path may go unanswered before it counts as dead. Times are in
-    seconds.
+    seconds. ``signal_fallbacks`` are more signaling URLs (nodes of one
+    cluster, PROTOCOL.md §1.8), tried after ``signal_url`` in order.
     """
 
     signal_url: str
     devices: tuple[DeviceConfig, ...]
+    signal_fallbacks: tuple[str, ...] = ()
     ice_servers: tuple[IceServer, ...] = ()
     ice_hosts: tuple[str, ...] = ()
     keepalive: float = DEFAULT_KEEPALIVE
@@ -188,8 +190,14 @@ class SupervisorConfig:
     #: Where Prometheus metrics are served, (host, port); ``None``: not at all.
     metrics: tuple[str, int] | None = None
 
+    @property
+    def signal_urls(self) -> tuple[str, ...]:
+        """Every signaling URL, in the order they are tried."""
+        return (self.signal_url, *self.signal_fallbacks)
+
     def __post_init__(self) -> None:
-        _check_signal_url(self.signal_url, "signal")
+        for index, url in enumerate(self.signal_urls):
+            _check_signal_url(url, f"signal[{index}]" if self.signal_fallbacks else "signal")
         if not self.devices:
             raise ConfigError("devices", "at least one device is required")
         first_seen: dict[str, int] = {}
@@ -282,6 +290,16 @@ def _check_signal_url(url: str, path: str) -> None:
         raise ConfigError(path, f"expected a ws:// or wss:// URL with a host, got {url!r}")
 
 
+def _signal_urls(data: Mapping[str, object]) -> tuple[str, ...]:
+    """``signal``: one URL, or an array of them (tried in order)."""
+    if isinstance(data.get("signal"), list):
+        urls = get_strings(data, None, "signal")
+        if not urls:
+            raise ConfigError("signal", "give at least one signaling URL")
+        return urls
+    return (get_required_string(data, None, "signal"),)
+
+
 def _check_network(spec: str, path: str) -> None:
     try:
         ipaddress.ip_network(spec, strict=False)
@@ -304,7 +322,7 @@ def load_config(path: str, env: Mapping[str, str]) -> SupervisorConfig:
     data = _read_toml(path)
     here = Path(path).absolute().parent
     check_keys(data, None, _TOP_KEYS)
-    signal_url = get_required_string(data, None, "signal")
+    signal_urls = _signal_urls(data)
     ice_hosts = get_strings(data, None, "ice_hosts")
     ice_policy = get_string(data, None, "ice_policy") or "all"
     ice_servers = tuple(
@@ -321,7 +339,8 @@ def load_config(path: str, env: Mapping[str, str]) -> SupervisorConfig:
         raise ConfigError("devices", "at least one [[devices]] table is required")
     devices = tuple(_device(table, at, env, here) for at, table in device_tables)
     return SupervisorConfig(
-        signal_url=signal_url,
+        signal_url=signal_urls[0],
+        signal_fallbacks=signal_urls[1:],
         devices=devices,
         ice_servers=ice_servers,
         ice_hosts=ice_hosts,
@@ -457,7 +476,7 @@ def _from_env(env: Mapping[str, str], name: str, path: str) -> str:
 
 def config_from_flags(
     *,
-    signal_url: str,
+    signal_url: str | Sequence[str],
     device: str,
     token: str,
     exposes: Sequence[str],
@@ -483,8 +502,10 @@ def config_from_flags(
             device, token, tuple(services), Path(token_file) if token_file else None
         )
     with _as_flags({"signal": "--signal", "ice_hosts": "--ice-host", "ice_policy": "--ice-policy"}):
+        urls = (signal_url,) if isinstance(signal_url, str) else tuple(signal_url)
         config = SupervisorConfig(
-            signal_url=signal_url,
+            signal_url=urls[0],
+            signal_fallbacks=urls[1:],
             devices=(device_config,),
             ice_servers=tuple(ice_servers),
             ice_hosts=networks,

@@ -236,7 +236,7 @@ class Supervisor:
         if config.token_file is not None:
             token = token_file_source(config.token_file, config.token)
         link = SignalingLink(
-            self.config.signal_url,
+            self.config.signal_urls,
             token,
             on_message,
             device=config.id,

@@ -206,17 +206,13 @@ def test_no_label_is_an_identity() -> None:
     assert not any("dev-" in v for _, labels in samples for _, v in labels)
 
 
-def test_relays_through_another_bus_are_taken_from_the_local_count() -> None:
+def test_relays_to_other_nodes_are_taken_from_the_local_count() -> None:
     stats = {"tcp_connections": 0, "unauthenticated": 0, **Net().router.stats()}
-    stats["messages_routed"] = 10
-    metrics = SignalingMetrics(lambda: stats)
-    metrics.relayed("redis", 4)
-    metrics.relayed("redis")
-    samples = scrape(metrics.registry)
-    assert value(samples, "tunnelctl_signal_messages_relayed_total", via="local") == 5
-    assert value(samples, "tunnelctl_signal_messages_relayed_total", via="redis") == 5
-    with pytest.raises(ValueError):
-        metrics.relayed("local")
+    stats |= {"messages_routed": 10, "messages_to_nodes": 4, "messages_from_nodes": 3}
+    samples = scrape(SignalingMetrics(lambda: stats).registry)
+    assert value(samples, "tunnelctl_signal_messages_relayed_total", via="local") == 6
+    assert value(samples, "tunnelctl_signal_messages_relayed_total", via="redis") == 4
+    assert value(samples, "tunnelctl_signal_messages_from_nodes_total") == 3
 
 
 # -- the supervisor ----------------------------------------------------------------------------

@@ -20,7 +20,9 @@ from protocol.frames import (
     Fin,
     Frame,
     FrameType,
+    Head,
     Open,
+    OpenHttp,
     Reset,
     ResetCode,
     Window,
@@ -43,7 +45,7 @@ def test_constants() -> None:
     assert MAX_WINDOW == 2**31 - 1
     assert MAX_SERVICE_LEN == 64
     assert MAX_REASON_LEN == 256
-    assert [int(t) for t in FrameType] == [1, 2, 3, 4, 5]
+    assert [int(t) for t in FrameType] == [1, 2, 3, 4, 5, 6, 7]
     assert [(c.name, int(c)) for c in ResetCode] == [
         ("CANCEL", 0),
         ("UNKNOWN_SERVICE", 1),
@@ -53,6 +55,8 @@ def test_constants() -> None:
         ("PROTOCOL", 5),
         ("REFUSED", 6),
         ("UNKNOWN_STREAM", 7),
+        ("BAD_HEAD", 8),
+        ("BAD_GATEWAY", 9),
     ]
 
 
@@ -124,7 +128,7 @@ MALFORMED = [
         "past the end",
     ),
     ("type-0", frame_bytes(0, 1, b""), "unknown frame type 0x00"),
-    ("type-6", frame_bytes(6, 1, b""), "unknown frame type 0x06"),
+    ("type-8", frame_bytes(8, 1, b""), "unknown frame type 0x08"),
     ("open-empty", frame_bytes(1, 1, b""), "invalid service name"),
     ("open-too-long", frame_bytes(1, 1, b"a" * 65), "invalid service name"),
     ("open-bad-syntax", frame_bytes(1, 1, b"../x"), "invalid service name"),
@@ -286,6 +290,8 @@ frames: st.SearchStrategy[Frame] = st.one_of(
     st.builds(Fin, stream_ids),
     st.builds(Reset, stream_ids, st.integers(0, 2**16 - 1), reasons),
     st.builds(Window, stream_ids, st.integers(1, MAX_WINDOW)),
+    st.builds(OpenHttp, stream_ids, services, st.binary(min_size=1, max_size=64)),
+    st.builds(Head, stream_ids, st.binary(min_size=1, max_size=64)),
 )
 
 

@@ -45,7 +45,9 @@ from protocol.frames import (
     Data,
     Fin,
     Frame,
+    Head,
     Open,
+    OpenHttp,
     Reset,
     ResetCode,
     Window,
@@ -113,6 +115,16 @@ def spec_decode(message: bytes) -> list[Meaning] | None:
             if len(payload) != 4 or not 1 <= increment <= 2**31 - 1:
                 return None
             meaning = increment
+        elif kind == 6:  # OPEN_HTTP (§2.8): u8 n, n-byte service name, a non-empty head
+            n = payload[0] if payload else 0
+            name = _utf8(payload[1 : 1 + n])
+            if n == 0 or 1 + n >= len(payload) or name is None or not _SERVICE.fullmatch(name):
+                return None
+            meaning = (name, payload[1 + n :])
+        elif kind == 7:  # HEAD (§2.8): a non-empty head
+            if not payload:
+                return None
+            meaning = payload
         else:
             return None
         frames.append((kind, stream_id, meaning))
@@ -139,6 +151,10 @@ def meaning_of(frame: Frame) -> Meaning:
             return (4, stream_id, (int(code), reason))
         case Window(stream_id, increment):
             return (5, stream_id, increment)
+        case OpenHttp(stream_id, service, head):
+            return (6, stream_id, (service, head))
+        case Head(stream_id, head):
+            return (7, stream_id, head)
     raise AssertionError(frame)
 
 
@@ -183,6 +199,15 @@ PAYLOADS: dict[int, st.SearchStrategy[bytes]] = {
         st.integers(0, 2**32 - 1).map(_u32),
         st.binary(max_size=6),
     ),
+    6: st.one_of(
+        st.sampled_from([b"", b"\x00", b"\x00{}", b"\x03web", b"\x04web{}", b"\x03w\xffb{}"]),
+        st.builds(
+            lambda name, head: bytes([len(name)]) + name + head,
+            st.from_regex(_SERVICE, fullmatch=True).map(str.encode),
+            st.binary(max_size=8),
+        ),
+    ),
+    7: st.one_of(st.binary(max_size=16), st.just(b"")),
 }
 
 
@@ -192,7 +217,9 @@ def field_mutated_frames(draw: st.DrawFn) -> bytes:
     sometimes set to a boundary or wrong value."""
     kind = draw(st.sampled_from(sorted(PAYLOADS)))
     payload = draw(PAYLOADS[kind])
-    wire_type = draw(st.one_of(st.just(kind), st.just(kind), st.sampled_from([0, 6, 0x81, 0xFF])))
+    wire_type = draw(
+        st.one_of(st.just(kind), st.just(kind), st.sampled_from([0, 6, 7, 8, 0x81, 0xFF]))
+    )
     flags = draw(st.sampled_from([0, 0, 0, 0, 1, 0x80, 0xFF]))
     stream_id = draw(st.one_of(st.integers(1, 9), st.sampled_from([0, 2**31, 2**32 - 1])))
     delta = draw(st.one_of(st.just(0), st.just(0), st.integers(-3, 3)))

@@ -26,6 +26,7 @@ from protocol.signaling import (
     IceCandidate,
     IceServers,
     ListDevices,
+    Moving,
     Offer,
     PeerLeft,
     Register,
@@ -100,6 +101,7 @@ VECTORS: list[tuple[str, SignalingMessage]] = [
         '{"v":1,"type":"revoke","client":"alice","reason":"token revoked"}',
         Revoke("alice", "token revoked"),
     ),
+    ('{"v":1,"type":"moving","reason":"node draining"}', Moving("node draining")),
 ]
 
 _SESSION = '"session":"s-0123456789ab"'
@@ -328,6 +330,7 @@ def test_every_type_is_registered() -> None:
         "peer_left",
         "revoke",
         "error",
+        "moving",
     }
 
 

@@ -32,7 +32,17 @@ from protocol.signaling import (
 )
 from signaling.auth import Identity
 from signaling.errors import UsageError
-from signaling.router import TRANSITIONS, Action, Close, Limits, Router, RouteState, Send
+from signaling.router import (
+    TRANSITIONS,
+    Action,
+    Close,
+    Limits,
+    Presence,
+    Relay,
+    Router,
+    RouteState,
+    Send,
+)
 
 S1 = "session-0001"
 S2 = "session-0002"
@@ -51,9 +61,14 @@ class Net:
         self.inbox: dict[str, list[SignalingMessage]] = defaultdict(list)
         self.closed: dict[str, tuple[int, str]] = {}
         self.log: list[Action] = []
+        self.presence: list[Presence] = []
 
     def apply(self, actions: Iterable[Action]) -> None:
         for action in actions:
+            assert not isinstance(action, Relay), "one node relays nothing"
+            if isinstance(action, Presence):
+                self.presence.append(action)
+                continue
             self.log.append(action)
             assert isinstance(action.conn, str)
             if isinstance(action, Send):

@@ -25,6 +25,7 @@ from protocol.signaling import (
     Error,
     IceCandidate,
     ListDevices,
+    Moving,
     Offer,
     PeerLeft,
     Register,
@@ -344,9 +345,11 @@ async def test_weak_secret_and_busy_port_are_config_errors(server: SignalingServ
         await SignalingServer(SECRET, port=server.port).start()
 
 
-async def _run_until_ready() -> tuple[asyncio.Task[None], str]:
+async def _run_until_ready(drain_timeout: float = 10.0) -> tuple[asyncio.Task[None], str]:
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(run_server(SECRET, "127.0.0.1", 0, on_ready=ready.set_result))
+    task = asyncio.create_task(
+        run_server(SECRET, "127.0.0.1", 0, on_ready=ready.set_result, drain_timeout=drain_timeout)
+    )
     return task, await asyncio.wait_for(ready, TIMEOUT)
 
 
@@ -368,9 +371,59 @@ async def test_run_server_until_sigterm() -> None:
     ws = await open_ws(f"{url}?token={token('alice', 'client')}")
     assert await recv(ws) == Welcome("alice", "client")
     os.kill(os.getpid(), signal.SIGTERM)
+    # Drain (PROTOCOL.md §1.8): told to move; the server exits once it has.
+    assert await recv(ws) == Moving("node draining")
+    with pytest.raises(OSError):
+        await open_ws(f"{url}?token={token('bob', 'client')}")  # no longer accepting
+    assert not task.done()
+    await ws.close()
     await asyncio.wait_for(task, TIMEOUT)  # returns normally
-    assert (await closed(ws))[0] == 1001
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+async def test_a_drain_closes_who_did_not_move_after_its_timeout() -> None:
+    task, url = await _run_until_ready(drain_timeout=0.2)
+    ws = await open_ws(f"{url}?token={token('alice', 'client')}")
+    assert await recv(ws) == Welcome("alice", "client")
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert await recv(ws) == Moving("node draining")
+    await asyncio.wait_for(task, TIMEOUT)
+    assert (await closed(ws))[0] == 1001
+
+
+async def test_a_link_moves_to_its_next_url_when_told() -> None:
+    """Several URLs: the first that answers; ``moving`` goes to the next at once."""
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+    dead_url = f"ws://127.0.0.1:{dead.getsockname()[1]}/signal"
+    try:
+        async with (
+            SignalingServer(SECRET, port=0) as first,
+            SignalingServer(SECRET, port=0) as second,
+        ):
+            states: asyncio.Queue[LinkState] = asyncio.Queue()
+            link = SignalingLink(
+                [dead_url, first.url, second.url],
+                token("dev1", "device"),
+                lambda message: None,
+                device="dev1",
+                on_state=states.put_nowait,
+            )
+            link.start()
+            try:
+                await link.wait_up(TIMEOUT)
+                assert link.url == first.url and first.stats()["devices_online"] == 1
+                while not states.empty():
+                    states.get_nowait()
+                await first.drain(TIMEOUT)  # returns once the link has left
+                async with asyncio.timeout(TIMEOUT):
+                    while await states.get() is not LinkState.UP:
+                        pass
+                assert link.url == second.url and second.stats()["devices_online"] == 1
+            finally:
+                await link.close()
+    finally:
+        dead.close()
 
 
 def test_the_client_ends_errors_have_a_root_of_their_own() -> None:

@@ -74,6 +74,28 @@ def test_config_error_is_path_colon_message() -> None:
 # --- valid files --------------------------------------------------------------
 
 
+def test_signal_may_list_several_urls_tried_in_order(tmp_path: Path) -> None:
+    text = 'signal = ["ws://a.example:8000/signal", "wss://b.example/signal"]\n' + DEVICE
+    config = load(tmp_path, text)
+    assert config.signal_urls == ("ws://a.example:8000/signal", "wss://b.example/signal")
+    assert config.signal_url == "ws://a.example:8000/signal"
+    assert load(tmp_path, MINIMAL).signal_urls == ("ws://127.0.0.1:8000/signal",)
+    bad = 'signal = ["ws://a.example/signal", "http://b.example/signal"]\n' + DEVICE
+    assert failure(tmp_path, bad).path == "signal[1]"
+    assert failure(tmp_path, "signal = []\n" + DEVICE).path == "signal"
+    assert failure(tmp_path, "signal = [1]\n" + DEVICE).path == "signal[0]"
+
+
+def test_start_flags_take_several_signal_urls() -> None:
+    config = config_from_flags(
+        signal_url=("ws://a.example/signal", "ws://b.example/signal"),
+        device="laptop",
+        token="device-token",
+        exposes=["web=http://127.0.0.1:8080"],
+    )
+    assert config.signal_urls == ("ws://a.example/signal", "ws://b.example/signal")
+
+
 def test_minimal_file_gets_the_defaults(tmp_path: Path) -> None:
     config = load(tmp_path, MINIMAL)
     assert config.signal_url == "ws://127.0.0.1:8000/signal"

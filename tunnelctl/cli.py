@@ -310,6 +310,21 @@ def load_secret_or_fail(secret_file: str | None) -> str:
     type=click.FloatRange(0.1, 300),
     help="Seconds from accept to authenticated, handshake included.",
 )
+@click.option(
+    "--redis",
+    "redis_url",
+    metavar="URL",
+    help="Run as one node of a cluster sharing presence through Redis, "
+    "redis://HOST:PORT/DB (PROTOCOL.md §1.8). Default: alone, in memory.",
+)
+@click.option("--node-id", metavar="ID", help="This node's name in the cluster (default: random).")
+@click.option(
+    "--drain-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0, 3600),
+    help="On SIGTERM, seconds to wait for connections to move to another node.",
+)
 @metrics_option
 def signal_cmd(
     host: str,
@@ -323,9 +338,14 @@ def signal_cmd(
     max_per_identity: int,
     auth_timeout: float,
     revoked_file: str | None,
+    redis_url: str | None,
+    node_id: str | None,
+    drain_timeout: float,
     metrics: tuple[str, int] | None,
 ) -> None:
     """Run the signaling server (ws://HOST:PORT/signal)."""
+    from protocol.signaling import is_valid_id
+    from signaling.cluster import RedisCluster, new_node_id
     from signaling.errors import ServerConfigError
     from signaling.server import ConnectionCaps, run_server
     from signaling.turn import IceIssuer, load_turn_secret
@@ -341,7 +361,15 @@ def signal_cmd(
         except ServerConfigError as exc:
             raise click.UsageError(str(exc)) from None
 
+    if node_id is not None and not is_valid_id(node_id):
+        raise click.UsageError(f"--node-id: {node_id!r} is not a valid id ([A-Za-z0-9._-])")
+    if node_id is not None and redis_url is None:
+        raise click.UsageError("--node-id needs --redis")
+
     async def serve() -> int:
+        cluster = None
+        if redis_url is not None:
+            cluster = RedisCluster(redis_url, node_id or new_node_id())
         try:
             await run_server(
                 secret,
@@ -352,6 +380,8 @@ def signal_cmd(
                 caps=caps,
                 auth_timeout=auth_timeout,
                 revoked=revoked_file,
+                cluster=cluster,
+                drain_timeout=drain_timeout,
                 metrics=metrics,
                 on_metrics=lambda url: ready(f"metrics {url}"),
             )
@@ -422,9 +452,11 @@ EXIT_NOT_RUNNING = 3
     "--signal",
     "signal_url",
     metavar="URL",
+    multiple=True,
     envvar="TUNNEL_SIGNAL",
     show_envvar=True,
-    help="Signaling server, e.g. ws://127.0.0.1:8000/signal (single-device mode).",
+    help="Signaling server, e.g. ws://127.0.0.1:8000/signal (single-device mode); "
+    "repeatable: the first that answers is used, in order.",
 )
 @click.option(
     "--device", metavar="ID", help="This device's id, the token's sub (single-device mode)."
@@ -453,7 +485,7 @@ EXIT_NOT_RUNNING = 3
 @metrics_option
 def start(
     config_path: str | None,
-    signal_url: str | None,
+    signal_url: tuple[str, ...],
     device: str | None,
     token: str | None,
     token_file: str | None,
@@ -498,7 +530,7 @@ def start(
         ]
         if missing:
             raise click.UsageError(f"missing {', '.join(missing)} (or use --config FILE)")
-        assert signal_url is not None and device is not None
+        assert device is not None
         hosts = [h.strip() for spec in ice_hosts for h in spec.split(",") if h.strip()]
         try:
             ice = [IceServer(url) for url in stun_urls]

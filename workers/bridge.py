@@ -9,6 +9,8 @@ serves one session's DataChannel:
   unknown name is reset with ``UNKNOWN_SERVICE`` (never an open proxy).
 * **client side**: :meth:`TunnelBridge.attach` turns an accepted local TCP
   connection into a stream to a named service.
+* HTTP streams (PROTOCOL.md §2.8), on either side, are :attr:`TunnelBridge.http`'s
+  (:mod:`workers.http_streams`); the bridge routes their events there.
 
 Backpressure, end to end, so no buffer grows without bound:
 
@@ -46,12 +48,14 @@ from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.frames import ResetCode
 from protocol.mux import (
     DataReceived,
+    HttpStreamOpened,
     Multiplexer,
     Role,
     StreamEnded,
     StreamOpened,
     StreamReset,
 )
+from workers.http_streams import HttpStreams, Upstream
 
 log = logging.getLogger("tunnelctl.bridge")
 
@@ -141,6 +145,14 @@ class TunnelBridge:
         self._draining = False
         self._drained = asyncio.Event()  # draining, no stream left, nothing queued
         self._closed = asyncio.get_running_loop().create_future()
+        self.http = HttpStreams(
+            self.mux,
+            self._flush,
+            admit=self._admit_http,
+            open_connection=lambda up: open_connection(ServiceAddress(up.host, up.port)),
+            stats=self._service_stats,
+            label=label,
+        )
         channel.bufferedAmountLowThreshold = CHANNEL_LOW
         channel.on("message", self._on_message)
         channel.on("bufferedamountlow", self._flush)
@@ -153,6 +165,7 @@ class TunnelBridge:
         self._services = dict(services)
         self._accepts_streams = True
         self._label = label or self._label
+        self.http.label = self._label
 
     @property
     def stats(self) -> BridgeStats:
@@ -168,9 +181,15 @@ class TunnelBridge:
         """Figures by service, for each service a stream was opened to."""
         return self._by_service
 
+    def _service_stats(self, service: str) -> BridgeStats:
+        figures = self._by_service.get(service)
+        if figures is None:
+            figures = self._by_service[service] = BridgeStats()
+        return figures
+
     @property
     def stream_count(self) -> int:
-        return len(self._streams)
+        return len(self._streams) + len(self.http)
 
     @property
     def is_closed(self) -> bool:
@@ -226,8 +245,12 @@ class TunnelBridge:
         except RemoteProtocolError as exc:
             self._session_error(str(exc))
             return
+        http = self.http
+        exchanges = http.exchanges
         for event in self.mux.events():
-            if isinstance(event, DataReceived):
+            if (exchanges and event.stream_id in exchanges) or isinstance(event, HttpStreamOpened):
+                http.on_event(event)
+            elif isinstance(event, DataReceived):
                 self._on_data(event.stream_id, event.data)
             elif isinstance(event, StreamOpened):
                 self._on_open(event.stream_id, event.service)
@@ -238,10 +261,27 @@ class TunnelBridge:
         self._flush()
 
     def _on_open(self, stream_id: int, service: str) -> None:
+        address = self._admit(stream_id, service)
+        if address is None:
+            return
+        stream = _Stream(stream_id, service)
+        self._add(stream)
+        self._spawn(stream, self._connect(stream, address))
+
+    def _admit_http(self, stream_id: int, service: str) -> Upstream | None:
+        address = self._admit(stream_id, service)
+        if address is None:
+            return None
+        self._service_stats(service).streams_opened += 1
+        return Upstream(address.host, address.port)
+
+    def _admit(self, stream_id: int, service: str) -> ServiceAddress | None:
+        """The address a stream the peer opened may reach; ``None`` once it is reset
+        (shutting down, a service that is not exposed, a side that takes no streams)."""
         if self._draining:
             self._refused.streams_refused += 1
             self.mux.reset_stream(stream_id, ResetCode.REFUSED, "device is shutting down")
-            return
+            return None
         address = self._services.get(service)
         if address is None:
             self._refused.streams_refused += 1
@@ -257,10 +297,7 @@ class TunnelBridge:
                 )
             else:
                 self.mux.reset_stream(stream_id, ResetCode.REFUSED, "this side accepts no streams")
-            return
-        stream = _Stream(stream_id, service)
-        self._add(stream)
-        self._spawn(stream, self._connect(stream, address))
+        return address
 
     async def _connect(self, stream: _Stream, address: ServiceAddress) -> None:
         try:
@@ -395,6 +432,8 @@ class TunnelBridge:
                 and self.mux.pending_bytes(stream.stream_id) <= STREAM_SEND_HIGH
             ):
                 stream.writable.set()
+        if self.http.exchanges:
+            self.http.on_flushed()
         self._check_drained()
 
     # -- endings ------------------------------------------------------------
@@ -427,7 +466,7 @@ class TunnelBridge:
 
     def _add(self, stream: _Stream) -> None:
         self._streams[stream.stream_id] = stream
-        stream.stats = self._by_service.setdefault(stream.service, BridgeStats())
+        stream.stats = self._service_stats(stream.service)
         stream.stats.streams_opened += 1
 
     def _forget(self, stream: _Stream) -> None:
@@ -453,6 +492,7 @@ class TunnelBridge:
         self._closed.set_result(reason)
         for stream in list(self._streams.values()):
             self._kill(stream)
+        self.http.close(reason)
 
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)

@@ -9,7 +9,8 @@
     ├── SessionFailed           one peer session could not be set up or broke
     │   ├── DeviceOffline       the device is not registered with the signaling server
     │   └── DeviceBusy          the server refused the request for now (too_many_sessions)
-    └── ServiceNotExposed       the device does not expose the service a forward names
+    ├── ServiceNotExposed       the device does not expose the service a forward names
+    └── HttpStreamReset         an HTTP stream (PROTOCOL.md §2.8) was reset; carries the code
 
 The signaling link's own failures are :class:`signaling.errors.LinkRejected`
 (refused for good) and :class:`signaling.errors.LinkDown`.
@@ -44,3 +45,17 @@ class DeviceBusy(SessionFailed):
 
 class ServiceNotExposed(TunnelError):
     """The device does not expose the service this forward names."""
+
+
+class HttpStreamReset(TunnelError):
+    """An HTTP stream ended with RESET ``code`` (PROTOCOL.md §2.2/§2.8) before its end.
+
+    ``remote`` is true when the device sent it, false when this side reset the
+    stream (its own cancel, or the device broke the protocol on it).
+    """
+
+    def __init__(self, code: int, reason: str, *, remote: bool) -> None:
+        super().__init__(f"HTTP stream reset ({code}): {reason}")
+        self.code = code
+        self.reason = reason
+        self.remote = remote

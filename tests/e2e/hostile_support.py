@@ -45,6 +45,7 @@ from protocol.frames import (
     Fin,
     Frame,
     Open,
+    OpenHttp,
     Reset,
     ResetCode,
     Window,
@@ -431,7 +432,7 @@ class HostileClient:
         """One DataChannel message, as is (binary for bytes, text for str)."""
         assert self.channel is not None
         for frame in _frames_we_can_parse(message):
-            if isinstance(frame, Open):
+            if isinstance(frame, Open | OpenHttp):
                 self._credit[frame.stream_id] = INITIAL_WINDOW
                 self._received[frame.stream_id] = 0
             elif isinstance(frame, Window) and frame.stream_id in self._credit:
