@@ -270,7 +270,8 @@ class SignalingLink:
                         f"cannot reach the signaling server at {self.url}: {_describe(exc)}"
                     )
                     break
-                log.info("signaling link to %s lost: %s", self.url, _describe(exc))
+                if not self._closing:  # our own close() is no loss
+                    log.info("signaling link to %s lost: %s", self.url, _describe(exc))
             except InvalidURI as exc:
                 self._failure = LinkRejected(f"bad signaling URL {self.url!r}: {exc}")
                 break

@@ -1,6 +1,7 @@
 """The signaling server: a thin websockets adapter around :class:`~signaling.router.Router`.
 
-Speaks PROTOCOL.md §1 over WebSocket (RFC 6455) at ``ws://HOST:PORT/signal``.
+Speaks PROTOCOL.md §1 over WebSocket (RFC 6455) at ``ws://HOST:PORT/signal``;
+plain HTTP requests on the same port get the browser client (:mod:`signaling.web`).
 This module does only I/O: HTTP path check, authentication (§1.2, via
 :mod:`signaling.auth`), and carrying out the router's actions. All routing
 rules live in the router.
@@ -99,6 +100,7 @@ from protocol.signaling import (
     decode_signaling,
     encode_signaling,
 )
+from signaling import web
 from signaling.auth import LEEWAY, Identity, check_secret, verify_token
 from signaling.cluster import RedisCluster
 from signaling.errors import AuthError, ServerConfigError, UsageError
@@ -514,6 +516,8 @@ class SignalingServer:
 
     def _check_path(self, ws: ServerConnection, request: Request) -> Response | None:
         if urlsplit(request.path).path != SIGNAL_PATH:
+            if request.headers.get("Upgrade", "").lower() != "websocket":
+                return web.respond(request)  # the browser client's pages (signaling/web.py)
             return ws.respond(http.HTTPStatus.NOT_FOUND, f"Not Found: use {SIGNAL_PATH}\n")
         return None
 

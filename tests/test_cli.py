@@ -199,7 +199,7 @@ def test_usage_errors_exit_2_with_a_clear_message(
 def test_every_verb_has_help(runner: CliRunner) -> None:
     result = runner.invoke(cli, ["--help"])
     assert result.exit_code == 0
-    for verb in ("signal", "token", "start", "connect", "demo"):
+    for verb in ("signal", "token", "start", "connect", "devices", "demo"):
         assert verb in result.output
         sub = runner.invoke(cli, [verb, "--help"])
         assert sub.exit_code == 0

@@ -21,7 +21,7 @@ FORBIDDEN = {
 }
 #: The client end of signaling is shared by the device side (supervisor) and the
 #: client side (workers); the server is imported by neither.
-SHARED_CLIENT_END = frozenset({"signaling.link", "signaling.errors"})
+SHARED_CLIENT_END = frozenset({"signaling.link", "signaling.errors", "signaling.discovery"})
 
 
 def imported_roots(path: Path, allowed: frozenset[str] = frozenset()) -> set[str]:

@@ -1,3 +1,3 @@
-from tunnelctl.cli import main
+from tunnelctl.entry import main
 
 main()

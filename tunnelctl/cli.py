@@ -1,7 +1,8 @@
 """The ``tunnelctl`` command line: the composition root of the other packages.
 
 Contract for scripts: errors are one line on stderr (``tunnelctl: error: ...``)
-and a non-zero exit: 2 for usage errors, 1 for everything else. Long-running
+and a non-zero exit: 2 for usage errors (bad flags or config, every verb), 1 for
+everything else, 3 for ``status`` when nothing runs. Long-running
 verbs print one readiness line on stdout (``listening ...``, ``registered ...``,
 ``forwarding ...``) once they serve; logs go to stderr.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -83,7 +85,35 @@ def run_until_signal(main_coro: Callable[[], Coroutine[Any, Any, int]]) -> int:
 # -- the command group --------------------------------------------------------
 
 
-@click.group(context_settings=CONTEXT_SETTINGS)
+class OneLineErrors(click.Group):
+    """A group whose usage errors are the one line of every other error (exit 2)."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "tunnelctl"
+            error_line(f"{exc.format_message().rstrip('.')} (see: {where} --help)")
+            sys.exit(2)
+        except click.ClickException as exc:
+            error_line(exc.format_message())
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            error_line("aborted")
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings=CONTEXT_SETTINGS)
 @click.option("-v", "--verbose", count=True, help="Debug logs (-vv: also aiortc/aioice).")
 @click.version_option(package_name="tunnelctl")
 def cli(verbose: int) -> None:
@@ -650,9 +680,20 @@ def control_request(
 @click.option(
     "--json", "as_json", is_flag=True, help="Machine-readable output (README: Supervisor JSON)."
 )
+@click.option(
+    "--client",
+    "of_clients",
+    is_flag=True,
+    help="Show the running `connect` clients instead: sessions, forwards, path, bytes.",
+)
 @runtime_dir_option
-def status(as_json: bool, runtime_dir: str | None) -> None:
-    """Show the supervisor: devices, signaling links, worker pool. Exit 3 if it is not running."""
+def status(as_json: bool, of_clients: bool, runtime_dir: str | None) -> None:
+    """Show the supervisor: devices, signaling links, worker pool. Exit 3 if it is not running.
+
+    With --client: every running `tunnelctl connect` of this user (exit 3 if none).
+    """
+    if of_clients:
+        sys.exit(client_status(runtime_dir, as_json))
     result = control_request(runtime_dir, "status")
     assert isinstance(result, dict)
     if as_json:
@@ -700,6 +741,34 @@ def sessions(as_json: bool, runtime_dir: str | None) -> None:
         )
 
 
+def client_status(runtime_dir: str | None, as_json: bool) -> int:
+    from workers.handoff import statuses
+
+    where = clients_dir(runtime_dir)
+    results = [reply.result for _, reply in statuses(where) if reply.ok]
+    if as_json:
+        click.echo(json.dumps(results, indent=2, sort_keys=True))
+    for client in [] if as_json else results:
+        click.echo(
+            f"client pid {client['pid']}, up {client['uptime_s']:.0f} s, "
+            f"signal {' '.join(client['signal'])}"
+        )
+        for d in client["devices"]:
+            click.echo(
+                f"  device {d['device']}: {d['state']}, {_path_text(d)}, "
+                f"session {d['session'] or '-'}, in {d['bytes_in']} B, out {d['bytes_out']} B, "
+                f"{d['streams']} stream(s), {d['reconnects']} reconnect(s)"
+                + (f", error: {d['error']}" if d["error"] else "")
+            )
+            for f in d["forwards"]:
+                click.echo(f"    forward {f['listen']} -> {d['device']}/{f['service']}")
+    if not results:
+        if not as_json:
+            error_line(f"no tunnelctl connect running (nothing answers in {where})")
+        return EXIT_NOT_RUNNING
+    return 0
+
+
 def _path_text(row: dict[str, Any]) -> str:
     """``relay (srflx/relay, udp)``, ``direct (host/host)`` or ``-``."""
     if not row.get("path"):
@@ -744,27 +813,103 @@ def stop(drain_timeout: float | None, runtime_dir: str | None) -> None:
     click.echo("stopped")
 
 
+#: The client's control sockets live here, under the runtime directory.
+CLIENTS_DIR = "clients"
+
+
+def clients_dir(runtime_dir: str | None) -> Path:
+    return resolve_runtime_dir(runtime_dir) / CLIENTS_DIR
+
+
+def token_role(token: str) -> str | None:
+    """The ``role`` claim of a JWT, read without verifying it (only to word errors)."""
+    import base64
+
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return None
+    role = claims.get("role") if isinstance(claims, dict) else None
+    return role if isinstance(role, str) else None
+
+
+def require_client_token(token: str) -> None:
+    if token_role(token) == "device":
+        raise click.UsageError(
+            "this token is a device token (for `tunnelctl start`); connect needs a client "
+            "token: tunnelctl token --role client --sub NAME --device ID"
+        )
+
+
 @cli.command(context_settings=CONTEXT_SETTINGS)
-@signal_option
-@click.option("--device", required=True, metavar="ID", help="Device to reach.")
+@click.option(
+    "--config", "config_path", metavar="FILE", help="Client TOML config (several devices)."
+)
+@click.option(
+    "--signal",
+    "signal_urls",
+    multiple=True,
+    metavar="URL",
+    envvar="TUNNEL_SIGNAL",
+    show_envvar=True,
+    help="Signaling server, e.g. wss://signal.example.net/signal (repeatable).",
+)
+@click.option(
+    "--device", metavar="ID", envvar="TUNNEL_DEVICE", show_envvar=True, help="Device to reach."
+)
 @token_options
-@click.option("--service", required=True, metavar="NAME", help="Service on the device.")
+@click.option(
+    "--forward",
+    "forwards",
+    multiple=True,
+    metavar="NAME=HOST:PORT",
+    help="Forward local HOST:PORT to service NAME on the device (repeatable; one session "
+    "carries them all), e.g. ssh=127.0.0.1:2222.",
+)
+@click.option(
+    "--service",
+    "services",
+    multiple=True,
+    metavar="NAME",
+    help="Service on the device, forwarded from --listen, or carried on stdin/stdout "
+    "with --stdio. Once.",
+)
 @click.option(
     "--listen",
-    default="127.0.0.1:0",
-    show_default=True,
     metavar="HOST:PORT",
-    help="Local address to forward from (port 0 picks a free one).",
+    help="Local address for --service [default: 127.0.0.1:0, a free port].",
 )
+@click.option(
+    "--stdio",
+    is_flag=True,
+    help="Carry one stream to --service on stdin/stdout (ssh ProxyCommand); uses a running "
+    "client's session for the device when there is one.",
+)
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    is_flag=False,
+    flag_value=math.inf,
+    default=None,
+    metavar="[SECONDS]",
+    help="Wait for an offline device (for ever, or SECONDS) instead of exiting 1.",
+)
+@runtime_dir_option
 @ice_options
 @keepalive_option
 def connect(
-    signal_url: str,
-    device: str,
+    config_path: str | None,
+    signal_urls: tuple[str, ...],
+    device: str | None,
     token: str | None,
     token_file: str | None,
-    service: str,
-    listen: str,
+    forwards: tuple[str, ...],
+    services: tuple[str, ...],
+    listen: str | None,
+    stdio: bool,
+    wait: float | None,
+    runtime_dir: str | None,
     stun_urls: tuple[str, ...],
     turn_urls: tuple[str, ...],
     turn_user: str | None,
@@ -773,54 +918,202 @@ def connect(
     keepalive: float | None,
     ice_policy: str | None,
 ) -> None:
-    """Forward a local TCP port to SERVICE on DEVICE (like ssh -L)."""
-    from protocol.frames import is_valid_service_name
-    from protocol.ice import DEFAULT_KEEPALIVE
+    """Forward local TCP ports to services on devices (like ssh -L), or one stream on stdio.
+
+    \b
+    Exit codes: 0 stopped by SIGINT/SIGTERM (or the --stdio stream ended cleanly);
+    1 a failure (signaling server unreachable or refusing, device offline without
+    --wait, unknown service, a busy port, the session lost for good); 2 usage error.
+    """
+    if len(services) > 1:
+        raise click.UsageError(
+            "--service given more than once; forward several services with "
+            "--forward NAME=HOST:PORT (repeatable)"
+        )
+    service = services[0] if services else None
+    if stdio:
+        if service is None or forwards or listen or config_path:
+            raise click.UsageError(
+                "--stdio carries one --service; no --forward, --listen, --config"
+            )
+        if device is None:
+            raise click.UsageError("--stdio needs --device ID (or TUNNEL_DEVICE)")
+        from tunnelctl.entry import stdio_handoff
+
+        handed_off = stdio_handoff(runtime_dir, device, service)
+        if handed_off is not None:
+            sys.exit(handed_off)
+    from workers.client_config import ClientPlan, DeviceForwards, Forward, forwards_of, parse_listen
+
+    ice = build_ice(stun_urls, turn_urls, turn_user, turn_password, ice_hosts)
+    if config_path:
+        given = [
+            flag
+            for flag, v in (
+                ("--signal", signal_urls),
+                ("--device", device),
+                ("--token/--token-file", token or token_file),
+                ("--forward", forwards),
+                ("--service", service),
+                ("--listen", listen),
+            )
+            if v
+        ]
+        if given:
+            raise click.UsageError(f"give either --config or {', '.join(given)}, not both")
+        plan, jwt_text, file_token = client_plan_from_file(config_path, ice)
+    else:
+        if device is None:
+            raise click.UsageError("missing --device ID (or TUNNEL_DEVICE, or --config FILE)")
+        if listen and service is None:
+            raise click.UsageError("--listen goes with --service NAME")
+        if not (forwards or service):
+            raise click.UsageError(
+                "nothing to forward: give --forward NAME=HOST:PORT, --service NAME "
+                "[--listen HOST:PORT] or --service NAME --stdio"
+            )
+        jwt_text = resolve_token(token, token_file)
+        file_token = Path(token_file) if token_file else None
+        try:
+            fwds = forwards_of(forwards)
+            if service is not None and not stdio:
+                fwds += (Forward(service, *parse_listen(listen or "127.0.0.1:0")),)
+            plan = ClientPlan(
+                signal_urls=signal_urls,
+                devices=(DeviceForwards(device, fwds),),
+                ice_servers=tuple(ice),
+            )
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+    require_client_token(jwt_text)
+    import dataclasses
+
+    plan = dataclasses.replace(
+        plan,
+        wait=wait,
+        keepalive=plan.keepalive if keepalive is None else keepalive,
+        ice_policy="relay" if (ice_policy or plan.ice_policy) == "relay" else "all",
+    )
     from signaling.link import TokenSource, token_file_source
-    from workers.client import ClientTunnel, PortForward
+
+    jwt: str | TokenSource = jwt_text
+    if file_token is not None:  # re-read when the link reconnects: a refreshed token
+        jwt = token_file_source(file_token, jwt_text)
+    if stdio:
+        assert service is not None
+        if not verbose_logging():
+            logging.getLogger("tunnelctl").setLevel(logging.WARNING)  # stderr is the user's ssh
+        sys.exit(run_until_signal(lambda: stdio_session(plan, jwt, service)))
+    control = client_control_path(runtime_dir)
+    sys.exit(run_until_signal(lambda: serve_client(plan, jwt, control)))
+
+
+def client_plan_from_file(path: str, ice: list[Any]) -> tuple[Any, str, Path | None]:
+    from supervisor.errors import ConfigError
+    from tunnelctl.client_config import load_client_config
+    from workers.ice import parse_networks, restrict_host_addresses
+
+    try:
+        loaded = load_client_config(path, os.environ, ice_servers=tuple(ice))
+        if loaded.ice_hosts:
+            restrict_host_addresses(parse_networks(list(loaded.ice_hosts)))
+    except ConfigError as exc:
+        raise click.UsageError(f"{path}: {exc}" if exc.path else str(exc)) from None
+    except ValueError as exc:
+        raise click.UsageError(f"{path}: ice_hosts: {exc}") from None
+    return loaded.plan, loaded.token, loaded.token_file
+
+
+def verbose_logging() -> bool:
+    return logging.getLogger("tunnelctl").level <= logging.DEBUG
+
+
+def client_control_path(runtime_dir: str | None) -> Path | None:
+    """Where this client's control endpoint listens (None, with a warning, if it cannot)."""
+    from supervisor.errors import SupervisorError
+    from supervisor.runtime import prepare_runtime_dir
+    from workers.handoff import endpoint_path
+
+    try:
+        where = prepare_runtime_dir(clients_dir(runtime_dir))
+    except SupervisorError as exc:
+        raise click.UsageError(str(exc)) from None
+    return endpoint_path(where, os.getpid())
+
+
+async def serve_client(plan: Any, jwt: Any, control: Path | None) -> int:
+    from workers.client_app import ClientApp
     from workers.errors import TunnelError
 
-    jwt: str | TokenSource = resolve_token(token, token_file)
-    if token_file:  # re-read when the link reconnects: a refreshed token
-        jwt = token_file_source(token_file, resolve_token(token, token_file))
-    if not is_valid_service_name(service):
-        raise click.UsageError(f"bad service name {service!r}")
-    listen_host, sep, port_text = listen.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise click.UsageError(f"bad --listen {listen!r}: expected HOST:PORT")
-    listen_host = listen_host.strip("[]") or "127.0.0.1"
-    ice = build_ice(stun_urls, turn_urls, turn_user, turn_password, ice_hosts)
+    app = ClientApp(plan, jwt, control_path=control, on_ready=ready)
+    try:
+        return error_line(str(await app.run()))
+    except TunnelError as exc:
+        return error_line(str(exc))
+    finally:
+        await app.close()
 
-    async def serve() -> int:
-        tunnel = ClientTunnel(
-            signal_url=signal_url,
-            device=device,
-            token=jwt,
-            ice_servers=ice,
-            keepalive=DEFAULT_KEEPALIVE if keepalive is None else keepalive,
-            ice_policy="relay" if ice_policy == "relay" else "all",
-        )
-        forward = PortForward(tunnel, service, listen_host, int(port_text))
+
+async def stdio_session(plan: Any, jwt: Any, service: str) -> int:
+    from workers.client_app import ClientApp
+    from workers.errors import TunnelError
+
+    app = ClientApp(plan, jwt, on_ready=lambda line: log.debug("%s", line))
+    try:
+        return await app.serve_stdio(service)
+    except TunnelError as exc:
+        return error_line(str(exc))
+    finally:
+        await app.close()
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--signal",
+    "signal_urls",
+    multiple=True,
+    required=True,
+    metavar="URL",
+    envvar="TUNNEL_SIGNAL",
+    show_envvar=True,
+    help="Signaling server, e.g. wss://signal.example.net/signal (repeatable).",
+)
+@token_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def devices(
+    signal_urls: tuple[str, ...], token: str | None, token_file: str | None, as_json: bool
+) -> None:
+    """List the devices your client token may reach, online or not, and their services."""
+    from protocol.signaling import DeviceInfo
+    from signaling.discovery import DeviceQuery, list_devices
+    from signaling.errors import LinkDown, LinkRejected
+    from signaling.link import SignalingLink
+
+    jwt = resolve_token(token, token_file)
+    require_client_token(jwt)
+
+    async def query() -> tuple[DeviceInfo, ...] | str:
+        answer = DeviceQuery()
+        link = SignalingLink(signal_urls, jwt, answer.take, fail_fast=True)
+        link.start()
         try:
-            await tunnel.open()
-            host, port = await forward.start()
-            opened = (tunnel.open_seconds or 0) * 1000
-            path = tunnel.peer.nominated_path() if tunnel.peer else None
-            ready(
-                f"forwarding {host}:{port} -> {device}/{service} "
-                f"(DataChannel open in {opened:.0f} ms, {path or 'unknown path'})"
-            )
-            tunnel.keep_alive()
-            return error_line(str(await tunnel.wait_fatal()))
-        except TunnelError as exc:
-            return error_line(str(exc))
-        except OSError as exc:
-            return error_line(f"cannot listen on {listen}: {exc.strerror or exc}")
+            await link.wait_up(30.0)
+            return await list_devices(link, answer)
+        except (LinkDown, LinkRejected) as exc:
+            return str(exc)
         finally:
-            await forward.close()
-            await tunnel.close()
+            await link.close()
 
-    sys.exit(run_until_signal(serve))
+    found = asyncio.run(query())
+    if isinstance(found, str):
+        sys.exit(error_line(found))
+    if as_json:
+        click.echo(json.dumps([info.to_wire() for info in found], indent=2, sort_keys=True))
+        return
+    click.echo(f"{'DEVICE':<24} {'STATE':<8} SERVICES")
+    for info in found:
+        state = "online" if info.online else "offline"
+        click.echo(f"{info.device:<24} {state:<8} {', '.join(info.services) or '-'}")
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)

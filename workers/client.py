@@ -1,12 +1,15 @@
-"""The client side: ``tunnelctl connect``, a local port forward through a tunnel.
+"""The client side of one device: its session, and port forwards through it.
 
 :class:`ClientTunnel` keeps one peer session with a device: it asks the
 signaling server for a session, answers the device's offer, and wraps the
 DataChannel in a :class:`TunnelBridge`. When the session is lost (the device
 restarted, the path broke) it is re-established with capped, jittered backoff.
+Before that, :meth:`ClientTunnel.list_devices` asks what the token may reach
+(PROTOCOL.md §1.3). A ``tunnelctl connect`` process is :mod:`workers.client_app`.
 
 :class:`PortForward` listens on a local TCP port (like ``ssh -L``) and carries
-each accepted connection to the device's service on a stream of its own.
+each accepted connection to the device's service on a stream of its own
+(:func:`carry`, which also carries streams handed over by ``connect --stdio``).
 
 Failures that retrying cannot fix end the forward with one clear reason
 (:attr:`ClientTunnel.fatal`): a refused token, a device the token does not grant,
@@ -33,6 +36,7 @@ from protocol.mux import Role
 from protocol.signaling import (
     MAX_REASON_LEN,
     Candidate,
+    DeviceInfo,
     Error,
     IceServers,
     Offer,
@@ -42,6 +46,7 @@ from protocol.signaling import (
     SignalingMessage,
     new_session_id,
 )
+from signaling.discovery import DeviceQuery, list_devices
 from signaling.errors import LinkDown, LinkRejected
 from signaling.link import LinkState, SignalingLink, TokenSource
 from workers.bridge import TunnelBridge, abort_connection
@@ -97,7 +102,7 @@ class ClientTunnel:
     def __init__(
         self,
         *,
-        signal_url: str,
+        signal_url: str | Sequence[str],
         device: str,
         token: str | TokenSource,
         ice_servers: Sequence[IceServer] = (),
@@ -110,11 +115,17 @@ class ClientTunnel:
         self.keepalive = keepalive
         # From the signaling server (fresh TURN credentials), used after ours.
         self.issued_ice_servers: tuple[IceServer, ...] = ()
-        self.link = SignalingLink(signal_url, token, self._on_signal, fail_fast=True)
+        self.signal_urls = (signal_url,) if isinstance(signal_url, str) else tuple(signal_url)
+        self.link = self._make_link(token)
         self.bridge: TunnelBridge | None = None
         self.peer: PeerSession | None = None
         self.fatal: TunnelError | None = None
         self.open_seconds: float | None = None
+        #: Sessions re-established after a loss (the first one is not counted).
+        self.reconnects = 0
+        #: Bytes carried by the sessions that ended (the current one's are its bridge's).
+        self.ended_bytes_in = 0
+        self.ended_bytes_out = 0
         self._first_open: float | None = None
         self._attempts: dict[str, _Attempt] = {}
         self._ready = asyncio.Event()
@@ -124,19 +135,48 @@ class ClientTunnel:
         self._tasks = TaskSet(log)
         self._ended_by_device: str | None = None  # no session_end back for those
         self._link_probe: asyncio.Task[bool] | None = None
+        self._link_started = False
+        self._discovery = DeviceQuery()
+        #: Services whose refusal as unknown ends this client (its forwards'); a
+        #: refused handed-off stream ends only that stream. ``None``: every service.
+        self.essential_services: frozenset[str] | None = None
 
-    async def open(self, timeout: float = OPEN_TIMEOUT) -> None:
-        """Establish the first session; raise on any failure (nothing is retried)."""
+    def _make_link(self, token: str | TokenSource) -> SignalingLink:
+        # The link tries the URLs in order and fails over between them.
+        return SignalingLink(self.signal_urls, token, self._on_signal, fail_fast=True)
+
+    async def start_link(self, timeout: float = OPEN_TIMEOUT) -> None:
+        """Connect to the signaling server (once); raise if it refuses or cannot be reached."""
+        if self._link_started:
+            await self._wait_link(self.link.wait_up(timeout))
+            return
+        self._link_started = True
         self.link.start()
         # OpenSSL's first-use costs, paid while the WebSocket handshake is in flight.
         warming = asyncio.ensure_future(asyncio.to_thread(warm_up_crypto))
+        await self._wait_link(self.link.wait_up(timeout))
+        await warming
+
+    async def _wait_link(self, up: Coroutine[Any, Any, None]) -> None:
         try:
-            await self.link.wait_up(timeout)
-            await warming
+            await up
         except LinkRejected as exc:
             raise SignalingRejected(str(exc)) from None
         except LinkDown as exc:
             raise SessionFailed(str(exc)) from None
+
+    async def list_devices(self) -> tuple[DeviceInfo, ...]:
+        """The devices the token grants, online or not, with their services (link up)."""
+        try:
+            return await list_devices(self.link, self._discovery)
+        except LinkRejected as exc:
+            raise SignalingRejected(_user_words(str(exc))) from None
+        except LinkDown as exc:
+            raise SessionFailed(str(exc)) from None
+
+    async def open(self, timeout: float = OPEN_TIMEOUT) -> None:
+        """Establish the first session; raise on any failure (nothing is retried)."""
+        await self.start_link(timeout)
         deadline = time.monotonic() + timeout
         busy = Backoff(base=0.2, cap=2.0)
         while True:
@@ -240,6 +280,8 @@ class ClientTunnel:
         self.open_seconds = time.perf_counter() - started
         if self._first_open is None:
             self._first_open = self.open_seconds
+        else:
+            self.reconnects += 1
         self.peer = peer
         self.bridge = TunnelBridge(
             channel, Role.CLIENT, on_refused=self._on_refused, label=f"session {peer.session_id}: "
@@ -351,6 +393,8 @@ class ClientTunnel:
         bridge, self.bridge = self.bridge, None
         self._ready.clear()
         if bridge is not None:
+            self.ended_bytes_in += bridge.stats.bytes_in
+            self.ended_bytes_out += bridge.stats.bytes_out
             bridge.close(reason)
         if peer is not None:
             await self._discard(peer, reason, notify=notify, wait=wait)
@@ -371,7 +415,8 @@ class ClientTunnel:
             self._tasks.spawn(peer.close(), name=f"close session {peer.session_id}")
 
     def _on_refused(self, service: str, code: int, reason: str) -> None:
-        if code == ResetCode.UNKNOWN_SERVICE:
+        essential = self.essential_services
+        if code == ResetCode.UNKNOWN_SERVICE and (essential is None or service in essential):
             self.fail(
                 ServiceNotExposed(f"device {self.device} does not expose service {service!r}")
             )
@@ -384,6 +429,8 @@ class ClientTunnel:
             bridge.close(f"TURN allocation on {url} lost: {reason}")
 
     def _on_signal(self, message: SignalingMessage) -> None:
+        if self._discovery.feed(message):
+            return
         session = getattr(message, "session", None)
         if isinstance(message, IceServers):
             # Sent before welcome, so the first session already has them.
@@ -423,7 +470,7 @@ class ClientTunnel:
         targets = [attempt] if attempt is not None else list(self._attempts.values())
         exc: TunnelError
         if error.code in FATAL_CODES:
-            exc = SignalingRejected(f"signaling server refused: {error.message}")
+            exc = SignalingRejected(_user_words(error.message))
             self.fail(exc)
         elif error.code == "device_offline":
             exc = DeviceOffline(f"device {self.device} is offline")
@@ -456,6 +503,20 @@ def _settle(future: asyncio.Future[None], exc: BaseException) -> None:
         future.exception()  # retrieved: the attempt may be gone already
 
 
+def _user_words(message: str) -> str:
+    """The server's refusal as a user who typed ``connect`` should read it."""
+    if "a device may not send" in message:
+        return (
+            "this token is a device token; connect needs a client token "
+            "(tunnelctl token --role client)"
+        )
+    return (
+        message
+        if message.startswith("signaling server")
+        else f"signaling server refused: {message}"
+    )
+
+
 def _refused_by_server(exc: BaseException) -> bool:
     return isinstance(exc, (DeviceBusy, DeviceOffline, SignalingRejected))
 
@@ -484,16 +545,30 @@ class PortForward:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        bridge = await self.tunnel.current_bridge()
-        if bridge is None:
-            log.warning("no tunnel to %s; resetting a local connection", self.tunnel.device)
-            abort_connection(writer)
-            return
-        try:
-            bridge.attach(self.service, reader, writer)
-        except TunnelError as exc:
-            log.warning("cannot open a stream: %s", exc)
-            abort_connection(writer)
-        except Exception as exc:  # a closed bridge raises LocalProtocolError
-            log.warning("cannot open a stream: %s", exc)
-            abort_connection(writer)
+        await carry(self.tunnel, self.service, reader, writer)
+
+
+async def carry(
+    tunnel: ClientTunnel,
+    service: str,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    """Carry a local connection (a forward's, a handed-off ``--stdio``) to ``service``.
+
+    While the tunnel is being re-established the connection waits up to the
+    keepalive; without a tunnel by then it is reset.
+    """
+    bridge = await tunnel.current_bridge()
+    if bridge is None:
+        log.warning("no tunnel to %s; resetting a local connection", tunnel.device)
+        abort_connection(writer)
+        return
+    try:
+        bridge.attach(service, reader, writer)
+    except TunnelError as exc:
+        log.warning("cannot open a stream: %s", exc)
+        abort_connection(writer)
+    except Exception as exc:  # a closed bridge raises LocalProtocolError
+        log.warning("cannot open a stream: %s", exc)
+        abort_connection(writer)

@@ -10,6 +10,7 @@
     │   ├── DeviceOffline       the device is not registered with the signaling server
     │   └── DeviceBusy          the server refused the request for now (too_many_sessions)
     ├── ServiceNotExposed       the device does not expose the service a forward names
+    ├── ListenFailed            a forward's local address cannot be listened on
     └── HttpStreamReset         an HTTP stream (PROTOCOL.md §2.8) was reset; carries the code
 
 The signaling link's own failures are :class:`signaling.errors.LinkRejected`
@@ -45,6 +46,10 @@ class DeviceBusy(SessionFailed):
 
 class ServiceNotExposed(TunnelError):
     """The device does not expose the service this forward names."""
+
+
+class ListenFailed(TunnelError):
+    """A forward cannot listen on its local address (in use, not ours, bad host)."""
 
 
 class HttpStreamReset(TunnelError):
