@@ -723,7 +723,11 @@ class Router:
         if next_state is None:
             self._end_session(session)
         else:
-            if next_state is RouteState.ACTIVE and session.state is not RouteState.ACTIVE:
+            if (
+                next_state is RouteState.ACTIVE
+                and session.state is not RouteState.ACTIVE
+                and not isinstance(c.conn, RemoteConn)  # counted once, on the client's node
+            ):
                 self._counters["sessions_established"] += 1
             session.state = next_state
         if isinstance(msg, Answer | Candidate | SessionEnd) and other is session.device:

@@ -24,7 +24,7 @@ from protocol.ipc import Heartbeat
 from protocol.signaling import Answer, Candidate, Offer, Register, SessionRequest
 from signaling.auth import issue_token
 from signaling.metrics import SignalingMetrics
-from signaling.router import Limits
+from signaling.router import Limits, Router
 from signaling.server import SignalingServer
 from supervisor.config import load_config
 from supervisor.errors import ConfigError
@@ -32,6 +32,7 @@ from supervisor.events import ForkServerDown, LinkChanged
 from supervisor.metrics import SupervisorMetrics
 from supervisor.sessions import RETAIN_EXITED
 from tests.supervisor_harness import DEVICE, Stage, session_id
+from tests.test_signaling_cluster import S1, two_nodes
 from tests.test_signaling_router import ICE, Net
 from tests.test_signaling_server import SECRET, closed, open_ws, send, token
 from tunnelctl.cli import cli
@@ -153,8 +154,12 @@ async def test_a_busy_port_is_one_clear_error() -> None:
 
 
 def stats_of(net: Net) -> dict[str, int]:
+    return stats_of_router(net.router)
+
+
+def stats_of_router(router: Router) -> dict[str, int]:
     """What SignalingServer.stats() adds to the router's: nothing of it happens here."""
-    return {"tcp_connections": 0, "unauthenticated": 0, **net.router.stats()}
+    return {"tcp_connections": 0, "unauthenticated": 0, **router.stats()}
 
 
 def test_signaling_metrics_follow_the_router() -> None:
@@ -213,6 +218,27 @@ def test_relays_to_other_nodes_are_taken_from_the_local_count() -> None:
     assert value(samples, "tunnelctl_signal_messages_relayed_total", via="local") == 6
     assert value(samples, "tunnelctl_signal_messages_relayed_total", via="redis") == 4
     assert value(samples, "tunnelctl_signal_messages_from_nodes_total") == 3
+
+
+def test_a_session_across_two_nodes_is_counted_once_and_its_relays_via_redis() -> None:
+    cluster, dev, alice = two_nodes()
+    cluster.send("b", alice, SessionRequest(S1, "dev1"))
+    cluster.send("a", dev, Offer(S1, "v=0 offer"))
+    cluster.send("b", alice, Answer(S1, "v=0 answer"))
+    nodes = {
+        name: scrape(SignalingMetrics(lambda r=router: stats_of_router(r)).registry)
+        for name, router in cluster.routers.items()
+    }
+    relayed = "tunnelctl_signal_messages_relayed_total"
+    assert value(nodes["b"], relayed, via="redis") == 2  # the request and the answer
+    assert value(nodes["a"], relayed, via="redis") == 1  # the offer
+    assert value(nodes["a"], relayed, via="local") == 2  # delivered to the device
+    assert value(nodes["a"], "tunnelctl_signal_messages_from_nodes_total") == 2
+    requests = "tunnelctl_signal_session_requests_total"
+    assert value(nodes["b"], requests, outcome="forwarded") == 1
+    assert (requests, frozenset({("outcome", "forwarded")})) not in nodes["a"]
+    established = "tunnelctl_signal_sessions_established_total"
+    assert (value(nodes["a"], established), value(nodes["b"], established)) == (0, 1)
 
 
 # -- the supervisor ----------------------------------------------------------------------------
