@@ -1,9 +1,9 @@
 """Prometheus metrics of one supervisor (exposition format 0.0.4; README "Metrics").
 
-:class:`SupervisorMetrics` is a collector on a registry of its own. It adds no
-counter to the core: at scrape time it reads what the core already holds for
-``tunnelctl status`` and ``tunnelctl sessions`` (the session rows, the worker
-pool, the links, ``core.counters``). Gauges are those figures as they are;
+:class:`SupervisorMetrics` is a collector on a registry of its own. At scrape
+time it reads what the core already holds for ``tunnelctl status`` and
+``tunnelctl sessions`` (the session rows, the worker pool, the links,
+``core.counters``). Gauges are those figures as they are;
 the per-device counters (sessions, bytes, set-up times) are the sum over the
 rows in the table plus a tally of the rows that left it, which
 :attr:`Sessions.on_retire <supervisor.sessions.Sessions.on_retire>` hands over
