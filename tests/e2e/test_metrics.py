@@ -27,6 +27,7 @@ from websockets.sync.client import connect as ws_connect
 
 from harness import Child
 from tests.e2e.conftest import BIG_SIZE, READY, Tunnel, WebService
+from tests.e2e.test_cluster import Cluster, cluster  # noqa: F401  (its fixture, reused)
 from tests.e2e.test_supervisor import (
     Download,
     connect,
@@ -294,3 +295,23 @@ def test_start_with_its_metrics_port_taken_fails_with_one_line(
     assert child.stderr_lines == [
         f"tunnelctl: error: metrics: cannot listen on 127.0.0.1:{port}: Address already in use"
     ]
+
+
+def test_a_node_counts_what_it_relays_through_redis(cluster: Cluster) -> None:  # noqa: F811
+    """A client on node m (with --metrics) reaches the device on node a: what m
+    routes goes through Redis, and m counts the request and its outcome."""
+    cluster.start_device("a")
+    node = cluster.start_node("m", "--metrics", "127.0.0.1:0")
+    url = node.wait_line("metrics ", READY).split()[1]
+    cluster.wait_online("m")
+    cluster.fetch_big(cluster.forward("m", "alice"))
+    samples = scrape(url)
+    assert value(samples, "tunnelctl_signal_devices_online") == 0
+    assert value(samples, "tunnelctl_signal_cluster_remote_devices") == 1
+    assert value(samples, "tunnelctl_signal_session_requests_total", outcome="forwarded") == 1
+    assert value(samples, "tunnelctl_signal_sessions_established_total") == 1
+    relayed = "tunnelctl_signal_messages_relayed_total"
+    assert value(samples, relayed, via="redis") >= 2  # the request and the answer at least
+    assert value(samples, relayed, via="local") >= 1  # the offer, to alice
+    assert value(samples, "tunnelctl_signal_messages_from_nodes_total") >= 1
+    assert value(samples, "tunnelctl_signal_connections", role="client") == 1
