@@ -78,8 +78,9 @@ _CORE_COUNTERS: Final = {
 
 @dataclass
 class _Tally:
-    """One device's sessions, summed."""
+    """One device's sessions, summed; by service only for the ``exposed`` ones."""
 
+    exposed: frozenset[str]
     started: int = 0
     ended: Counter[str] = field(default_factory=Counter)
     # service -> [bytes_in, bytes_out, streams_opened]
@@ -92,6 +93,8 @@ class _Tally:
         if row.state in ENDED:
             self.ended[row.state.value] += 1
         for name, *figures in row.services:
+            if name not in self.exposed:
+                continue  # a worker cannot make labels, nor grow this table
             totals = self.services.setdefault(name, [0, 0, 0])
             for index, figure in enumerate(figures):
                 totals[index] += figure
@@ -102,6 +105,7 @@ class _Tally:
 
     def plus(self, rows: Iterable[SessionRow]) -> _Tally:
         total = _Tally(
+            self.exposed,
             self.started,
             Counter(self.ended),
             {name: list(figures) for name, figures in self.services.items()},
@@ -137,7 +141,14 @@ class SupervisorMetrics(Collector):
         return endpoint
 
     def _retire(self, row: SessionRow) -> None:
-        self._retired.setdefault(row.device, _Tally()).add(row)
+        tally = self._retired.get(row.device)
+        if tally is None:
+            tally = self._retired[row.device] = _Tally(self._exposed(row.device))
+        tally.add(row)
+
+    def _exposed(self, device: str) -> frozenset[str]:
+        config = next((d for d in self._core.config.devices if d.id == device), None)
+        return frozenset(s.name for s in config.services) if config is not None else frozenset()
 
     def collect(self) -> Iterator[Metric]:
         core = self._core
@@ -147,7 +158,9 @@ class SupervisorMetrics(Collector):
         by_device: dict[str, list[SessionRow]] = {d: [] for d in devices}
         for row in rows:
             by_device.setdefault(row.device, []).append(row)
-        tallies = {d: self._retired.get(d, _Tally()).plus(r) for d, r in by_device.items()}
+        tallies = {
+            d: self._retired.get(d, _Tally(self._exposed(d))).plus(r) for d, r in by_device.items()
+        }
 
         up = _gauge("device_up", "1 while the device's signaling link is registered.", ["device"])
         for device in devices:
