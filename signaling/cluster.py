@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from protocol.backoff import Backoff
@@ -134,9 +136,12 @@ class RedisCluster:
         # relays at its head can be taken as one batch.
         self._pending: deque[Relay | _Registration | _Withdraw | _Post] = deque()
         self._wakeup = asyncio.Event()
-        self._idle = asyncio.Event()  # nothing pending
+        self._idle = asyncio.Event()  # nothing pending, nothing in flight
         self._local: dict[str, _Registration] = {}
         self._remote_gens: dict[str, tuple[RemoteConn, int]] = {}
+        self._resync = False  # presence to read again from Redis
+        self._listening = False  # subscribed to this node's channel
+        self._heard = asyncio.Event()  # subscribed once
         self._tasks: list[asyncio.Task[None]] = []
         self._started = time.time()
         self.relays_published = 0
@@ -154,40 +159,65 @@ class RedisCluster:
         if self._router is None:
             raise RuntimeError("attach() a router first")
         try:
-            self._redis = Redis.from_url(self._url, socket_connect_timeout=5, socket_timeout=10)
+            self._redis = Redis.from_url(
+                self._url,
+                socket_connect_timeout=5,
+                socket_timeout=10,
+                # A pooled connection that Redis closed (it restarted) fails
+                # once; retrying on a new one must not turn that into a relay
+                # lost and a sender told "offline" for nothing.
+                retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+            )
             await self._redis.ping()
         except (RedisError, OSError, ValueError) as exc:
             raise ServerConfigError(f"cannot use Redis at {_safe(self._url)}: {exc}") from None
-        await self._write_node_key()
+        if not await self._write_node_key():
+            log.warning(
+                "node %s: that node id is live in Redis already: node ids must be unique "
+                "(fine if this node restarted within %g s)",
+                self.node,
+                self._ttl_ms / 1000,
+            )
         self._tasks = [
             asyncio.create_task(self._publish_loop(), name="cluster-publish"),
             asyncio.create_task(self._listen_loop(), name="cluster-listen"),
             asyncio.create_task(self._refresh_loop(), name="cluster-refresh"),
         ]
+        try:
+            # Relays made before the node hears its channel would be refused.
+            await asyncio.wait_for(self._heard.wait(), 10.0)
+        except TimeoutError:
+            await self.close()
+            raise ServerConfigError(f"cannot subscribe in Redis at {_safe(self._url)}") from None
         log.info("node %s: cluster through Redis at %s", self.node, _safe(self._url))
 
     async def close(self) -> None:
         """Stop; remove this node's keys (best effort: they expire anyway)."""
-        if self._tasks and self._pending:
+        if self._tasks:
             # The registrations that ended as the connections closed: their
-            # "down" tells the other nodes now rather than by TTL.
+            # "down" tells the other nodes now rather than by TTL. Waiting for
+            # the publisher to be idle also keeps the cancel below out of a
+            # Redis command in flight.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), CLOSE_FLUSH)
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            # Bounded: a task the Redis client keeps busy must not hold the exit.
+            _, stuck = await asyncio.wait(self._tasks, timeout=CLOSE_FLUSH)
+            if stuck:
+                log.warning("node %s: %d cluster tasks did not stop", self.node, len(stuck))
         self._tasks = []
         if self._redis is None:
             return
-        with contextlib.suppress(RedisError, OSError):
-            for reg in list(self._local.values()):
-                if reg.value is not None:
-                    await self._redis.eval(_DELETE_IF_MINE, 1, device_key(reg.device), reg.value)
-            await self._redis.delete(node_key(self.node))
-        await self._redis.aclose()
-        self._redis = None
+        redis, self._redis = self._redis, None
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(CLOSE_FLUSH):
+                for reg in list(self._local.values()):
+                    if reg.value is not None:
+                        await redis.eval(_DELETE_IF_MINE, 1, device_key(reg.device), reg.value)
+                await redis.delete(node_key(self.node))
+                await redis.aclose()
 
     def handle(self, action: Relay | Presence) -> None:
         """Carry out ``action`` (in order with the others, without blocking)."""
@@ -250,6 +280,12 @@ class RedisCluster:
                 log.warning("node %s: Redis: %s", self.node, exc)
 
     async def _relay_batch(self, batch: list[Relay]) -> None:
+        if not self._listening:
+            # The answers could not reach this node: its sender is told now,
+            # rather than its session left waiting for them.
+            for relay in batch:
+                self._undeliverable(relay.to, relay)
+            return
         try:
             async with self._redis_client.pipeline(transaction=False) as pipe:
                 for relay in batch:
@@ -262,6 +298,9 @@ class RedisCluster:
         except (RedisError, OSError) as exc:
             log.warning("node %s: cannot relay through Redis: %s", self.node, exc)
             receivers = [0] * len(batch)
+            # Their senders are told, and the router forgets the presence the
+            # relays named: read it again once Redis answers.
+            self._resync = True
         self.relays_published += len(batch)
         for relay, count in zip(batch, receivers, strict=True):
             if not count:
@@ -270,7 +309,7 @@ class RedisCluster:
     def _undeliverable(self, to: RemoteConn, relay: Relay) -> None:
         assert self._router is not None
         self.undeliverable += 1
-        log.info("node %s: no node %s to relay to; telling the sender", self.node, to.node)
+        log.info("node %s: cannot relay to node %s; telling the sender", self.node, to.node)
         self._apply(self._router.remote_gone(to, relay.message))
 
     async def _announce(self, reg: _Registration) -> None:
@@ -306,19 +345,24 @@ class RedisCluster:
 
     async def _listen_loop(self) -> None:
         assert self._redis is not None
-        backoff = Backoff(base=0.2, cap=5.0)
+        # Redis is near and cheap to ask: a node deaf to its channel must not
+        # stay so for long.
+        backoff = Backoff(base=0.1, cap=1.0)
         while True:
             try:
                 pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
                 try:
                     await pubsub.subscribe(node_channel(self.node), PRESENCE_CHANNEL)
                     await self._heal()
+                    self._listening = True
+                    self._heard.set()
                     backoff.reset()
                     while True:
                         message = await pubsub.get_message(timeout=None)
                         if message is not None:
                             self._on_message(message)
                 finally:
+                    self._listening = False
                     with contextlib.suppress(RedisError, OSError):
                         await pubsub.aclose()  # type: ignore[no-untyped-call]
             except (RedisError, OSError) as exc:
@@ -384,6 +428,8 @@ class RedisCluster:
         created = await self._redis.set(node_key(self.node), value, px=self._ttl_ms, nx=True)
         if not created:
             await self._redis.pexpire(node_key(self.node), self._ttl_ms)
+        elif self._tasks:  # running, so the key was there: Redis lost it
+            log.warning("node %s: Redis had lost this node; announcing again", self.node)
         return bool(created)
 
     async def _heal(self) -> None:
@@ -395,6 +441,12 @@ class RedisCluster:
             fresh = _Registration(reg.device, reg.conn, reg.services)
             self._local[reg.device] = fresh
             self._put(fresh)
+        await self._reload_presence()
+
+    async def _reload_presence(self) -> None:
+        """Take the others' presence from Redis, forgetting what it no longer holds."""
+        assert self._redis is not None and self._router is not None
+        self._resync = False
         stale = dict(self._remote_gens)
         self._remote_gens.clear()  # what Redis holds now is the truth
         keys = [key async for key in self._redis.scan_iter(match=DEVICE_KEY_PATTERN, count=1000)]
@@ -425,8 +477,9 @@ class RedisCluster:
             await asyncio.sleep(self._refresh_interval)
             try:
                 if await self._write_node_key():
-                    log.warning("node %s: Redis had lost this node; announcing again", self.node)
                     await self._heal()
+                elif self._resync:
+                    await self._reload_presence()
                 for reg in list(self._local.values()):
                     if reg.value is not None:
                         await self._redis.eval(

@@ -241,3 +241,32 @@ def test_signal_on_a_busy_port_fails_with_one_line(runner: CliRunner) -> None:
         result = runner.invoke(cli, ["signal", "--port", str(port)], env={"TUNNEL_SECRET": SECRET})
     assert result.exit_code == 1
     assert f"tunnelctl: error: cannot listen on 127.0.0.1:{port}" in result.output
+
+
+def test_signal_with_an_unreachable_redis_fails_with_one_line(runner: CliRunner) -> None:
+    import socket
+
+    with socket.socket() as sock:  # bound, never listening: connection refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        result = runner.invoke(
+            cli,
+            ["signal", "--port", "0", "--redis", f"redis://:hunter2@127.0.0.1:{port}/0"],
+            env={"TUNNEL_SECRET": SECRET},
+        )
+    assert result.exit_code == 1
+    assert "tunnelctl: error: cannot use Redis at redis://***@127.0.0.1" in result.output
+    assert "hunter2" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--node-id", "a"], "--node-id needs --redis"),
+        (["--redis", "redis://127.0.0.1:1/0", "--node-id", "../a"], "not a valid id"),
+    ],
+)
+def test_signal_node_id_usage_errors(runner: CliRunner, args: list[str], message: str) -> None:
+    result = runner.invoke(cli, ["signal", *args], env={"TUNNEL_SECRET": SECRET})
+    assert result.exit_code == 2
+    assert message in result.output

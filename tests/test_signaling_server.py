@@ -39,7 +39,7 @@ from protocol.signaling import (
     encode_signaling,
 )
 from signaling.auth import issue_token
-from signaling.errors import LinkRejected, ServerConfigError
+from signaling.errors import LinkDown, LinkRejected, ServerConfigError
 from signaling.link import LinkState, SignalingLink, token_file_source
 from signaling.router import Limits
 from signaling.server import ConnectionCaps, SignalingServer, run_server
@@ -389,6 +389,34 @@ async def test_a_drain_closes_who_did_not_move_after_its_timeout() -> None:
     assert await recv(ws) == Moving("node draining")
     await asyncio.wait_for(task, TIMEOUT)
     assert (await closed(ws))[0] == 1001
+
+
+async def test_a_fail_fast_link_tries_every_url_once_before_giving_up() -> None:
+    dead = [socket.socket(), socket.socket()]
+    for sock in dead:
+        sock.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+    urls = [f"ws://127.0.0.1:{sock.getsockname()[1]}/signal" for sock in dead]
+    try:
+        link = SignalingLink(urls, token("alice", "client"), lambda m: None, fail_fast=True)
+        link.start()
+        with pytest.raises(LinkDown, match="cannot reach"):
+            await link.wait_up(TIMEOUT)
+        await link.close()
+        async with SignalingServer(SECRET, port=0) as srv:
+            link = SignalingLink(
+                [urls[0], srv.url], token("alice", "client"), lambda m: None, fail_fast=True
+            )
+            link.start()
+            try:
+                await link.wait_up(TIMEOUT)
+                assert link.url == srv.url
+            finally:
+                await link.close()
+    finally:
+        for sock in dead:
+            sock.close()
+    with pytest.raises(ValueError, match="at least one"):
+        SignalingLink([], "t", lambda m: None)
 
 
 async def test_a_link_moves_to_its_next_url_when_told() -> None:

@@ -344,6 +344,8 @@ def load_secret_or_fail(secret_file: str | None) -> str:
     "--redis",
     "redis_url",
     metavar="URL",
+    envvar="TUNNEL_REDIS",
+    show_envvar=True,
     help="Run as one node of a cluster sharing presence through Redis, "
     "redis://HOST:PORT/DB (PROTOCOL.md §1.8). Default: alone, in memory.",
 )

@@ -219,7 +219,8 @@ def test_a_sigtermed_node_drains_and_no_established_session_is_lost(cluster: Clu
 
     node_a = cluster.nodes["a"]
     stopped = time.monotonic()
-    assert node_a.stop(timeout=READY) == 0
+    code = node_a.stop(timeout=READY)
+    assert code == 0, "\n".join(node_a.stderr_lines[-40:])
     drained = time.monotonic() - stopped
     assert node_a.wait_stderr("draining", READY)
     cluster.nodes["b"].wait_stderr("device dev1 registered", READY)
@@ -275,6 +276,18 @@ def register(ws: ClientConnection, device: str) -> None:
     assert json.loads(ws.recv(timeout=READY))["type"] == "registered"
 
 
+def wait_listed(client: ClientConnection, device: str) -> None:
+    """Until ``client``'s node lists ``device`` online (presence crossed Redis)."""
+    deadline = time.monotonic() + READY
+    while True:
+        client.send('{"v":1,"type":"list_devices"}')
+        listed = json.loads(client.recv(timeout=READY))["devices"]
+        if any(entry["device"] == device and entry["online"] for entry in listed):
+            return
+        assert time.monotonic() < deadline, f"{device} never listed online"
+        time.sleep(0.05)  # asking again is how presence is observed
+
+
 REQUEST = '{"v":1,"type":"session_request","session":"s-0123456789ab","device":"dev9"}'
 
 
@@ -285,6 +298,9 @@ def test_a_device_registered_on_two_nodes_keeps_the_newest_link(cluster: Cluster
         raw(cluster, "c", "alice", "client", ("dev9",)) as client,
     ):
         register(older, "dev9")
+        # "Newest" is the order of the registrations' gens in Redis: wait for
+        # the older one's to be taken (c has heard of it) before the newer.
+        wait_listed(client, "dev9")
         register(newer, "dev9")
         told = json.loads(older.recv(timeout=READY))
         assert (told["type"], told["code"]) == ("error", "replaced")
@@ -302,13 +318,7 @@ def test_a_request_routed_to_a_killed_node_is_answered(cluster: Cluster) -> None
         raw(cluster, "b", "alice", "client", ("dev9",)) as client,
     ):
         register(device, "dev9")
-        deadline = time.monotonic() + READY
-        while True:  # until b has heard of dev9 (presence crosses Redis)
-            client.send('{"v":1,"type":"list_devices"}')
-            if json.loads(client.recv(timeout=READY))["devices"][0]["online"]:
-                break
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_listed(client, "dev9")
         cluster.nodes["a"].kill()  # b still believes dev9 is on a
         client.send(REQUEST)
         answer = json.loads(client.recv(timeout=READY))
