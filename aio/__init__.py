@@ -1,2 +1,3 @@
 """asyncio building blocks shared by every process: the supervisor, the workers,
-the signaling server and the CLI. No I/O of its own; imports none of our packages."""
+the signaling server and the CLI (and the ``/metrics`` endpoint they serve).
+Imports none of our packages."""

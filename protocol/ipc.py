@@ -348,11 +348,17 @@ class StateReport:
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """``heartbeat`` (both ways, every second): counters, zeros from the supervisor."""
+    """``heartbeat`` (both ways, every second): counters, zeros from the supervisor.
+
+    ``services`` breaks the session's figures down by service: ``(name,
+    bytes_in, bytes_out, streams_opened)`` for each service a stream reached,
+    distinct names; left out of the wire form when empty.
+    """
 
     bytes_in: int = 0
     bytes_out: int = 0
     streams: int = 0
+    services: tuple[tuple[str, int, int, int], ...] = ()
 
     TYPE: ClassVar[str] = "heartbeat"
 
@@ -360,6 +366,18 @@ class Heartbeat:
         check_int("heartbeat.bytes_in", self.bytes_in, 0, _MAX_COUNTER)
         check_int("heartbeat.bytes_out", self.bytes_out, 0, _MAX_COUNTER)
         check_int("heartbeat.streams", self.streams, 0, _MAX_COUNTER)
+        names: set[str] = set()
+        for service in _check_tuple("heartbeat.services", self.services):
+            if not isinstance(service, tuple) or len(service) != 4:
+                invalid("heartbeat.services", "each entry must be (name, in, out, opened)")
+            name = service[0]
+            if not is_valid_service_name(name):
+                invalid("heartbeat.services", f"{shorten(name)} is not a valid service name")
+            if name in names:
+                invalid("heartbeat.services", f"service {name!r} appears twice")
+            names.add(name)
+            for key, figure in zip(("bytes_in", "bytes_out", "streams"), service[1:], strict=True):
+                check_int(f"heartbeat.services[{name!r}].{key}", figure, 0, _MAX_COUNTER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,6 +492,8 @@ _FIELD_NAMES: Final[Mapping[type[IpcMessage], tuple[str, ...]]] = {
     cls: tuple(f.name for f in fields(cls)) for cls in _MESSAGE_CLASSES
 }
 _ICE_SERVER_KEYS: Final = ("url", "username", "credential")
+#: Body keys that may be left out (the field's default then applies).
+_OPTIONAL_FIELDS: Final[Mapping[type[IpcMessage], tuple[str, ...]]] = {Heartbeat: ("services",)}
 
 
 # --- msgpack ------------------------------------------------------------------
@@ -537,11 +557,13 @@ def _unpack(data: object, limit: int, container: int, what: str) -> object:
         raise IpcError(f"{what}: not valid msgpack: {detail}") from None
 
 
-def _check_keys(where: str, obj: Mapping[Any, Any], expected: tuple[str, ...]) -> None:
+def _check_keys(
+    where: str, obj: Mapping[Any, Any], expected: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> None:
     unknown = [key for key in obj if key not in expected]
     if unknown:
         raise IpcError(f"{where}: unknown key {shorten(unknown[0])}")
-    missing = [key for key in expected if key not in obj]
+    missing = [key for key in expected if key not in obj and key not in optional]
     if missing:
         raise IpcError(f"{where}: missing key {missing[0]!r}")
 
@@ -578,6 +600,11 @@ def _body(message: IpcMessage) -> dict[str, object]:
             for s in message.ice_servers
         ]
         body["ice_hosts"] = list(message.ice_hosts)
+    if isinstance(message, Heartbeat):
+        if message.services:
+            body["services"] = {name: list(figures) for name, *figures in message.services}
+        else:
+            del body["services"]
     return body
 
 
@@ -624,6 +651,18 @@ def _ice_fields(where: str, body: dict[str, Any]) -> dict[str, Any]:
     return body | {"ice_servers": tuple(specs), "ice_hosts": tuple(hosts)}
 
 
+def _heartbeat_fields(body: dict[str, Any]) -> dict[str, Any]:
+    services = body.get("services", {})
+    if not isinstance(services, dict):
+        raise IpcError("heartbeat.services: must be a map of name -> [in, out, opened]")
+    entries = []
+    for name, figures in services.items():
+        if not isinstance(figures, list) or len(figures) != 3:
+            raise IpcError(f"heartbeat.services[{shorten(name)}]: must be [in, out, opened]")
+        entries.append((name, *figures))
+    return body | {"services": tuple(entries)}
+
+
 def decode_ipc(data: bytes | bytearray | memoryview) -> IpcMessage:
     """Decode one supervisor ↔ worker message (§3). Raises only :class:`IpcError`."""
     obj = _top_map(data, MAX_IPC_MESSAGE, _MAX_IPC_CONTAINER, "IPC message")
@@ -637,12 +676,14 @@ def decode_ipc(data: bytes | bytearray | memoryview) -> IpcMessage:
     body = obj["b"]
     if not isinstance(body, dict):
         raise IpcError(f"{type_}: body 'b' must be a map, not {type(body).__name__}")
-    _check_keys(type_, body, _FIELD_NAMES[cls])
+    _check_keys(type_, body, _FIELD_NAMES[cls], _OPTIONAL_FIELDS.get(cls, ()))
     try:
         if cls is Assign:
             body = _assign_fields(body)
         elif cls is IceUpdate:
             body = _ice_fields("ice", body)
+        elif cls is Heartbeat:
+            body = _heartbeat_fields(body)
         return cls(**body)
     except LocalProtocolError as exc:
         raise IpcError(str(exc)) from None

@@ -364,7 +364,9 @@ class Router:
             case ListDevices():
                 return self._list_devices(c)
             case SessionRequest():
-                return self._request_session(c, msg)
+                actions = self._request_session(c, msg)
+                self._count_request(actions)
+                return actions
             case Offer() | Answer() | Candidate() | SessionEnd():
                 return self._route(c, msg)
             case _:  # pragma: no cover - _SENDERS lists exactly the cases above
@@ -424,10 +426,15 @@ class Router:
         ``messages_routed`` (forwarded to the other party),
         ``messages_dropped`` (rate limit), ``device_lists`` (``list_devices``
         answered), ``errors.<code>`` (``error``
-        messages sent, by code), ``closes.<code>`` (closes the router asked for).
+        messages sent, by code), ``closes.<code>`` (closes the router asked for),
+        ``registrations``, ``session_requests.<outcome>`` (``forwarded`` or the
+        error code of the refusal), ``sessions_established`` (answers forwarded).
+        Gauges by role: ``connections.<role>``.
         """
+        roles = Counter(c.identity.role for c in self._conns.values() if not c.closing)
         stats = {
             "connections": len(self._conns),
+            **{f"connections.{role}": roles[role] for role in PEER_ROLES},
             "devices_online": len(self._devices),
             "sessions": len(self._sessions),
             "connections_total": 0,
@@ -435,6 +442,8 @@ class Router:
             "messages_routed": 0,
             "messages_dropped": 0,
             "device_lists": 0,
+            "registrations": 0,
+            "sessions_established": 0,
         }
         stats.update(self._counters)
         return stats
@@ -579,6 +588,7 @@ class Router:
         self._devices[msg.device] = c
         self._forget_remote_device(msg.device)
         c.services = msg.services
+        self._counters["registrations"] += 1
         actions.append(Send(c.conn, Registered(msg.device)))
         actions.append(Presence(msg.device, c.conn, online=True, services=msg.services))
         return actions
@@ -713,6 +723,12 @@ class Router:
         if next_state is None:
             self._end_session(session)
         else:
+            if (
+                next_state is RouteState.ACTIVE
+                and session.state is not RouteState.ACTIVE
+                and not isinstance(c.conn, RemoteConn)  # counted once, on the client's node
+            ):
+                self._counters["sessions_established"] += 1
             session.state = next_state
         if isinstance(msg, Answer | Candidate | SessionEnd) and other is session.device:
             # The device checks every message against the session's owner: the
@@ -728,6 +744,11 @@ class Router:
             self._counters["messages_to_nodes"] += 1
             return Relay(to.conn, origin.conn, origin.identity.role, origin.identity.sub, msg)
         return Send(to.conn, msg)
+
+    def _count_request(self, actions: list[Action]) -> None:
+        message = actions[0].message if isinstance(actions[0], Send) else None
+        outcome = message.code if isinstance(message, Error) else "forwarded"
+        self._counters[f"session_requests.{outcome}"] += 1
 
     def _error(self, c: _Conn, code: str, message: str, session: str | None = None) -> Send | Relay:
         self._counters[f"errors.{code}"] += 1

@@ -87,6 +87,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from aio.logs import LogThrottle, RedactSecrets
+from aio.metrics_http import MetricsEndpoint, MetricsListenError
 from protocol.errors import SignalingError
 from protocol.signaling import (
     MAX_FRAME_SIZE,
@@ -103,6 +104,7 @@ from signaling import web
 from signaling.auth import LEEWAY, Identity, check_secret, verify_token
 from signaling.cluster import RedisCluster
 from signaling.errors import AuthError, ServerConfigError, UsageError
+from signaling.metrics import SignalingMetrics
 from signaling.router import Action, Limits, Presence, Relay, Router, Send
 from signaling.turn import IceIssuer
 
@@ -189,12 +191,18 @@ def _close_code(ws: ServerConnection) -> int:
     return 1006  # RFC 6455 §7.1.5: closed without a close frame
 
 
-class _AuthFailed(Exception):
-    """Authentication did not succeed; ``reason`` becomes the 4401 close reason."""
+#: Why authentication failed, as counted (``auth_failures.<kind>``): a fixed set.
+AUTH_FAILURE_KINDS: Final = ("invalid_token", "expired", "revoked", "timeout", "no_auth")
 
-    def __init__(self, reason: str) -> None:
+
+class _AuthFailed(Exception):
+    """Authentication did not succeed; ``reason`` becomes the 4401 close reason,
+    ``kind`` (one of :data:`AUTH_FAILURE_KINDS`) what is counted."""
+
+    def __init__(self, reason: str, kind: str) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,7 +307,7 @@ class SignalingServer:
         self._router = Router(limits)
         self._server: Server | None = None
         self._outboxes: dict[Hashable, _Outbox] = {}
-        self._auth_failures = 0
+        self._auth_failures: Counter[str] = Counter()
         self._conn_ids = itertools.count(1)
         self._tcp: set[ServerConnection] = set()
         # Insertion-ordered: the oldest unauthenticated connection goes first.
@@ -311,6 +319,8 @@ class SignalingServer:
         self._cluster = cluster
         if cluster is not None:
             cluster.attach(self._router, self._apply)
+        #: Its Prometheus registry (:mod:`signaling.metrics`), served by ``run_server``.
+        self.metrics = SignalingMetrics(self.stats)
 
     @property
     def host(self) -> str:
@@ -328,11 +338,12 @@ class SignalingServer:
         return f"ws://{host}:{self._port}{SIGNAL_PATH}"
 
     def stats(self) -> dict[str, int]:
-        """``auth_failures``, ``tcp_connections``, ``unauthenticated``,
-        ``refused.<why>`` and the router's gauges and counters (see
-        :meth:`Router.stats`)."""
+        """``auth_failures`` (and ``auth_failures.<kind>``, :data:`AUTH_FAILURE_KINDS`),
+        ``tcp_connections``, ``unauthenticated``, ``refused.<why>`` and the
+        router's gauges and counters (see :meth:`Router.stats`)."""
         return {
-            "auth_failures": self._auth_failures,
+            "auth_failures": self._auth_failures.total(),
+            **{f"auth_failures.{kind}": self._auth_failures[kind] for kind in AUTH_FAILURE_KINDS},
             "tcp_connections": len(self._tcp),
             "unauthenticated": len(self._unauthenticated),
             **{f"refused.{why}": n for why, n in self._refused.items()},
@@ -516,7 +527,7 @@ class SignalingServer:
         try:
             identity = await self._authenticate(ws)
         except _AuthFailed as exc:
-            self._auth_failures += 1
+            self._auth_failures[exc.kind] += 1
             self._throttle.warning(
                 "auth", "conn %d from %s: authentication failed: %s", conn_id, peer, exc.reason
             )
@@ -611,16 +622,17 @@ class SignalingServer:
         tokens = parse_qs(urlsplit(ws.request.path).query, keep_blank_values=True).get("token")
         if tokens is not None:
             if len(tokens) != 1:
-                raise _AuthFailed("invalid token: more than one token parameter")
+                raise _AuthFailed("invalid token: more than one token parameter", "invalid_token")
             token = tokens[0]
         else:
             token = await self._receive_auth(ws)
         try:
             identity = verify_token(self._secret, token)
         except AuthError as exc:
-            raise _AuthFailed(f"invalid token: {exc.reason}") from None
+            kind = "expired" if exc.reason == "expired" else "invalid_token"
+            raise _AuthFailed(f"invalid token: {exc.reason}", kind) from None
         if identity.sub in self._revoked_subs or identity.jti in self._revoked_jtis:
-            raise _AuthFailed("invalid token: revoked")
+            raise _AuthFailed("invalid token: revoked", "revoked")
         return identity
 
     async def _receive_auth(self, ws: ServerConnection) -> str:
@@ -632,19 +644,19 @@ class SignalingServer:
             async with asyncio.timeout_at(deadline):
                 data = await ws.recv()
         except TimeoutError:
-            raise _AuthFailed("authentication timed out") from None
+            raise _AuthFailed("authentication timed out", "timeout") from None
         try:
             msg = decode_signaling(data)
         except SignalingError as exc:
             await ws.send(encode_signaling(Error(exc.code, exc.message)))
-            raise _AuthFailed(f"not authenticated: {exc.code}") from None
+            raise _AuthFailed(f"not authenticated: {exc.code}", "no_auth") from None
         if not isinstance(msg, Auth):
             notice = Error(
                 ErrorCode.NOT_AUTHENTICATED,
                 "authenticate first: connect with ?token=JWT or send an auth message",
             )
             await ws.send(encode_signaling(notice))
-            raise _AuthFailed("not authenticated: first message must be auth")
+            raise _AuthFailed("not authenticated: first message must be auth", "no_auth")
         return msg.token
 
     def _apply(self, actions: list[Action]) -> None:
@@ -684,6 +696,8 @@ async def run_server(
     revoked: str | os.PathLike[str] | None = None,
     cluster: RedisCluster | None = None,
     drain_timeout: float = 10.0,
+    metrics: tuple[str, int] | None = None,
+    on_metrics: Callable[[str], None] | None = None,
 ) -> None:
     """Serve until this task is cancelled or the process gets SIGTERM/SIGINT.
 
@@ -691,8 +705,11 @@ async def run_server(
     seconds); SIGINT and cancellation close at once.
 
     ``on_ready(url)`` is called once the server listens (``port=0`` picks a
-    free port; ``url`` has the real one). On the way out every connection is
-    closed with 1001. Raises :class:`ServerConfigError` as :class:`SignalingServer` does.
+    free port; ``url`` has the real one). With ``metrics`` (host, port), its
+    Prometheus metrics are served there too, and ``on_metrics(url)`` is called
+    with their ``http://HOST:PORT/metrics``. On the way out every connection is
+    closed with 1001. Raises :class:`ServerConfigError` as :class:`SignalingServer`
+    does, and when the metrics address cannot be listened on.
     """
     server = SignalingServer(
         secret,
@@ -705,7 +722,19 @@ async def run_server(
         revoked=revoked,
         cluster=cluster,
     )
-    await server.start()
+    endpoint = None
+    if metrics is not None:
+        endpoint = MetricsEndpoint(server.metrics.registry, *metrics)
+        try:
+            await endpoint.start()
+        except MetricsListenError as exc:
+            raise ServerConfigError(str(exc)) from None
+    try:
+        await server.start()
+    except BaseException:
+        if endpoint is not None:
+            await endpoint.close()
+        raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     received: list[signal.Signals] = []
@@ -722,6 +751,8 @@ async def run_server(
     try:
         if on_ready is not None:
             on_ready(server.url)
+        if endpoint is not None and on_metrics is not None:
+            on_metrics(endpoint.url)
         await stop.wait()
         log.info("signal received, shutting down")
         if received[:1] == [signal.SIGTERM]:
@@ -730,6 +761,8 @@ async def run_server(
         for signum in handled:
             loop.remove_signal_handler(signum)
         await server.close()
+        if endpoint is not None:
+            await endpoint.close()
 
 
 def _on_signal(signum: signal.Signals, received: list[signal.Signals], stop: asyncio.Event) -> None:

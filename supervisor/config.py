@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from aio.metrics_http import parse_listen_address
 from protocol.ice import (
     DEFAULT_KEEPALIVE,
     ICE_POLICIES,
@@ -108,6 +109,7 @@ _TOP_KEYS: Final = (
     "keepalive",
     "supervisor",
     "devices",
+    "metrics",
 )
 _TOKEN_SOURCES: Final = ("token", "token_file", "token_env")
 _DEVICE_KEYS: Final = ("id", *_TOKEN_SOURCES, "services")
@@ -185,6 +187,8 @@ class SupervisorConfig:
     max_negotiating_per_client: int = 8
     negotiation_timeout: float = 10.0
     max_workers: int = 80
+    #: Where Prometheus metrics are served, (host, port); ``None``: not at all.
+    metrics: tuple[str, int] | None = None
 
     @property
     def signal_urls(self) -> tuple[str, ...]:
@@ -326,6 +330,10 @@ def load_config(path: str, env: Mapping[str, str]) -> SupervisorConfig:
     )
     keepalive = get_number(data, "", "keepalive") if "keepalive" in data else DEFAULT_KEEPALIVE
     tuning = _tuning(data)
+    metrics = None
+    if (spec := get_string(data, None, "metrics")) is not None:
+        with under("metrics"):
+            metrics = parse_listen_address(spec)
     device_tables = get_tables(data, None, "devices")
     if not device_tables:
         raise ConfigError("devices", "at least one [[devices]] table is required")
@@ -338,6 +346,7 @@ def load_config(path: str, env: Mapping[str, str]) -> SupervisorConfig:
         ice_hosts=ice_hosts,
         keepalive=keepalive,
         ice_policy=ice_policy,  # type: ignore[arg-type]  # checked by SupervisorConfig
+        metrics=metrics,
         **tuning,
     )
 

@@ -127,6 +127,8 @@ class SupervisorCore:
             "worker_crashes": 0,
             "workers_hung": 0,
             "sessions_total": 0,
+            "fork_server_restarts": 0,
+            "heartbeat_misses": 0,
         }
         self.ready = False
         self.stopping = False
@@ -296,6 +298,7 @@ class SupervisorCore:
         if self.stopping:
             return
         log.error("worker fork server exited with %s; restarting it", code)
+        self.counters["fork_server_restarts"] += 1
         self._fork_server_restart_at = now + self._pool_backoff.next_delay()
 
     def _kill(self, worker: Worker, *, hard: bool) -> None:
@@ -445,6 +448,9 @@ class SupervisorCore:
         for worker in self.pool:
             if worker.starting or worker.state is WorkerState.GONE:
                 continue
+            # Silent for two intervals: a stalled event loop, before it counts as hung.
+            if now - worker.hb.last > 2 * self.config.heartbeat_interval and not worker.kill_reason:
+                self.counters["heartbeat_misses"] += 1
             if worker.hb.expired(now) and worker.kill_reason is None:
                 worker.kill_reason = (
                     f"worker hung: no heartbeat for {self.config.heartbeat_timeout:g} s; killed"

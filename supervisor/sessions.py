@@ -10,7 +10,7 @@ ended rows stay visible for :data:`RETAIN_EXITED` seconds (at most
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,8 @@ class SessionRow:
     bytes_in: int = 0
     bytes_out: int = 0
     streams: int = 0
+    # By service: (name, bytes_in, bytes_out, streams_opened), from its heartbeats.
+    services: tuple[tuple[str, int, int, int], ...] = ()
     path: str | None = None
     pair: str | None = None
     relay_transport: str | None = None
@@ -49,6 +51,7 @@ class SessionRow:
     ended_at: float | None = None
     start_at: float | None = None  # backoff: when to start
     give_up_at: float | None = None  # starting: when an unfinished negotiation is given up
+    running_at: float | None = None  # when it connected (its set-up time: minus created)
     pending: list[SignalingMessage] = field(default_factory=list)
 
     def to_json(self, now: float) -> dict[str, Any]:
@@ -71,6 +74,8 @@ class SessionRow:
 
     def move(self, now: float, event: SessionEvent, *, reason: str | None = None) -> None:
         self.state = transition(self.state, event)
+        if self.state is SessionState.RUNNING and self.running_at is None:
+            self.running_at = now
         if reason is not None:
             self.reason = reason
         if self.state in ENDED:
@@ -96,6 +101,8 @@ class Sessions:
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
         self._rng = rng
+        #: Called with each ended row as it leaves the table (metrics fold it in).
+        self.on_retire: Callable[[SessionRow], None] | None = None
 
     def __iter__(self) -> Iterator[SessionRow]:
         return iter(list(self._rows.values()))
@@ -148,6 +155,8 @@ class Sessions:
         for i, row in enumerate(ended):
             if i < excess or now - (row.ended_at or now) > RETAIN_EXITED:
                 self._rows.pop(row.id, None)
+                if self.on_retire is not None:
+                    self.on_retire(row)
         for key in [k for k, p in self.lineages.items() if p.idle(now)]:
             if not any((r.device, r.client) == key for r in self._rows.values()):
                 del self.lineages[key]

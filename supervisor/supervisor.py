@@ -30,6 +30,7 @@ from typing import cast
 import zmq
 import zmq.asyncio
 
+from aio.metrics_http import MetricsEndpoint
 from aio.tasks import TaskSet
 from protocol.errors import LocalProtocolError
 from protocol.forkserver import (
@@ -77,6 +78,7 @@ from supervisor.events import (
     WorkerSpawned,
 )
 from supervisor.events import LinkRejected as LinkRejectedEvent
+from supervisor.metrics import SupervisorMetrics
 from supervisor.notify import sd_notify
 from supervisor.runtime import (
     CONTROL_SOCKET,
@@ -120,6 +122,8 @@ class Supervisor:
         self._drain_timeout = config.drain_timeout
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self.metrics = SupervisorMetrics(self.core)
+        self._metrics_endpoint: MetricsEndpoint | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -131,6 +135,10 @@ class Supervisor:
         lock = RuntimeLock(self.runtime_dir)
         lock.acquire()
         try:
+            if self.config.metrics is not None:
+                self._metrics_endpoint = await self.metrics.serve(*self.config.metrics)
+                if self.on_ready is not None:
+                    self.on_ready(f"metrics {self._metrics_endpoint.url}")
             self._bind()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop, self.config.drain_timeout)
@@ -143,6 +151,8 @@ class Supervisor:
                     loop.remove_signal_handler(sig)
         finally:
             self._unbind()
+            if self._metrics_endpoint is not None:
+                await self._metrics_endpoint.close()
             lock.release()
         log.info("supervisor stopped (drain timeout was %.1f s)", self._drain_timeout)
 

@@ -95,7 +95,7 @@ def _on_message(core: SupervisorCore, now: float, worker: Worker, message: IpcMe
     elif isinstance(message, Heartbeat):
         if row is not None:
             row.bytes_in, row.bytes_out = message.bytes_in, message.bytes_out
-            row.streams = message.streams
+            row.streams, row.services = message.streams, message.services
     elif isinstance(message, Relay):
         if row is None or message.session != row.id:
             bad_worker(core, f"worker {worker.id}: relay for a session it does not own")

@@ -423,6 +423,8 @@ async def test_kept_alive_connections_the_service_closes_are_not_used(
         assert (head.status, body) == (200, b"ok")
     assert connections == 5
     assert pair.device.stats.bytes_out == pair.client.stats.bytes_in == 10
+    web = pair.device.service_stats["web"]  # the figures the metrics show by service
+    assert (web.bytes_out, web.streams_opened) == (10, 5)
     server.close()
 
 

@@ -136,6 +136,12 @@ IPC_VECTORS: list[tuple[str, IpcMessage]] = [
         732d303132333435363738396162""",
         Released(SID),
     ),
+    (
+        """83 a1 76 01 a1 74 a9 686561727462656174 a1 62 84 a8 62797465735f696e
+        cd 0400 a9 62797465735f6f7574 cd 0800 a7 73747265616d73 03
+        a8 7365727669636573 81 a3 776562 93 cd 03e8 cd 07d0 05""",
+        Heartbeat(1024, 2048, 3, (("web", 1000, 2000, 5),)),
+    ),
 ]
 
 REQUEST_VECTORS: list[tuple[str, ControlRequest]] = [
@@ -255,6 +261,7 @@ EXAMPLES: list[IpcMessage] = [
     StateReport(SID, "failed", None),
     Heartbeat(),
     Heartbeat(2**63 - 1, 0, 7),
+    Heartbeat(5, 6, 1, (("web", 1, 2, 3), ("ssh", 4, 4, 0))),
     Ended(SID, "", False),
     Ended(SID, "peer hung up ✓" * 14, True),
     Drain(0.001),
@@ -450,6 +457,11 @@ REJECTED_IPC: list[tuple[object, str]] = [
     (ipc("heartbeat", streams=False), "heartbeat.streams: must be an int, not bool"),
     (ipc("heartbeat", streams=1.5), "must be an int, not float"),
     (ipc("heartbeat", streams=None), "must be an int, not NoneType"),
+    (ipc("heartbeat", services=[["web", 1, 2, 3]]), "heartbeat.services: must be a map"),
+    (ipc("heartbeat", services={"web": [1, 2]}), "heartbeat.services['web']: must be [in"),
+    (ipc("heartbeat", services={"we b": [1, 2, 3]}), "'we b' is not a valid service name"),
+    (ipc("heartbeat", services={"web": [1, -2, 3]}), "services['web'].bytes_out: -2 out of"),
+    (ipc("heartbeat", services={"web": [1, 2, True]}), "streams: must be an int, not bool"),
     # assign
     (ipc("assign", session="short"), "assign.session: 'short' is not a valid session id"),
     (ipc("assign", device="../x"), "assign.device"),

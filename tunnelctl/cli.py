@@ -252,6 +252,23 @@ def signal_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+def metrics_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    def parse(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+        from aio.metrics_http import parse_listen_address
+
+        try:
+            return None if value is None else parse_listen_address(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return click.option(
+        "--metrics",
+        metavar="HOST:PORT",
+        callback=parse,
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics (off by default).",
+    )(f)
+
+
 def load_secret_or_fail(secret_file: str | None) -> str:
     from signaling.auth import load_secret
     from signaling.errors import ServerConfigError
@@ -350,6 +367,7 @@ def load_secret_or_fail(secret_file: str | None) -> str:
     type=click.FloatRange(0, 3600),
     help="On SIGTERM, seconds to wait for connections to move to another node.",
 )
+@metrics_option
 def signal_cmd(
     host: str,
     port: int,
@@ -365,6 +383,7 @@ def signal_cmd(
     redis_url: str | None,
     node_id: str | None,
     drain_timeout: float,
+    metrics: tuple[str, int] | None,
 ) -> None:
     """Run the signaling server (ws://HOST:PORT/signal)."""
     from protocol.signaling import is_valid_id
@@ -405,6 +424,8 @@ def signal_cmd(
                 revoked=revoked_file,
                 cluster=cluster,
                 drain_timeout=drain_timeout,
+                metrics=metrics,
+                on_metrics=lambda url: ready(f"metrics {url}"),
             )
         except ServerConfigError as exc:
             return error_line(str(exc))
@@ -503,6 +524,7 @@ EXIT_NOT_RUNNING = 3
 @click.option(
     "--detach", is_flag=True, help="Run in the background once ready (log in the runtime dir)."
 )
+@metrics_option
 def start(
     config_path: str | None,
     signal_url: tuple[str, ...],
@@ -520,6 +542,7 @@ def start(
     pool_size: int | None,
     runtime_dir: str | None,
     detach: bool,
+    metrics: tuple[str, int] | None,
 ) -> None:
     """Run the supervisor: host one device (flags) or several (--config), one worker per session.
 
@@ -571,6 +594,8 @@ def start(
         config = dataclasses.replace(config, pool_size=pool_size)
     if keepalive is not None:
         config = dataclasses.replace(config, keepalive=keepalive)
+    if metrics is not None:
+        config = dataclasses.replace(config, metrics=metrics)
     where = resolve_runtime_dir(runtime_dir)
     if detach:
         sys.exit(detach_supervisor(where))

@@ -98,6 +98,12 @@ class BridgeStats:
     streams_opened: int = 0
     streams_refused: int = 0
 
+    def add(self, other: BridgeStats) -> None:
+        self.bytes_in += other.bytes_in
+        self.bytes_out += other.bytes_out
+        self.streams_opened += other.streams_opened
+        self.streams_refused += other.streams_refused
+
 
 @dataclass(eq=False, slots=True)
 class _Stream:
@@ -113,6 +119,9 @@ class _Stream:
     dead: bool = False
     writable: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # Its service's figures (shared by that service's streams): counting per
+    # service costs the data path nothing over counting per session.
+    stats: BridgeStats = field(default_factory=BridgeStats)
 
 
 class TunnelBridge:
@@ -131,7 +140,8 @@ class TunnelBridge:
     ) -> None:
         self.channel = channel
         self.mux = Multiplexer(role, max_streams=max_streams, max_receive_window=RECEIVE_WINDOW)
-        self.stats = BridgeStats()
+        self._refused = BridgeStats()
+        self._by_service: dict[str, BridgeStats] = {}
         self._services = dict(services or {})
         self._accepts_streams = services is not None
         self._open_connection = open_connection
@@ -148,7 +158,7 @@ class TunnelBridge:
             self._flush,
             admit=self._admit_http,
             open_connection=lambda up: open_connection(ServiceAddress(up.host, up.port)),
-            stats=self.stats,
+            stats=self._service_stats,
             label=label,
         )
         channel.bufferedAmountLowThreshold = CHANNEL_LOW
@@ -164,6 +174,26 @@ class TunnelBridge:
         self._accepts_streams = True
         self._label = label or self._label
         self.http.label = self._label
+
+    @property
+    def stats(self) -> BridgeStats:
+        """The session's figures: every service's, summed."""
+        total = BridgeStats()
+        total.add(self._refused)
+        for figures in self._by_service.values():
+            total.add(figures)
+        return total
+
+    @property
+    def service_stats(self) -> Mapping[str, BridgeStats]:
+        """Figures by service, for each service a stream was opened to."""
+        return self._by_service
+
+    def _service_stats(self, service: str) -> BridgeStats:
+        figures = self._by_service.get(service)
+        if figures is None:
+            figures = self._by_service[service] = BridgeStats()
+        return figures
 
     @property
     def stream_count(self) -> int:
@@ -252,19 +282,19 @@ class TunnelBridge:
         address = self._admit(stream_id, service)
         if address is None:
             return None
-        self.stats.streams_opened += 1
+        self._service_stats(service).streams_opened += 1
         return Upstream(address.host, address.port)
 
     def _admit(self, stream_id: int, service: str) -> ServiceAddress | None:
         """The address a stream the peer opened may reach; ``None`` once it is reset
         (shutting down, a service that is not exposed, a side that takes no streams)."""
         if self._draining:
-            self.stats.streams_refused += 1
+            self._refused.streams_refused += 1
             self.mux.reset_stream(stream_id, ResetCode.REFUSED, "device is shutting down")
             return None
         address = self._services.get(service)
         if address is None:
-            self.stats.streams_refused += 1
+            self._refused.streams_refused += 1
             if self._accepts_streams:
                 log.warning(
                     "%srefused stream %d: service %r is not exposed",
@@ -305,7 +335,7 @@ class TunnelBridge:
         if stream is None or stream.dead:
             return
         stream.received_any = True
-        self.stats.bytes_in += len(data)
+        stream.stats.bytes_in += len(data)
         stream.unacked += len(data)
         if stream.writer is None:
             stream.held.append(data)  # bounded: the peer's credit covers it
@@ -390,7 +420,7 @@ class TunnelBridge:
                     self._flush()
                     self._maybe_finished(stream)
                     return
-                self.stats.bytes_out += len(data)
+                stream.stats.bytes_out += len(data)
                 self.mux.send_data(stream.stream_id, data)
                 self._flush()
                 while (
@@ -466,7 +496,8 @@ class TunnelBridge:
 
     def _add(self, stream: _Stream) -> None:
         self._streams[stream.stream_id] = stream
-        self.stats.streams_opened += 1
+        stream.stats = self._service_stats(stream.service)
+        stream.stats.streams_opened += 1
 
     def _forget(self, stream: _Stream) -> None:
         self._streams.pop(stream.stream_id, None)

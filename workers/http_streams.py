@@ -91,10 +91,16 @@ Admit = Callable[[int, str], Upstream | None]
 
 
 class ByteCounters(Protocol):
-    """Where the session counts its bytes (the bridge's stats)."""
+    """Where the session counts a service's bytes (the bridge's stats of that service)."""
 
     bytes_in: int  # tunnel -> local side
     bytes_out: int  # local side -> tunnel
+
+
+@dataclass(slots=True)
+class _Uncounted:
+    bytes_in: int = 0
+    bytes_out: int = 0
 
 
 class _Abort(Exception):
@@ -205,6 +211,8 @@ class _Exchange:
     remote_fin: bool = False
     dead: bool = False
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # Its service's counters, set when it opens (HttpStreams' ``stats``).
+    stats: ByteCounters = field(default_factory=_Uncounted)
 
 
 class HttpExchange(_Exchange):
@@ -561,11 +569,11 @@ class HttpStreams:
         *,
         admit: Admit,
         open_connection: OpenConnection,
-        stats: ByteCounters,
+        stats: Callable[[str], ByteCounters],
         label: str = "",
     ) -> None:
         self.mux = mux
-        self.stats = stats
+        self.stats = stats  # the counters of a service
         self.flush = flush
         self.label = label
         self.pool = ConnectionPool(open_connection)
@@ -587,6 +595,7 @@ class HttpStreams:
             raise TunnelUsageError(f"the tunnel is closed: {self._closed}")
         stream_id = self.mux.open_http_stream(service, request)
         exchange = HttpExchange(self, stream_id)
+        exchange.stats = self.stats(service)
         self.exchanges[stream_id] = exchange
         self.flush()
         return exchange
@@ -601,7 +610,7 @@ class HttpStreams:
         if exchange is None:
             return
         if isinstance(event, DataReceived):
-            self.stats.bytes_in += len(event.data)
+            exchange.stats.bytes_in += len(event.data)
             exchange.on_data(event.data)
         elif isinstance(event, StreamEnded):
             exchange.on_fin()
@@ -619,6 +628,7 @@ class HttpStreams:
         if upstream is None:
             return
         exchange = _DeviceExchange(self, event.stream_id, upstream, event.request)
+        exchange.stats = self.stats(event.service)
         self.exchanges[event.stream_id] = exchange
         self.spawn(exchange, exchange.run())
 
@@ -650,7 +660,7 @@ class HttpStreams:
 
     def send(self, exchange: _Exchange, data: bytes) -> None:
         if not exchange.dead:
-            self.stats.bytes_out += len(data)
+            exchange.stats.bytes_out += len(data)
             self.mux.send_data(exchange.stream_id, data)
             self.flush()
 

@@ -213,15 +213,7 @@ class SessionWorker:
             if self.supervisor_hb.expired(now):
                 self._finish("no heartbeat from the supervisor")
                 return
-            bridge = self.bridge
-            stats = bridge.stats if bridge is not None else None
-            await self._send(
-                Heartbeat(
-                    bytes_in=stats.bytes_in if stats else 0,
-                    bytes_out=stats.bytes_out if stats else 0,
-                    streams=bridge.stream_count if bridge is not None else 0,
-                )
-            )
+            await self._send(_heartbeat(self.bridge))
             await asyncio.sleep(self.heartbeat_interval)
 
     # -- the session ---------------------------------------------------------------
@@ -555,6 +547,22 @@ def _result(
     if task is None or not task.done() or task.cancelled() or task.exception() is not None:
         return None
     return task.result()[0]
+
+
+def _heartbeat(bridge: TunnelBridge | None) -> Heartbeat:
+    """The session's figures so far, whole and by service (PROTOCOL.md §3)."""
+    if bridge is None:
+        return Heartbeat()
+    total = bridge.stats
+    return Heartbeat(
+        bytes_in=total.bytes_in,
+        bytes_out=total.bytes_out,
+        streams=bridge.stream_count,
+        services=tuple(
+            (name, s.bytes_in, s.bytes_out, s.streams_opened)
+            for name, s in bridge.service_stats.items()
+        ),
+    )
 
 
 def _usable_relays(peer: PeerSession | None) -> int:
