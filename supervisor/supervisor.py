@@ -94,6 +94,11 @@ _NOT_FOR_WORKERS = frozenset(
 
 log = logging.getLogger("tunnelctl.supervisor")
 
+# A worker's last message ("ended") can still be in ZeroMQ's I/O thread when its
+# pidfd says it exited: judged at once, a clean end would read "worker exited"
+# instead of its reason. Its exit is judged this long after, messages first.
+EXIT_GRACE = 0.1
+
 
 class Supervisor:
     """One host's supervisor: run it with :meth:`run`, stop it with :meth:`request_stop`."""
@@ -415,9 +420,13 @@ class Supervisor:
         loop.add_reader(pidfd, self._worker_gone, worker)
 
     def _worker_gone(self, worker: str) -> None:
+        loop = asyncio.get_running_loop()
         pidfd = self._pidfds.get(worker)
         if pidfd is not None:
-            asyncio.get_running_loop().remove_reader(pidfd)
+            loop.remove_reader(pidfd)
+        loop.call_later(EXIT_GRACE, self._judge_gone, worker)
+
+    def _judge_gone(self, worker: str) -> None:
         self._drain_worker_messages()
         self._feed(WorkerGone(worker))
 
