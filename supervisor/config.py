@@ -78,6 +78,8 @@ __all__ = [
     "config_from_flags",
     "load_config",
     "parse_service",
+    "read_token",
+    "read_toml",
 ]
 
 MAX_POOL_SIZE: Final = 32
@@ -319,7 +321,7 @@ def load_config(path: str, env: Mapping[str, str]) -> SupervisorConfig:
     ``token_env`` and ``credential_env``. A relative ``token_file`` is relative
     to the directory of ``path``. Raises :class:`ConfigError`.
     """
-    data = _read_toml(path)
+    data = read_toml(path)
     here = Path(path).absolute().parent
     check_keys(data, None, _TOP_KEYS)
     signal_urls = _signal_urls(data)
@@ -351,7 +353,8 @@ def load_config(path: str, env: Mapping[str, str]) -> SupervisorConfig:
     )
 
 
-def _read_toml(path: str) -> dict[str, Any]:
+def read_toml(path: str) -> dict[str, Any]:
+    """The TOML file at ``path`` as a dict; :class:`ConfigError` if unreadable or invalid."""
     try:
         with open(path, "rb") as fh:
             raw = fh.read(_MAX_CONFIG_BYTES + 1)
@@ -416,7 +419,7 @@ def _device(
             raise wrong_type(service_at, "a string (the service URL)", url)
         with under(service_at):
             services.append(service_from_url(name, url))
-    token = _token(table, at, env, here)
+    token = read_token(table, at, env, here)
     file = table.get("token_file")
     with under(at):
         device = DeviceConfig(
@@ -425,7 +428,8 @@ def _device(
     return device
 
 
-def _token(table: Mapping[str, object], at: str, env: Mapping[str, str], here: Path) -> str:
+def read_token(table: Mapping[str, object], at: str, env: Mapping[str, str], here: Path) -> str:
+    """The token given by exactly one of the table's token keys (files relative to ``here``)."""
     given = [key for key in _TOKEN_SOURCES if key in table]
     if len(given) != 1:
         problem = "no token" if not given else f"{' and '.join(given)} are both given"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Final
 
 from protocol.ice import DEFAULT_KEEPALIVE, IceServer, check_keepalive
-from supervisor.config import _read_toml, _token
+from supervisor.config import read_token, read_toml
 from supervisor.errors import ConfigError
 from supervisor.toml_keys import (
     check_keys,
@@ -55,7 +55,7 @@ def load_client_config(
     path: str, env: Mapping[str, str], *, ice_servers: tuple[IceServer, ...] = ()
 ) -> ClientFile:
     """Read and check ``path``; raise :class:`ConfigError` naming the key at fault."""
-    data = _read_toml(path)
+    data = read_toml(path)
     here = Path(path).absolute().parent
     check_keys(data, None, _TOP_KEYS)
     signal = data.get("signal")
@@ -72,7 +72,7 @@ def load_client_config(
     for index, url in enumerate(signal_urls):
         if not url.startswith(("ws://", "wss://")):
             raise ConfigError(f"signal[{index}]", f"{url!r} is not a ws:// or wss:// URL")
-    token = _token(data, "", env, here)
+    token = read_token(data, "", env, here)
     file = data.get("token_file")
     policy = get_string(data, None, "ice_policy") or "all"
     if policy not in ("all", "relay"):
